@@ -1,0 +1,119 @@
+"""Threshold calibration from validation scores (never test labels). Higher score = more anomalous.
+
+Normals only: ``quantile`` (the q-quantile of normal scores), ``meanstd`` (mean + k·std),
+``fpr`` (the smallest threshold whose false-positive rate on normals is <= the target).
+With labelled anomalies: ``youden`` (max TPR − FPR), ``f1`` (max F1), ``recall`` (the largest
+threshold that still flags at least the target share of anomalies — a screen should rarely let an
+anomaly through). A score is flagged when it is strictly greater than the threshold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import precision_recall_curve, roc_curve
+
+from twostage_ad.config import CALIBRATION_METHODS, CalibrationConfig
+
+__all__ = ["CalibrationError", "Threshold", "calibrate", "NORMAL_ONLY_METHODS"]
+
+NORMAL_ONLY_METHODS = ("quantile", "meanstd", "fpr")
+
+
+class CalibrationError(ValueError):
+    """The validation scores cannot support the requested method."""
+
+
+@dataclass
+class Threshold:
+    """A calibrated threshold: method, its parameters, the value and the statistics it used."""
+
+    method: str
+    params: dict[str, float]
+    value: float
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Threshold":
+        return cls(method=values["method"], params=dict(values["params"]), value=float(values["value"]), stats=dict(values.get("stats", {})))
+
+
+def _normal_stats(normal: np.ndarray) -> dict[str, Any]:
+    return {
+        "n_normal": int(len(normal)),
+        "mean": float(np.mean(normal)),
+        "std": float(np.std(normal, ddof=1)) if len(normal) > 1 else 0.0,
+        "min": float(np.min(normal)),
+        "median": float(np.median(normal)),
+        "max": float(np.max(normal)),
+    }
+
+
+def _fpr_threshold(normal: np.ndarray, target: float) -> float:
+    """Smallest observed normal score t with mean(normal > t) <= target."""
+    ordered = np.sort(normal)
+    n = len(ordered)
+    allowed = int(np.floor(target * n))  # at most this many normals may lie strictly above t
+    return float(ordered[n - 1 - allowed]) if allowed < n else float(ordered[0])
+
+
+def calibrate(scores: np.ndarray, labels: np.ndarray, config: CalibrationConfig, method: str | None = None) -> Threshold:
+    """Pick a threshold from validation ``scores`` with ``labels`` (0 normal, 1 anomalous)."""
+    method = method or config.method
+    if method not in CALIBRATION_METHODS:
+        raise CalibrationError(f"unknown calibration method {method!r}; choose one of {CALIBRATION_METHODS}")
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if scores.shape != labels.shape:
+        raise CalibrationError(f"scores and labels differ in shape: {scores.shape} vs {labels.shape}")
+    if not np.all(np.isfinite(scores)):
+        raise CalibrationError(f"{int((~np.isfinite(scores)).sum())} validation score(s) are NaN or infinite")
+    normal, anomalous = scores[labels == 0], scores[labels == 1]
+    if len(normal) == 0:
+        raise CalibrationError("no normal validation scores: calibration needs held-out normal images")
+    stats = _normal_stats(normal)
+    stats["n_anomalous"] = int(len(anomalous))
+    if method == "quantile":
+        params = {"q": config.q}
+        value = float(np.quantile(normal, config.q))
+    elif method == "meanstd":
+        params = {"k": config.k}
+        value = stats["mean"] + config.k * stats["std"]
+    elif method == "fpr":
+        params = {"fpr": config.fpr}
+        value = _fpr_threshold(normal, config.fpr)
+    else:
+        if len(anomalous) == 0:
+            raise CalibrationError(
+                f"method {method!r} needs labelled anomalies in the validation split, which has none; "
+                f"use one of {NORMAL_ONLY_METHODS} or add labelled anomalies to the val split"
+            )
+        if method == "youden":
+            params = {}
+            fpr, tpr, thresholds = roc_curve(labels, scores)
+            best = int(np.argmax(tpr - fpr))
+            # roc_curve flags score >= t; we flag score > t, so step just below the cut
+            value = float(np.nextafter(thresholds[best], -np.inf))
+            stats["youden_j"] = float(tpr[best] - fpr[best])
+        elif method == "f1":
+            params = {}
+            precision, recall, thresholds = precision_recall_curve(labels, scores)
+            f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+            best = int(np.argmax(f1))
+            value = float(np.nextafter(thresholds[best], -np.inf))
+            stats["f1"] = float(f1[best])
+        else:  # recall
+            params = {"recall": config.recall}
+            ordered = np.sort(anomalous)
+            must_flag = int(np.ceil(config.recall * len(ordered)))
+            value = float(np.nextafter(ordered[len(ordered) - must_flag], -np.inf))
+    value = float(value)
+    stats["flagged_fraction_normal"] = float(np.mean(normal > value))
+    if len(anomalous):
+        stats["recall_anomalous"] = float(np.mean(anomalous > value))
+    return Threshold(method=method, params=params, value=value, stats=stats)

@@ -1,0 +1,170 @@
+"""Decoding images and masks into fixed-size arrays, cached in memory for the whole run.
+
+Grayscale, RGB, RGBA (alpha dropped), palette, 1-bit and 16-bit images are all accepted and
+converted to the configured channel count. Images are resized to ``size × size`` with bilinear
+(antialiased) interpolation; non-square images are stretched, which keeps every pixel of the part
+in view. Masks are binarised at > 127 (optionally inverted) and resized the same way.
+
+Arrays are kept as uint8 (``N×H×W×C``) to stay small; :func:`to_tensor` maps them to [-1, 1].
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from twostage_ad.data.records import DataError, Record
+
+__all__ = ["DecodedImages", "read_image", "read_mask", "infer_channels", "decode_records", "to_tensor"]
+
+log = logging.getLogger(__name__)
+
+_GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit / 32-bit / float single-channel images to 8-bit L, scaled by their nominal range."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        array = array / 257.0 if array.max() > 255 or image.mode.startswith("I;16") else array
+        return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if array.max() <= 1.0 else 1.0
+        return Image.fromarray(np.clip(np.rint(array * scale), 0, 255).astype(np.uint8), mode="L")
+    return image
+
+
+def read_image(path: str | Path, size: int, channels: int) -> np.ndarray:
+    """Decode ``path`` to a ``size × size × channels`` uint8 array. Raises ``DataError``."""
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            image = _to_8bit(opened)
+            image = image.convert("L" if channels == 1 else "RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"cannot read image {str(path)!r}: {exc}") from exc
+    image = image.resize((size, size), Image.BILINEAR)
+    array = np.asarray(image, dtype=np.uint8)
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def read_mask(path: str | Path, size: int, invert: bool = False, expect_shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode a ground-truth mask to ``size × size`` uint8 {0, 1}, 1 = defect."""
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            mask = _to_8bit(opened).convert("L")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"cannot read mask {str(path)!r}: {exc}") from exc
+    if expect_shape is not None and mask.size != expect_shape:
+        raise DataError(
+            f"mask {str(path)!r} is {mask.size[0]}×{mask.size[1]} but its image is "
+            f"{expect_shape[0]}×{expect_shape[1]}; masks must have their image's size"
+        )
+    binary = np.asarray(mask, dtype=np.uint8) > 127
+    if invert:
+        binary = ~binary
+    resized = Image.fromarray(binary.astype(np.uint8) * 255).resize((size, size), Image.BILINEAR)
+    return (np.asarray(resized) > 127).astype(np.uint8)
+
+
+def infer_channels(record: Record) -> int:
+    """1 for grey-level sources, 3 for colour ones, judged from one image."""
+    if record.array is not None:
+        return 1 if record.array.ndim == 2 or record.array.shape[-1] == 1 else 3
+    try:
+        with Image.open(record.image) as image:
+            return 1 if image.mode in _GREY_MODES else 3
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"cannot read image {str(record.image)!r}: {exc}") from exc
+
+
+def _from_array(array: np.ndarray, size: int, channels: int) -> np.ndarray:
+    mode = "L" if array.ndim == 2 or array.shape[-1] == 1 else "RGB"
+    image = Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array, mode=mode)
+    image = image.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
+    array = np.asarray(image, dtype=np.uint8)
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+@dataclass
+class DecodedImages:
+    """Records with their decoded pixels (``N×H×W×C`` uint8) and defect masks (``N×H×W`` uint8).
+
+    ``has_mask[i]`` says whether record i has a ground-truth mask (normals count as all-zero
+    masks). ``failed`` lists ``(name, reason)`` for images that could not be read; they are left
+    out of ``records``.
+    """
+
+    records: list[Record]
+    images: np.ndarray
+    masks: np.ndarray
+    has_mask: np.ndarray
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([r.label for r in self.records], dtype=np.int64)
+
+
+def decode_records(
+    records: list[Record],
+    size: int,
+    channels: int,
+    invert_masks: bool = False,
+    desc: str = "decode",
+    progress: bool = True,
+) -> DecodedImages:
+    """Decode every record once (the in-memory cache). Unreadable images are skipped and listed."""
+    kept, images, masks, has_mask, failed = [], [], [], [], []
+    for record in tqdm(records, desc=desc, unit="img", disable=not progress, leave=False):
+        try:
+            if record.array is not None:
+                image = _from_array(record.array, size, channels)
+                original_size = None
+            else:
+                image = read_image(record.image, size, channels)
+                with Image.open(record.image) as im:
+                    original_size = im.size
+            if record.mask is not None:
+                if not Path(record.mask).is_file():
+                    raise DataError(f"mask {str(record.mask)!r} of image {record.name!r} does not exist")
+                mask = read_mask(record.mask, size, invert_masks, expect_shape=original_size)
+                present = True
+            else:
+                mask = np.zeros((size, size), dtype=np.uint8)
+                present = record.label == 0
+        except DataError as exc:
+            failed.append((record.name, str(exc)))
+            log.warning("skipped %s: %s", record.name, exc)
+            continue
+        kept.append(record)
+        images.append(image)
+        masks.append(mask)
+        has_mask.append(present)
+    shape = (0, size, size, channels)
+    return DecodedImages(
+        records=kept,
+        images=np.stack(images) if images else np.zeros(shape, dtype=np.uint8),
+        masks=np.stack(masks) if masks else np.zeros(shape[:3], dtype=np.uint8),
+        has_mask=np.array(has_mask, dtype=bool),
+        failed=failed,
+    )
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``N×H×W×C`` (or ``H×W×C``) to float ``N×C×H×W`` in [-1, 1]."""
+    tensor = torch.from_numpy(np.ascontiguousarray(images))
+    if tensor.ndim == 3:
+        tensor = tensor.unsqueeze(0)
+    return tensor.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)

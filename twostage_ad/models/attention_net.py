@@ -1,0 +1,182 @@
+"""Stage-1 attention network: a skip-CBAM encoder–decoder with SAGAN self-attention (DESIGN §2).
+
+After the seed "Skip-CBAM-SelfAttention-GANomaly", without its faults: any square power-of-two
+size from 32 to 512 (the depth follows the size), mean-reduced losses live elsewhere, and the
+attention head returns *logits* (use ``BCEWithLogitsLoss``; ``sigmoid`` gives A ∈ [0, 1], 1 =
+looks normal).
+
+Shapes for an input ``B×C×S×S`` with ``n = log2(S / bottleneck_size)`` down-steps:
+- encoder features ``f_i``: ``B×w_i×S/2^(i+1)×S/2^(i+1)``; ``z = f_{n-1}`` is the latent map
+- reconstruction ``x̂``: ``B×C×S×S`` (tanh), attention logits: ``B×1×S×S``
+- second encoder ``ẑ = E(x̂)``: same shape as ``z``
+
+Deviations from the seed: bilinear upsample + 3×3 conv instead of transposed convs; the raw input
+is concatenated before the heads so thin defects keep full-resolution evidence; the discriminator
+uses InstanceNorm (DDP-safe, see DESIGN §8).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from twostage_ad.models.blocks import CBAM, DownBlock, SelfAttention2d, UpBlock
+
+__all__ = ["AttentionOutput", "Encoder", "AttentionDecoder", "AttentionNet", "ImageMapDiscriminator", "widths_for"]
+
+
+def widths_for(image_size: int, bottleneck_size: int, base_width: int, max_width: int) -> list[int]:
+    """Channel widths of the encoder levels, doubling from ``base_width`` and capped."""
+    if image_size < 2 * bottleneck_size:
+        raise ValueError(f"image_size ({image_size!r}) must be at least twice bottleneck_size ({bottleneck_size!r})")
+    n_down = int(round(math.log2(image_size / bottleneck_size)))
+    return [min(base_width * 2**i, max_width) for i in range(n_down)]
+
+
+def _check_size(image_size: int) -> None:
+    if not (isinstance(image_size, int) and 32 <= image_size <= 512 and image_size & (image_size - 1) == 0):
+        raise ValueError(f"image_size must be a power of two from 32 to 512, got {image_size!r}")
+
+
+@dataclass
+class AttentionOutput:
+    """What the network returns for a batch ``B×C×S×S``."""
+
+    reconstruction: torch.Tensor  # B×C×S×S in [-1, 1]
+    attention_logits: torch.Tensor  # B×1×S×S; sigmoid -> A, 1 = normal
+    latent: torch.Tensor  # z, B×w×b×b
+    latent_reconstructed: torch.Tensor  # ẑ = E(x̂), B×w×b×b
+
+    @property
+    def attention(self) -> torch.Tensor:
+        return torch.sigmoid(self.attention_logits)
+
+
+class Encoder(nn.Module):
+    """Strided 4×4 conv blocks down to the bottleneck; returns every level's features."""
+
+    def __init__(self, in_channels: int, widths: list[int]):
+        super().__init__()
+        blocks, previous = [], in_channels
+        for i, width in enumerate(widths):
+            blocks.append(DownBlock(previous, width, norm=i > 0))
+            previous = width
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = []
+        for block in self.blocks:
+            x = block(x)
+            features.append(x)
+        return features
+
+
+class AttentionDecoder(nn.Module):
+    """Up blocks that concatenate CBAM-refined skips, self-attention where ``H·W`` is small."""
+
+    def __init__(self, in_channels: int, widths: list[int], image_size: int, attention_max_tokens: int):
+        super().__init__()
+        n = len(widths)
+        self.skip_gates = nn.ModuleList([CBAM(w) for w in widths[:-1]])
+        ups, attentions = [], []
+        previous = widths[-1]
+        for level in range(n - 2, -1, -1):  # decode to the resolution of encoder level `level`
+            ups.append(UpBlock(previous, widths[level]))
+            side = image_size // 2 ** (level + 1)
+            concat = 2 * widths[level]
+            attentions.append(SelfAttention2d(concat) if side * side <= attention_max_tokens else nn.Identity())
+            previous = concat
+        self.ups = nn.ModuleList(ups)
+        self.attentions = nn.ModuleList(attentions)
+        self.final_up = UpBlock(previous, widths[0])
+        self.fuse = nn.Sequential(
+            nn.Conv2d(widths[0] + in_channels, widths[0], kernel_size=3, padding=1, bias=False),
+            nn.InstanceNorm2d(widths[0], affine=True),
+            nn.ReLU(inplace=True),
+        )
+        self.out_channels = widths[0]
+
+    def forward(self, x: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
+        h = features[-1]
+        n = len(features)
+        for step, (up, attention) in enumerate(zip(self.ups, self.attentions)):
+            level = n - 2 - step
+            h = torch.cat([up(h), self.skip_gates[level](features[level])], dim=1)
+            h = attention(h)
+        h = self.final_up(h)
+        return self.fuse(torch.cat([h, x], dim=1))
+
+
+class AttentionNet(nn.Module):
+    """Stage-1 generator: ``x -> (x̂, attention logits, z, ẑ)``.
+
+    Args:
+        in_channels: image channels (1 or 3).
+        image_size: square side, a power of two from 32 to 512.
+        base_width / max_width: encoder widths double from ``base_width`` up to ``max_width``.
+        bottleneck_size: spatial side of the latent map ``z``.
+        attention_max_tokens: self-attention at decoder levels with ``H·W <=`` this.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        image_size: int = 32,
+        *,
+        base_width: int = 32,
+        max_width: int = 256,
+        bottleneck_size: int = 4,
+        attention_max_tokens: int = 1024,
+    ):
+        super().__init__()
+        if in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 or 3, got {in_channels!r}")
+        _check_size(image_size)
+        widths = widths_for(image_size, bottleneck_size, base_width, max_width)
+        if len(widths) < 2:
+            raise ValueError(f"image_size {image_size!r} with bottleneck_size {bottleneck_size!r} leaves no skip levels")
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.encoder = Encoder(in_channels, widths)
+        self.decoder = AttentionDecoder(in_channels, widths, image_size, attention_max_tokens)
+        head = self.decoder.out_channels
+        self.reconstruction_head = nn.Sequential(nn.Conv2d(head, in_channels, kernel_size=3, padding=1), nn.Tanh())
+        self.attention_head = nn.Conv2d(head, 1, kernel_size=3, padding=1)
+        self.latent_encoder = Encoder(in_channels, widths)
+
+    def forward(self, x: torch.Tensor) -> AttentionOutput:
+        if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"expected input B×{self.in_channels}×{self.image_size}×{self.image_size}, got {tuple(x.shape)}"
+            )
+        features = self.encoder(x)
+        h = self.decoder(x, features)
+        reconstruction = self.reconstruction_head(h)
+        return AttentionOutput(
+            reconstruction=reconstruction,
+            attention_logits=self.attention_head(h),
+            latent=features[-1],
+            latent_reconstructed=self.latent_encoder(reconstruction)[-1],
+        )
+
+
+class ImageMapDiscriminator(nn.Module):
+    """Discriminator on image ⊕ attention map: ``B×(C+1)×S×S -> (patch logits, features)``.
+
+    Features (the last hidden layer) serve the generator's feature-matching loss.
+    """
+
+    def __init__(self, in_channels: int = 1, image_size: int = 32, *, base_width: int = 32, max_width: int = 256, depth: int = 4):
+        super().__init__()
+        _check_size(image_size)
+        depth = min(depth, int(math.log2(image_size)) - 2)
+        widths = [min(base_width * 2**i, max_width) for i in range(depth)]
+        self.features = Encoder(in_channels + 1, widths)
+        self.classifier = nn.Conv2d(widths[-1], 1, kernel_size=3, padding=1)
+
+    def forward(self, image: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.features(torch.cat([image, attention], dim=1))[-1]
+        return self.classifier(features), features

@@ -1,0 +1,119 @@
+"""Building blocks: conv blocks, CBAM and SAGAN self-attention. Pure ``nn.Module``s.
+
+CBAM: Woo et al., "CBAM: Convolutional Block Attention Module", ECCV 2018 — channel attention
+(shared MLP over average- and max-pooled features) then spatial attention (7×7 conv over channel
+average and max). SAGAN: Zhang et al., "Self-Attention Generative Adversarial Networks", ICML 2019
+— query/key width C/8, output ``γ·attention + x`` with γ initialised to 0, so the block starts as
+the identity. Deviation: attention is computed with ``scaled_dot_product_attention`` at scale 1
+(SAGAN's unscaled logits), which picks a memory-efficient kernel on CPU and GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["DownBlock", "UpBlock", "ChannelAttention", "SpatialAttention", "CBAM", "SelfAttention2d"]
+
+
+class DownBlock(nn.Module):
+    """4×4 stride-2 conv, optional InstanceNorm, LeakyReLU(0.2): ``B×Cin×H×W -> B×Cout×H/2×W/2``."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, norm: bool = True, slope: float = 0.2):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=4, stride=2, padding=1, bias=not norm)
+        self.norm = nn.InstanceNorm2d(out_channels, affine=True) if norm else nn.Identity()
+        self.act = nn.LeakyReLU(slope, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(self.conv(x)))
+
+
+class UpBlock(nn.Module):
+    """Bilinear ×2 upsampling then 3×3 conv, InstanceNorm, ReLU: ``B×Cin×H×W -> B×Cout×2H×2W``.
+
+    Upsample-then-conv instead of a transposed conv avoids checkerboard artefacts in the maps.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False)
+        self.norm = nn.InstanceNorm2d(out_channels, affine=True)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+        return self.act(self.norm(self.conv(x)))
+
+
+class ChannelAttention(nn.Module):
+    """CBAM channel gate: ``sigmoid(MLP(avgpool) + MLP(maxpool))``, per-channel weights."""
+
+    def __init__(self, channels: int, *, reduction: int = 16, min_hidden: int = 4):
+        super().__init__()
+        if channels < 1:
+            raise ValueError(f"channels must be >= 1, got {channels!r}")
+        if reduction < 1:
+            raise ValueError(f"reduction must be >= 1, got {reduction!r}")
+        hidden = max(channels // reduction, min_hidden)
+        self.fc1 = nn.Conv2d(channels, hidden, kernel_size=1, bias=False)
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = nn.Conv2d(hidden, channels, kernel_size=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        avg = self.fc2(self.act(self.fc1(x.mean(dim=(2, 3), keepdim=True))))
+        mx = self.fc2(self.act(self.fc1(x.amax(dim=(2, 3), keepdim=True))))
+        return x * torch.sigmoid(avg + mx)
+
+
+class SpatialAttention(nn.Module):
+    """CBAM spatial gate: ``sigmoid(conv7x7([mean_c, max_c]))``, one weight per pixel."""
+
+    def __init__(self, *, kernel_size: int = 7):
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size!r}")
+        self.conv = nn.Conv2d(2, 1, kernel_size=kernel_size, padding=kernel_size // 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+        return x * torch.sigmoid(self.conv(pooled))
+
+
+class CBAM(nn.Module):
+    """Channel then spatial attention (CBAM, ECCV 2018): ``B×C×H×W -> B×C×H×W``."""
+
+    def __init__(self, channels: int, *, reduction: int = 16, kernel_size: int = 7):
+        super().__init__()
+        self.channel = ChannelAttention(channels, reduction=reduction)
+        self.spatial = SpatialAttention(kernel_size=kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.spatial(self.channel(x))
+
+
+class SelfAttention2d(nn.Module):
+    """SAGAN self-attention over all ``H·W`` positions: ``B×C×H×W -> B×C×H×W``.
+
+    Memory and time grow as ``(H·W)²``; callers use it only at small resolutions.
+    """
+
+    def __init__(self, channels: int, *, key_ratio: int = 8):
+        super().__init__()
+        if channels < key_ratio:
+            raise ValueError(f"channels ({channels!r}) must be >= key_ratio ({key_ratio!r})")
+        key_channels = channels // key_ratio
+        self.query = nn.Conv2d(channels, key_channels, kernel_size=1)
+        self.key = nn.Conv2d(channels, key_channels, kernel_size=1)
+        self.value = nn.Conv2d(channels, channels, kernel_size=1)
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q = self.query(x).flatten(2).transpose(1, 2).unsqueeze(1)  # B×1×N×Ck
+        k = self.key(x).flatten(2).transpose(1, 2).unsqueeze(1)  # B×1×N×Ck
+        v = self.value(x).flatten(2).transpose(1, 2).unsqueeze(1)  # B×1×N×C
+        out = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # B×1×N×C
+        out = out.squeeze(1).transpose(1, 2).reshape(b, c, h, w)
+        return x + self.gamma * out

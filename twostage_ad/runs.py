@@ -1,0 +1,141 @@
+"""The run folder (DESIGN §7): creation without clobbering, atomic writes, weights-only checkpoints.
+
+Every file is written to a temporary name in the same folder and then renamed over the target,
+so a killed process never leaves a half-written file that later loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+__all__ = [
+    "RunExistsError",
+    "RUN_FILES",
+    "create_run_dir",
+    "default_run_dir",
+    "write_atomic",
+    "write_text_atomic",
+    "write_json",
+    "read_json",
+    "save_checkpoint",
+    "load_checkpoint",
+]
+
+RUN_FILES = {
+    "config": "config.yaml",
+    "thresholds": "thresholds.json",
+    "scores": "scores.csv",
+    "metrics": "metrics.json",
+    "checkpoints": "checkpoints",
+    "plots": "plots",
+    "maps": "maps",
+    "report": "report.html",
+}
+
+
+class RunExistsError(FileExistsError):
+    """The run folder already holds results and neither overwrite nor resume was asked for."""
+
+
+def default_run_dir(output_root: str | Path, name: str) -> Path:
+    """``<output_root>/<name>-YYYYmmdd-HHMMSS`` (a numeric suffix if that exists already)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(output_root) / f"{name}-{stamp}"
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
+def create_run_dir(path: str | Path, overwrite: bool = False) -> Path:
+    """Create the run folder and its sub-folders; refuse a non-empty folder unless ``overwrite``.
+
+    ``overwrite`` keeps the folder and replaces files as they are rewritten; it never deletes
+    files the new run does not produce.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunExistsError(f"run folder {str(path)!r} exists and is a file; choose another --output")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise RunExistsError(
+            f"run folder {str(path)!r} already holds results; pass --overwrite to replace them "
+            "or choose another --output"
+        )
+    for sub in ("checkpoints", "plots", "maps"):
+        (path / RUN_FILES[sub]).mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_atomic(path: str | Path, writer: Callable[[str], None], suffix: str = "") -> None:
+    """Call ``writer(tmp_path)`` then rename ``tmp_path`` onto ``path`` (same folder, atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    def _write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    write_atomic(path, _write)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_json(path: str | Path, payload: Any) -> None:
+    """Atomic JSON; NaN/inf are written as null (JSON has no NaN)."""
+    text = json.dumps(_replace_nonfinite(payload), indent=2, default=_json_default, allow_nan=False)
+    write_text_atomic(path, text + "\n")
+
+
+def _replace_nonfinite(value: Any) -> Any:
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(value, dict):
+        return {k: _replace_nonfinite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_replace_nonfinite(v) for v in value]
+    return value
+
+
+def read_json(path: str | Path) -> Any:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Save tensors and plain values atomically. Load with :func:`load_checkpoint` only."""
+    write_atomic(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``: a file that would run code is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    return torch.load(path, map_location=map_location, weights_only=True)

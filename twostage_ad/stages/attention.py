@@ -1,0 +1,376 @@
+"""Stage 1: training the attention network and computing the deterministic screening loss.
+
+Training (normal images only): each batch is shuffled normals; a share
+``augment.probability`` of them gets one synthetic defect with a known mask. Losses (all
+mean-reduced, weights in :class:`~twostage_ad.config.Stage1Config`):
+
+- ``w_con · L1(x̂, x)`` on clean rows, ``w_rep · L1(x̂_aug, x)`` on defect rows (repair),
+- ``w_enc · L2(z, ẑ)``,
+- ``w_att · [BCE(A(x), 1) + BCE(A(x_aug), M)]`` with logits (``BCEWithLogits``),
+- ``w_adv ·`` feature matching against a discriminator on image ⊕ attention map, which sees
+  (clean image, true mask) as real and (x̂, A) as fake.
+
+Screening (:func:`screening_scores`): eval mode, ``torch.inference_mode``, no augmentation, one
+image at a time in effect (InstanceNorm, no batch statistics), so the same image always gets the
+same numbers whatever batch it is in.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from twostage_ad.config import AugmentConfig, Stage1Config
+from twostage_ad.data.augment import apply_defect, build_defect_augmentation
+from twostage_ad.data.images import to_tensor
+from twostage_ad.models.attention_net import AttentionNet, ImageMapDiscriminator
+from twostage_ad.runs import load_checkpoint, save_checkpoint
+
+__all__ = [
+    "SCREENING_COMPONENTS",
+    "resolve_device",
+    "DefectDataset",
+    "ScreeningResult",
+    "screening_scores",
+    "AttentionStage",
+]
+
+log = logging.getLogger(__name__)
+
+SCREENING_COMPONENTS = ("stage1_recon", "stage1_latent", "stage1_att_mean", "stage1_att_topk")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} was requested but CUDA is not available; use device: auto or cpu")
+    return device
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+class DefectDataset(Dataset):
+    """Training normals; item ``i`` is ``(input, clean, mask, is_defect)``, tensors in [-1, 1].
+
+    ``mask`` is ``1×H×W`` with 1 = normal, 0 = synthetic defect (all ones for clean rows).
+    Whether a row gets a defect, its kind and its texture (another training image) come from the
+    albumentations ``Compose(seed=...)`` and a numpy generator seeded the same way.
+    """
+
+    def __init__(self, images: np.ndarray, augment: AugmentConfig, seed: int = 0):
+        if images.ndim != 4 or len(images) == 0:
+            raise ValueError(f"expected a non-empty N×H×W×C uint8 array, got shape {images.shape}")
+        self.images = images
+        self.augment_config = augment
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        self.augmentation = build_defect_augmentation(self.augment_config, seed=seed)
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        image = self.images[index]
+        clean = to_tensor(image)[0]
+        is_defect = bool(self.rng.random() < self.augment_config.probability)
+        if not is_defect:
+            return clean, clean, torch.ones(1, *image.shape[:2]), torch.tensor(False)
+        texture = self.images[int(self.rng.integers(0, len(self.images)))]
+        defective, mask = apply_defect(self.augmentation, image, texture)
+        return to_tensor(defective)[0], clean, torch.from_numpy(mask).float()[None], torch.tensor(True)
+
+
+def _worker_init(worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    info.dataset.reseed(int(torch.initial_seed() % 2**31))
+
+
+# --------------------------------------------------------------------------------------------
+# screening
+
+
+@dataclass
+class ScreeningResult:
+    """Per-image screening loss and components (arrays of length N) and anomaly maps ``N×H×W``.
+
+    ``anomaly_maps`` is ``1 − A``: 0 = looks normal, 1 = looks anomalous.
+    """
+
+    loss: np.ndarray
+    components: dict[str, np.ndarray]
+    anomaly_maps: np.ndarray
+    seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return len(self.loss) / self.seconds if self.seconds > 0 else float("nan")
+
+
+def _screening_batch(model: AttentionNet, x: torch.Tensor, config: Stage1Config) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    out = model(x)
+    recon = (out.reconstruction - x).abs().mean(dim=(1, 2, 3))
+    latent = (out.latent - out.latent_reconstructed).pow(2).mean(dim=(1, 2, 3))
+    pixel_bce = F.softplus(-out.attention_logits.float())  # BCE-with-logits against "normal" (1)
+    smoothed = F.avg_pool2d(pixel_bce, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+    k = max(1, int(round(config.screen_topk * smoothed[0].numel())))
+    topk = smoothed.flatten(1).topk(k, dim=1).values.mean(dim=1)
+    components = {
+        "stage1_recon": recon.float(),
+        "stage1_latent": latent.float(),
+        "stage1_att_mean": pixel_bce.mean(dim=(1, 2, 3)),
+        "stage1_att_topk": topk,
+    }
+    return components, 1.0 - torch.sigmoid(out.attention_logits.float())[:, 0]
+
+
+def screening_loss(components: dict[str, np.ndarray], config: Stage1Config) -> np.ndarray:
+    """``screen_con·recon + screen_enc·latent + screen_att·att_topk`` (documented weights)."""
+    return (
+        config.screen_con * components["stage1_recon"]
+        + config.screen_enc * components["stage1_latent"]
+        + config.screen_att * components["stage1_att_topk"]
+    )
+
+
+def screening_scores(
+    model: AttentionNet,
+    images: np.ndarray,
+    config: Stage1Config,
+    device: torch.device,
+    *,
+    batch_size: int | None = None,
+    progress: bool = True,
+    desc: str = "stage 1 score",
+) -> ScreeningResult:
+    """Score uint8 ``N×H×W×C`` images: deterministic eval-mode screening loss, components, maps."""
+    model.eval()
+    batch_size = batch_size or config.score_batch_size
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in SCREENING_COMPONENTS}
+    maps: list[np.ndarray] = []
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for first in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+            x = to_tensor(images[first : first + batch_size]).to(device)
+            components, anomaly = _screening_batch(model, x, config)
+            for name, value in components.items():
+                parts[name].append(value.cpu().numpy())
+            maps.append(anomaly.cpu().numpy())
+    seconds = time.perf_counter() - start
+    size = images.shape[1]
+    components = {k: np.concatenate(v) if v else np.zeros(0, np.float32) for k, v in parts.items()}
+    return ScreeningResult(
+        loss=screening_loss(components, config),
+        components=components,
+        anomaly_maps=np.concatenate(maps) if maps else np.zeros((0, size, size), np.float32),
+        seconds=seconds,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# training
+
+
+def _masked_mean(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Mean of per-row ``values`` over the selected rows; 0 (with a graph) when none is selected."""
+    if rows.any():
+        return values[rows].mean()
+    return values.sum() * 0.0
+
+
+@dataclass
+class AttentionStage:
+    """Stage 1 as an estimator: ``fit`` on normal images, then ``score``.
+
+    Parameters are stored as given; the fitted network is ``model_``, the per-epoch losses
+    ``history_`` and the training time ``train_seconds_``.
+    """
+
+    config: Stage1Config = field(default_factory=Stage1Config)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    image_size: int = 32
+    channels: int = 1
+    device: str = "auto"
+    seed: int = 0
+    num_workers: int = 0
+
+    def _build(self) -> None:
+        c = self.config
+        self.device_ = resolve_device(self.device)
+        self.model_ = AttentionNet(
+            self.channels,
+            self.image_size,
+            base_width=c.base_width,
+            max_width=c.max_width,
+            bottleneck_size=c.bottleneck_size,
+            attention_max_tokens=c.attention_max_tokens,
+        ).to(self.device_)
+        self.discriminator_ = (
+            ImageMapDiscriminator(self.channels, self.image_size, base_width=c.base_width, max_width=c.max_width).to(self.device_)
+            if c.w_adv > 0
+            else None
+        )
+
+    def fit(self, images: np.ndarray, *, checkpoint_path: str | Path | None = None, progress: bool = True) -> "AttentionStage":
+        """Train on uint8 ``N×H×W×C`` normal images; checkpoint each epoch when a path is given."""
+        if images.ndim != 4 or images.shape[1:3] != (self.image_size, self.image_size) or images.shape[3] != self.channels:
+            raise ValueError(
+                f"expected N×{self.image_size}×{self.image_size}×{self.channels} images, got shape {images.shape}"
+            )
+        if len(images) < 2:
+            raise ValueError(f"stage 1 needs at least 2 normal training images, got {len(images)}")
+        torch.manual_seed(self.seed)
+        np.random.seed(self.seed % 2**32)
+        self._build()
+        c = self.config
+        generator = torch.Generator().manual_seed(self.seed)
+        dataset = DefectDataset(images, self.augment, seed=self.seed)
+        loader = DataLoader(
+            dataset,
+            batch_size=min(c.batch_size, len(dataset)),
+            shuffle=True,
+            drop_last=len(dataset) > c.batch_size,
+            num_workers=self.num_workers,
+            generator=generator,
+            worker_init_fn=_worker_init if self.num_workers > 0 else None,
+            persistent_workers=self.num_workers > 0,
+        )
+        g_opt = torch.optim.Adam(self.model_.parameters(), lr=c.lr, betas=(0.5, 0.999), weight_decay=c.weight_decay)
+        d_opt = (
+            torch.optim.Adam(self.discriminator_.parameters(), lr=c.lr, betas=(0.5, 0.999))
+            if self.discriminator_ is not None
+            else None
+        )
+        use_amp = c.amp and self.device_.type == "cuda"
+        self.history_: list[dict[str, float]] = []
+        start = time.perf_counter()
+        epochs = tqdm(range(1, c.epochs + 1), desc="stage 1 train", unit="epoch", disable=not progress)
+        for epoch in epochs:
+            self.model_.train()
+            sums: dict[str, float] = {}
+            steps = 0
+            for batch in tqdm(loader, desc=f"epoch {epoch}", unit="batch", disable=not progress, leave=False):
+                losses = self._train_step(batch, g_opt, d_opt, use_amp)
+                for name, value in losses.items():
+                    sums[name] = sums.get(name, 0.0) + value
+                steps += 1
+            record = {"epoch": epoch, "seconds": time.perf_counter() - start, **{k: v / steps for k, v in sums.items()}}
+            if not math.isfinite(record["total"]):
+                raise FloatingPointError(
+                    f"stage 1 loss became {record['total']} in epoch {epoch}; lower stage1.lr "
+                    f"(now {c.lr}) or check the input images"
+                )
+            self.history_.append(record)
+            epochs.set_postfix(loss=f"{record['total']:.4f}", att=f"{record['attention']:.4f}")
+            log.info("stage 1 epoch %d/%d: %s", epoch, c.epochs, {k: round(v, 5) for k, v in record.items() if k != "epoch"})
+            if checkpoint_path is not None:
+                self.save(checkpoint_path, epoch=epoch)
+        self.train_seconds_ = time.perf_counter() - start
+        self.model_.eval()
+        return self
+
+    def _train_step(
+        self,
+        batch: tuple[torch.Tensor, ...],
+        g_opt: torch.optim.Optimizer,
+        d_opt: torch.optim.Optimizer | None,
+        use_amp: bool,
+    ) -> dict[str, float]:
+        c = self.config
+        x_in, x_clean, mask, is_defect = (t.to(self.device_, non_blocking=True) for t in batch)
+        clean_rows = ~is_defect
+        with torch.autocast(self.device_.type, dtype=torch.bfloat16, enabled=use_amp):
+            out = self.model_(x_in)
+        logits = out.attention_logits.float()
+        recon_err = (out.reconstruction.float() - x_clean).abs().mean(dim=(1, 2, 3))
+        bce = F.binary_cross_entropy_with_logits(logits, mask, reduction="none").mean(dim=(1, 2, 3))
+        l_con = _masked_mean(recon_err, clean_rows)
+        l_rep = _masked_mean(recon_err, is_defect)
+        l_enc = F.mse_loss(out.latent_reconstructed.float(), out.latent.float())
+        l_att = _masked_mean(bce, clean_rows) + _masked_mean(bce, is_defect)
+        total = c.w_con * l_con + c.w_rep * l_rep + c.w_enc * l_enc + c.w_att * l_att
+        losses = {"recon": l_con.item(), "repair": l_rep.item(), "latent": l_enc.item(), "attention": l_att.item()}
+        attention = torch.sigmoid(logits)
+        if self.discriminator_ is not None:
+            # one concatenated forward for real and fake (DDP-safe); real = (clean image, true mask)
+            real = torch.cat([x_clean, mask], dim=1)
+            fake = torch.cat([out.reconstruction.float(), attention], dim=1)
+            _, features = self.discriminator_(*torch.cat([real, fake]).split([x_clean.shape[1], 1], dim=1))
+            real_feat, fake_feat = features.chunk(2)
+            l_adv = F.mse_loss(fake_feat.mean(dim=0), real_feat.detach().mean(dim=0))
+            total = total + c.w_adv * l_adv
+            losses["adversarial"] = l_adv.item()
+        g_opt.zero_grad(set_to_none=True)
+        total.backward()
+        g_opt.step()
+        losses["total"] = total.item()
+        if self.discriminator_ is not None and d_opt is not None:
+            real = torch.cat([x_clean, mask], dim=1)
+            fake = torch.cat([out.reconstruction.detach().float(), attention.detach()], dim=1)
+            logits_d, _ = self.discriminator_(*torch.cat([real, fake]).split([x_clean.shape[1], 1], dim=1))
+            target = torch.cat([torch.ones_like(logits_d[: len(real)]), torch.zeros_like(logits_d[len(real) :])])
+            l_d = F.binary_cross_entropy_with_logits(logits_d, target)
+            d_opt.zero_grad(set_to_none=True)
+            l_d.backward()
+            d_opt.step()
+            losses["discriminator"] = l_d.item()
+        return losses
+
+    # -- scoring and persistence ----------------------------------------------------------------
+    def score(self, images: np.ndarray, *, batch_size: int | None = None, progress: bool = True, desc: str = "stage 1 score") -> ScreeningResult:
+        if not hasattr(self, "model_"):
+            raise RuntimeError("AttentionStage is not fitted: call fit() or load() first")
+        return screening_scores(self.model_, images, self.config, self.device_, batch_size=batch_size, progress=progress, desc=desc)
+
+    def save(self, path: str | Path, *, epoch: int | None = None) -> None:
+        payload: dict[str, Any] = {
+            "format": "twostage_ad.stage1/1",
+            "model": self.model_.state_dict(),
+            "config": asdict(self.config),
+            "augment": asdict(self.augment),
+            "image_size": self.image_size,
+            "channels": self.channels,
+            "seed": self.seed,
+            "epoch": epoch if epoch is not None else len(getattr(self, "history_", [])),
+            "history": getattr(self, "history_", []),
+        }
+        if self.discriminator_ is not None:
+            payload["discriminator"] = self.discriminator_.state_dict()
+        save_checkpoint(path, payload)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto") -> "AttentionStage":
+        payload = load_checkpoint(path)
+        if payload.get("format") != "twostage_ad.stage1/1":
+            raise ValueError(f"{str(path)!r} is not a twostage_ad stage-1 checkpoint (format {payload.get('format')!r})")
+        stage = cls(
+            config=Stage1Config(**payload["config"]),
+            augment=AugmentConfig(**payload["augment"]),
+            image_size=payload["image_size"],
+            channels=payload["channels"],
+            device=device,
+            seed=payload["seed"],
+        )
+        stage._build()
+        stage.model_.load_state_dict(payload["model"])
+        if stage.discriminator_ is not None and "discriminator" in payload:
+            stage.discriminator_.load_state_dict(payload["discriminator"])
+        stage.history_ = list(payload.get("history", []))
+        stage.model_.eval()
+        return stage
