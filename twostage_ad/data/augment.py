@@ -120,7 +120,7 @@ class CutPasteDefect(_SyntheticDefect):
         patch = np.clip(patch * gain + offset, 0, 255)
         angle = float(rng.uniform(-45, 45))
         channels = [
-            np.asarray(Image.fromarray(patch[..., c].astype(np.float32), mode="F").rotate(angle, Image.BILINEAR))
+            np.asarray(Image.fromarray(patch[..., c].astype(np.float32)).rotate(angle, Image.BILINEAR))
             for c in range(patch.shape[-1])
         ]
         rotated = np.stack(channels, axis=-1)
@@ -158,7 +158,7 @@ class BlobDefect(_SyntheticDefect):
             left = int(rng.integers(0, width - crop[1] + 1))
             patch = image[top : top + crop[0], left : left + crop[1]]
             planes = [
-                np.asarray(Image.fromarray(patch[..., c], mode="F").resize((width, height), Image.BILINEAR))
+                np.asarray(Image.fromarray(patch[..., c].astype(np.float32)).resize((width, height), Image.BILINEAR))
                 for c in range(channels)
             ]
             return np.flip(np.stack(planes, axis=-1), axis=int(rng.integers(0, 2))).copy()

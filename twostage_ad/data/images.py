@@ -33,11 +33,11 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         array = np.asarray(image, dtype=np.float64)
         array = array / 257.0 if array.max() > 255 or image.mode.startswith("I;16") else array
-        return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
+        return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8))
     if image.mode == "F":
         array = np.asarray(image, dtype=np.float64)
         scale = 255.0 if array.max() <= 1.0 else 1.0
-        return Image.fromarray(np.clip(np.rint(array * scale), 0, 255).astype(np.uint8), mode="L")
+        return Image.fromarray(np.clip(np.rint(array * scale), 0, 255).astype(np.uint8))
     return image
 
 
@@ -87,8 +87,7 @@ def infer_channels(record: Record) -> int:
 
 
 def _from_array(array: np.ndarray, size: int, channels: int) -> np.ndarray:
-    mode = "L" if array.ndim == 2 or array.shape[-1] == 1 else "RGB"
-    image = Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array, mode=mode)
+    image = Image.fromarray(np.ascontiguousarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array))
     image = image.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
     array = np.asarray(image, dtype=np.uint8)
     return array[:, :, None] if array.ndim == 2 else array

@@ -1,0 +1,52 @@
+import numpy as np
+import pytest
+
+from twostage_ad.config import AugmentConfig
+from twostage_ad.data.augment import apply_defect, build_defect_augmentation, perlin_noise
+
+from conftest import textured
+
+KINDS = ["cutout", "cutpaste", "blob", "crack"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_each_defect_changes_the_image_exactly_where_its_mask_says(kind, channels, rng):
+    image = textured(rng, size=64, channels=3)[..., :channels]
+    augmentation = build_defect_augmentation(AugmentConfig(kinds=[kind]), seed=3)
+    hits = 0
+    for _ in range(10):
+        out, mask = apply_defect(augmentation, image, texture=textured(rng, size=64, channels=3)[..., :channels])
+        assert out.shape == image.shape and out.dtype == np.uint8
+        assert mask.shape == (64, 64) and set(np.unique(mask)) <= {0, 1}
+        changed = np.abs(out.astype(int) - image.astype(int)).max(axis=-1) > 0
+        defect = mask == 0
+        assert not np.any(changed & ~defect & (np.abs(out.astype(int) - image.astype(int)).max(axis=-1) > 4))
+        hits += defect.any()
+    assert hits >= 8  # a defect nearly every time (a rare invisible one is allowed)
+
+
+def test_defects_stay_below_the_area_limit(rng):
+    image = textured(rng, size=64)
+    augmentation = build_defect_augmentation(AugmentConfig(kinds=["blob"], max_area=0.1), seed=0)
+    areas = [1 - apply_defect(augmentation, image)[1].mean() for _ in range(20)]
+    assert max(areas) <= 0.1 + 1e-6 and min(areas) > 0
+
+
+def test_same_seed_same_defects_different_seed_different(rng):
+    image = textured(rng, size=64)
+    a = build_defect_augmentation(AugmentConfig(), seed=5)
+    b = build_defect_augmentation(AugmentConfig(), seed=5)
+    c = build_defect_augmentation(AugmentConfig(), seed=6)
+    outs_a = [apply_defect(a, image)[1] for _ in range(5)]
+    outs_b = [apply_defect(b, image)[1] for _ in range(5)]
+    outs_c = [apply_defect(c, image)[1] for _ in range(5)]
+    assert all(np.array_equal(x, y) for x, y in zip(outs_a, outs_b))
+    assert not all(np.array_equal(x, y) for x, y in zip(outs_a, outs_c))
+
+
+def test_perlin_noise_is_smooth_and_bounded():
+    noise = perlin_noise(64, 64, 4, np.random.default_rng(0))
+    assert noise.shape == (64, 64)
+    assert np.abs(noise).max() <= 1.5
+    assert np.abs(np.diff(noise, axis=0)).max() < 0.3  # neighbouring pixels are close

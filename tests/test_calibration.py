@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+
+from twostage_ad.calibration import CalibrationError, calibrate
+from twostage_ad.config import CalibrationConfig
+
+NORMAL = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0])
+LABELS = np.zeros(10, dtype=int)
+
+
+def test_quantile_matches_numpy_linear_interpolation():
+    t = calibrate(NORMAL, LABELS, CalibrationConfig(method="quantile", q=0.9))
+    assert t.value == pytest.approx(9.1)  # 1 + 0.9·9
+    assert t.params == {"q": 0.9}
+    assert t.stats["n_normal"] == 10 and t.stats["max"] == 10.0
+    assert t.stats["flagged_fraction_normal"] == pytest.approx(0.1)
+
+
+def test_mean_plus_k_std_uses_the_sample_std():
+    t = calibrate(NORMAL, LABELS, CalibrationConfig(method="meanstd", k=2.0))
+    assert t.value == pytest.approx(5.5 + 2.0 * 3.0276503540974917)
+
+
+@pytest.mark.parametrize("fpr, expected", [(0.1, 9.0), (0.25, 8.0), (0.05, 10.0)])
+def test_target_fpr_keeps_the_rate_at_or_below_target(fpr, expected):
+    t = calibrate(NORMAL, LABELS, CalibrationConfig(method="fpr", fpr=fpr))
+    assert t.value == expected
+    assert np.mean(NORMAL > t.value) <= fpr
+
+
+def test_youden_f1_and_recall_with_labelled_anomalies():
+    scores = np.array([0.1, 0.2, 0.3, 0.4, 0.35, 0.6, 0.7, 0.8])
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    youden = calibrate(scores, labels, CalibrationConfig(method="youden"))
+    # flag > t: the best cut flags {0.6, 0.7, 0.8} (TPR .75, FPR 0) or all from 0.35 (TPR 1, FPR .25)
+    assert youden.stats["youden_j"] == pytest.approx(0.75)
+    assert np.mean(scores[labels == 1] > youden.value) in (0.75, 1.0)
+    f1 = calibrate(scores, labels, CalibrationConfig(method="f1"))
+    flagged = scores > f1.value
+    precision = flagged[labels == 1].sum() / flagged.sum()
+    recall = flagged[labels == 1].mean()
+    assert 2 * precision * recall / (precision + recall) == pytest.approx(f1.stats["f1"])
+    recall_t = calibrate(scores, labels, CalibrationConfig(method="recall", recall=1.0))
+    assert np.all(scores[labels == 1] > recall_t.value)  # every anomaly flagged
+    assert recall_t.value < 0.35 and recall_t.value > 0.3  # just below the weakest anomaly
+
+
+def test_methods_needing_anomalies_explain_what_is_missing():
+    with pytest.raises(CalibrationError, match="needs labelled anomalies in the validation split"):
+        calibrate(NORMAL, LABELS, CalibrationConfig(method="youden"))
+
+
+def test_no_normals_or_nan_scores_are_refused():
+    with pytest.raises(CalibrationError, match="no normal validation scores"):
+        calibrate(np.array([1.0]), np.array([1]), CalibrationConfig())
+    with pytest.raises(CalibrationError, match="NaN or infinite"):
+        calibrate(np.array([1.0, np.nan]), np.array([0, 0]), CalibrationConfig())

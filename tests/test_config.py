@@ -1,0 +1,82 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from twostage_ad.config import Config, ConfigError, apply_overrides, config_to_dict, load_config, save_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_default_config_is_the_digits_pipeline_file():
+    assert load_config(REPO / "pipelines" / "digits.yaml") == Config().validate()
+
+
+@pytest.mark.parametrize("name", ["digits", "mtd", "piped"])
+def test_shipped_pipelines_load(name):
+    config = load_config(REPO / "pipelines" / f"{name}.yaml")
+    assert config.run.name == name
+
+
+def test_relative_data_path_is_resolved_against_the_config_file(tmp_path):
+    (tmp_path / "cfg").mkdir()
+    path = tmp_path / "cfg" / "x.yaml"
+    path.write_text("data: {source: manifest, path: ../data/split.csv}\n")
+    config = load_config(path)
+    assert Path(config.data.path) == (tmp_path / "data" / "split.csv").resolve()
+
+
+def test_overrides_parse_yaml_values():
+    config = load_config(None, ["stage1.epochs=7", "stage1.lr=0.001", "augment.kinds=[crack, blob]", "run.device=cpu"])
+    assert config.stage1.epochs == 7
+    assert config.stage1.lr == pytest.approx(0.001)
+    assert config.augment.kinds == ["crack", "blob"]
+    assert config.run.device == "cpu"
+
+
+def test_int_is_accepted_for_float_fields():
+    assert load_config(None, ["stage1.lr=1"]).stage1.lr == 1.0
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("stage1.epochs=-3", "stage1.epochs must be an integer >= 1, got -3"),
+        ("stage1.epochs=abc", "stage1.epochs must be an integer, got 'abc'"),
+        ("stage1.lr=.nan", "stage1.lr must be a finite number, got nan"),
+        ("data.image_size=100", "data.image_size must be a power of two from 32 to 512, got 100"),
+        ("data.image_size=1024", "data.image_size must be a power of two from 32 to 512, got 1024"),
+        ("data.source=folder", "data.source must be one of"),
+        ("stage1.nope=1", "unknown field stage1.nope"),
+        ("bogus.x=1", "unknown config section 'bogus'"),
+        ("augment.kinds=[scratch]", "augment.kinds must be a non-empty list"),
+        ("calibration.q=1.5", "calibration.q must be in (0, 1), got 1.5"),
+        ("run.device=tpu", "run.device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+        ("data.source=manifest", "data.path must be a folder or CSV path"),
+        ("stage1.amp=yes please", "stage1.amp must be true or false"),
+        ("epochs=3", "must look like section.field"),
+    ],
+)
+def test_bad_values_name_the_field_and_value(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert message in str(info.value)
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_saved_config_round_trips(tmp_path):
+    config = load_config(None, ["stage1.epochs=4", "data.category=x"])
+    save_config(config, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == config
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["stage1"]["epochs"] == 4
+
+
+def test_apply_overrides_creates_sections():
+    values = apply_overrides({}, ["run.seed=3"])
+    assert values == {"run": {"seed": 3}}
+    assert config_to_dict(load_config(None, ["run.seed=3"]))["run"]["seed"] == 3

@@ -1,0 +1,151 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from twostage_ad.config import DataConfig
+from twostage_ad.data.images import decode_records, infer_channels, read_image, read_mask, to_tensor
+from twostage_ad.data.records import (
+    DataError,
+    Record,
+    ensure_val_split,
+    load_records,
+    read_digits,
+    read_manifest,
+    read_mvtec_layout,
+    read_seed_layout,
+    split_records,
+)
+
+from conftest import textured, write_image
+
+
+def test_seed_layout_reads_labels_and_splits(seed_layout):
+    records = read_seed_layout(seed_layout)
+    assert len(records) == 14
+    assert {(r.split, r.label) for r in records} == {("train", 0), ("test", 0), ("test", 1)}
+    assert sum(r.label for r in records) == 3
+
+
+def test_mvtec_layout_pairs_masks_and_selects_category(mvtec_layout):
+    records = read_mvtec_layout(mvtec_layout, category="tile")
+    anomalies = [r for r in records if r.label == 1]
+    assert len(records) == 10 and len(anomalies) == 2
+    assert all(r.mask is not None and r.mask.name.endswith("_mask.png") for r in anomalies)
+    assert all(r.category == "crack" for r in anomalies)
+
+
+def test_manifest_paths_are_relative_to_the_csv_and_category_filters(tmp_path, rng):
+    write_image(tmp_path / "imgs" / "a.png", textured(rng))
+    write_image(tmp_path / "imgs" / "b.png", textured(rng))
+    write_image(tmp_path / "imgs" / "b_mask.png", np.zeros((40, 40), np.uint8))
+    (tmp_path / "split.csv").write_text(
+        "image,label,split,mask,category\nimgs/a.png,0,train,,x\nimgs/b.png,1,test,imgs/b_mask.png,x\nimgs/a.png,0,train,,y\n"
+    )
+    records = read_manifest(tmp_path / "split.csv", category="x")
+    assert [r.image for r in records] == [tmp_path / "imgs" / "a.png", tmp_path / "imgs" / "b.png"]
+    assert records[1].mask == tmp_path / "imgs" / "b_mask.png" and records[0].mask is None
+    with pytest.raises(DataError, match="no rows of category 'z'"):
+        read_manifest(tmp_path / "split.csv", category="z")
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ("imgs/a.png,2,train,,x", "label must be 0 (normal) or 1"),
+        ("imgs/a.png,0,holdout,,x", "split must be one of"),
+        (",0,train,,x", "the image column is empty"),
+    ],
+)
+def test_manifest_bad_rows_name_the_line(tmp_path, row, message):
+    (tmp_path / "split.csv").write_text(f"image,label,split,mask,category\n{row}\n")
+    with pytest.raises(DataError, match="line 2") as info:
+        read_manifest(tmp_path / "split.csv")
+    assert message in str(info.value)
+
+
+def test_manifest_missing_columns(tmp_path):
+    (tmp_path / "split.csv").write_text("path,label\na.png,0\n")
+    with pytest.raises(DataError, match=r"lacks column\(s\) \['image', 'split'\]"):
+        read_manifest(tmp_path / "split.csv")
+
+
+def test_val_split_is_carved_from_train_normals_reproducibly(seed_layout):
+    records = read_seed_layout(seed_layout)
+    a = ensure_val_split(records, 0.25, seed=1)
+    b = ensure_val_split(records, 0.25, seed=1)
+    val = [r.name for r in a if r.split == "val"]
+    assert val == [r.name for r in b if r.split == "val"]
+    assert len(val) == 2 and all(r.label == 0 for r in a if r.split == "val")
+    assert sum(r.split == "train" for r in a) == 6
+    parts = split_records(a)
+    assert len(parts["train"]) == 6 and len(parts["test"]) == 6
+
+
+def test_load_records_rejects_a_source_without_training_normals(tmp_path):
+    (tmp_path / "train" / "0.normal").mkdir(parents=True)
+    with pytest.raises(DataError, match="no normal training images"):
+        load_records(DataConfig(source="seed", path=str(tmp_path)))
+
+
+def test_digits_are_bundled_and_one_digit_is_normal():
+    records = read_digits(normal_digit=3)
+    assert len(records) == 1797
+    assert all((r.label == 0) == (r.category == "digit_3") for r in records)
+    assert not any(r.split == "train" and r.label for r in records)
+
+
+@pytest.mark.parametrize(
+    "array, mode, channels",
+    [
+        (np.full((20, 30), 100, np.uint8), "L", 1),
+        (np.full((20, 30, 3), 100, np.uint8), "RGB", 3),
+        (np.full((20, 30, 4), 100, np.uint8), "RGBA", 3),
+        (np.full((20, 30), 100 * 257, np.uint16), "I;16", 1),
+    ],
+)
+def test_image_modes_decode_to_8bit_of_the_requested_channels(tmp_path, array, mode, channels):
+    path = tmp_path / "x.png"
+    Image.fromarray(array).save(path)
+    assert infer_channels(Record(name="x", label=0, split="train", image=path)) == channels
+    for wanted in (1, 3):
+        out = read_image(path, 32, wanted)
+        assert out.shape == (32, 32, wanted) and out.dtype == np.uint8
+        assert abs(int(out.mean()) - 100) <= 1  # 16-bit is scaled by its range, not clipped
+
+
+def test_masks_binarise_and_invert(tmp_path):
+    mask = np.zeros((40, 40), np.uint8)
+    mask[:20] = 200  # defect (white) in the top half
+    mask[20:22] = 100  # below 127: not defect
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    plain = read_mask(tmp_path / "m.png", 32)
+    inverted = read_mask(tmp_path / "m.png", 32, invert=True)
+    assert set(np.unique(plain)) == {0, 1}
+    assert plain[:15].all() and not plain[18:].any()
+    assert np.array_equal(inverted, 1 - plain)
+
+
+def test_mask_of_a_different_size_is_a_clear_error(tmp_path):
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "m.png")
+    with pytest.raises(DataError, match="is 10×10 but its image is 40×40"):
+        read_mask(tmp_path / "m.png", 32, expect_shape=(40, 40))
+
+
+def test_decode_skips_and_lists_unreadable_images(seed_layout):
+    records = read_seed_layout(seed_layout)
+    broken = seed_layout / "test" / "1.abnormal" / "a0.png"
+    broken.write_bytes(broken.read_bytes()[:40])  # truncated file
+    (seed_layout / "test" / "1.abnormal" / "notes.png").write_text("not an image")
+    records = read_seed_layout(seed_layout)
+    decoded = decode_records(records, 32, 1, progress=False)
+    assert len(decoded) == len(records) - 2
+    assert sorted(name.split("/")[-1] for name, _ in decoded.failed) == ["a0.png", "notes.png"]
+    assert all("cannot read image" in reason for _, reason in decoded.failed)
+    assert decoded.images.shape == (len(records) - 2, 32, 32, 1)
+
+
+def test_to_tensor_maps_uint8_to_minus_one_one():
+    images = np.array([[[[0]], [[255]]]], dtype=np.uint8)  # 1×2×1×1
+    tensor = to_tensor(images)
+    assert tensor.shape == (1, 1, 2, 1)
+    assert tensor.min().item() == -1.0 and tensor.max().item() == 1.0

@@ -1,0 +1,85 @@
+"""Every network: output shapes, no NaNs, a gradient reaching every parameter, argument checks."""
+
+import pytest
+import torch
+
+from twostage_ad.models.attention_net import AttentionNet, ImageMapDiscriminator
+from twostage_ad.models.blocks import CBAM, SelfAttention2d
+
+
+def _open_gates(module: torch.nn.Module) -> None:
+    """SAGAN's γ starts at 0, which blocks gradients to q/k/v; open it so the test can see them."""
+    for sub in module.modules():
+        if isinstance(sub, SelfAttention2d):
+            torch.nn.init.constant_(sub.gamma, 0.5)
+
+
+def _assert_all_parameters_get_gradients(module: torch.nn.Module) -> None:
+    for name, parameter in module.named_parameters():
+        assert parameter.grad is not None, f"no gradient reached {name}"
+        assert torch.isfinite(parameter.grad).all(), f"non-finite gradient in {name}"
+        assert parameter.grad.abs().sum() > 0, f"zero gradient in {name}"
+
+
+@pytest.mark.parametrize("size, channels", [(32, 1), (64, 3)])
+def test_attention_net_shapes_finiteness_and_gradients(size, channels):
+    torch.manual_seed(0)
+    net = AttentionNet(channels, size, base_width=8, max_width=32)
+    _open_gates(net)
+    x = torch.rand(2, channels, size, size) * 2 - 1
+    out = net(x)
+    assert out.reconstruction.shape == x.shape
+    assert out.attention_logits.shape == (2, 1, size, size)
+    assert out.latent.shape == out.latent_reconstructed.shape == (2, 32, 4, 4)
+    assert out.reconstruction.abs().max() <= 1.0
+    assert 0.0 <= out.attention.min() and out.attention.max() <= 1.0
+    for tensor in (out.reconstruction, out.attention_logits, out.latent, out.latent_reconstructed):
+        assert torch.isfinite(tensor).all()
+    loss = out.reconstruction.mean() + out.attention_logits.mean() + (out.latent - out.latent_reconstructed).pow(2).mean()
+    loss.backward()
+    _assert_all_parameters_get_gradients(net)
+
+
+def test_self_attention_is_used_only_at_small_resolutions():
+    net = AttentionNet(1, 128, base_width=4, max_width=16, attention_max_tokens=256)
+    attention_sides = [m.query.in_channels for m in net.modules() if isinstance(m, SelfAttention2d)]
+    assert len(attention_sides) == 2  # 8×8 and 16×16 decoder levels, not 32×32 or 64×64
+
+
+@pytest.mark.parametrize("size", [32, 128, 512])
+def test_every_supported_size_builds(size):
+    net = AttentionNet(1, size, base_width=4, max_width=8, attention_max_tokens=64)
+    assert net.encoder.blocks[-1].conv.out_channels == 8
+    if size <= 128:
+        with torch.no_grad():
+            assert net(torch.zeros(1, 1, size, size)).attention_logits.shape[-1] == size
+
+
+@pytest.mark.parametrize("size", [16, 48, 100, 1024])
+def test_unsupported_sizes_are_refused_with_the_value(size):
+    with pytest.raises(ValueError, match=f"got {size}"):
+        AttentionNet(1, size)
+
+
+def test_wrong_input_shape_is_refused():
+    net = AttentionNet(1, 32, base_width=4, max_width=8)
+    with pytest.raises(ValueError, match=r"expected input B×1×32×32, got \(1, 3, 32, 32\)"):
+        net(torch.zeros(1, 3, 32, 32))
+
+
+def test_discriminator_shapes_and_gradients():
+    torch.manual_seed(0)
+    disc = ImageMapDiscriminator(3, 64, base_width=8, max_width=32)
+    logits, features = disc(torch.randn(2, 3, 64, 64), torch.rand(2, 1, 64, 64))
+    assert logits.shape == (2, 1, 4, 4) and features.shape == (2, 32, 4, 4)
+    (logits.mean() + features.mean()).backward()
+    _assert_all_parameters_get_gradients(disc)
+
+
+def test_cbam_and_self_attention_keep_shape_and_start_as_identity():
+    x = torch.randn(2, 16, 8, 8)
+    assert CBAM(16)(x).shape == x.shape
+    attention = SelfAttention2d(16)
+    assert torch.equal(attention(x), x)  # γ = 0 at initialisation
+    with pytest.raises(ValueError, match="channels \\(4\\) must be >= key_ratio \\(8\\)"):
+        SelfAttention2d(4)

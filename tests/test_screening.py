@@ -1,0 +1,82 @@
+"""Stage 1 scoring is deterministic: same image, same numbers, whatever batch it is in."""
+
+import numpy as np
+import pytest
+import torch
+
+from twostage_ad.config import AugmentConfig, Stage1Config
+from twostage_ad.stages.attention import SCREENING_COMPONENTS, AttentionStage, DefectDataset, screening_loss
+
+from conftest import textured
+
+
+@pytest.fixture(scope="module")
+def fitted_stage():
+    rng = np.random.default_rng(0)
+    images = np.stack([textured(rng, size=32)[..., None] for _ in range(12)])
+    config = Stage1Config(epochs=1, base_width=8, max_width=16, batch_size=6)
+    return AttentionStage(config=config, image_size=32, channels=1, device="cpu", seed=0).fit(images, progress=False), images
+
+
+def test_same_image_same_loss_alone_or_in_different_batches(fitted_stage):
+    stage, images = fitted_stage
+    rng = np.random.default_rng(1)
+    others = np.stack([textured(rng, size=32)[..., None] for _ in range(7)])
+    target = images[3:4]
+    alone = stage.score(target, batch_size=1, progress=False)
+    twice = stage.score(target, batch_size=1, progress=False)
+    in_batch_a = stage.score(np.concatenate([others[:5], target, others[5:]]), batch_size=8, progress=False)
+    in_batch_b = stage.score(np.concatenate([target, others[:2]]), batch_size=3, progress=False)
+    assert alone.loss[0] == twice.loss[0]
+    for other, index in ((in_batch_a, 5), (in_batch_b, 0)):
+        assert other.loss[index] == pytest.approx(alone.loss[0], rel=1e-5, abs=1e-7)
+        for name in SCREENING_COMPONENTS:
+            assert other.components[name][index] == pytest.approx(alone.components[name][0], rel=1e-5, abs=1e-7)
+        np.testing.assert_allclose(other.anomaly_maps[index], alone.anomaly_maps[0], rtol=1e-5, atol=1e-6)
+
+
+def test_scoring_does_not_depend_on_train_mode_or_global_rng(fitted_stage):
+    stage, images = fitted_stage
+    first = stage.score(images[:4], progress=False)
+    stage.model_.train()  # score() must switch to eval itself
+    torch.manual_seed(123)
+    second = stage.score(images[:4], progress=False)
+    np.testing.assert_array_equal(first.loss, second.loss)
+
+
+def test_screening_loss_is_the_documented_weighted_sum(fitted_stage):
+    stage, images = fitted_stage
+    result = stage.score(images[:3], progress=False)
+    c = {k: result.components[k] for k in SCREENING_COMPONENTS}
+    config = Stage1Config(screen_con=2.0, screen_enc=0.0, screen_att=3.0)
+    np.testing.assert_allclose(screening_loss(c, config), 2.0 * c["stage1_recon"] + 3.0 * c["stage1_att_topk"])
+    assert result.anomaly_maps.shape == (3, 32, 32)
+    assert np.all((result.anomaly_maps >= 0) & (result.anomaly_maps <= 1))
+
+
+def test_training_is_reproducible_with_a_seed():
+    rng = np.random.default_rng(0)
+    images = np.stack([textured(rng, size=32)[..., None] for _ in range(8)])
+    config = Stage1Config(epochs=1, base_width=4, max_width=8, batch_size=4)
+    a = AttentionStage(config=config, image_size=32, channels=1, device="cpu", seed=7).fit(images, progress=False)
+    b = AttentionStage(config=config, image_size=32, channels=1, device="cpu", seed=7).fit(images, progress=False)
+    np.testing.assert_allclose(a.score(images, progress=False).loss, b.score(images, progress=False).loss, rtol=1e-6)
+
+
+def test_checkpoint_round_trip_gives_identical_scores(tmp_path, fitted_stage):
+    stage, images = fitted_stage
+    stage.save(tmp_path / "s1.pt")
+    loaded = AttentionStage.load(tmp_path / "s1.pt", device="cpu")
+    np.testing.assert_array_equal(stage.score(images, progress=False).loss, loaded.score(images, progress=False).loss)
+
+
+def test_defect_dataset_rows_have_masks_matching_their_kind():
+    rng = np.random.default_rng(0)
+    images = np.stack([textured(rng, size=32)[..., None] for _ in range(4)])
+    dataset = DefectDataset(images, AugmentConfig(probability=0.5), seed=0)
+    rows = [dataset[i % 4] for i in range(40)]
+    defect_rows = [r for r in rows if r[3]]
+    clean_rows = [r for r in rows if not r[3]]
+    assert 8 <= len(defect_rows) <= 32
+    assert all(torch.equal(r[0], r[1]) and r[2].min() == 1 for r in clean_rows)
+    assert sum(r[2].min() == 0 for r in defect_rows) >= len(defect_rows) - 2
