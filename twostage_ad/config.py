@@ -133,13 +133,14 @@ class Stage1Config:
     attention_max_tokens: int = 1024  # self-attention only where H·W <= this
     epochs: int = 10
     batch_size: int = 16
-    lr: float = 2e-4
+    lr: float = 5e-4
     weight_decay: float = 0.0
     w_con: float = 1.0
     w_enc: float = 1.0
     w_att: float = 1.0
     w_adv: float = 0.1
     w_rep: float = 1.0
+    att_balanced: bool = True  # defect and normal pixels weigh half each in BCE(A(x_aug), M)
     screen_con: float = 1.0
     screen_enc: float = 1.0
     screen_att: float = 1.0

@@ -174,7 +174,7 @@ class BlobDefect(_SyntheticDefect):
         rng = self.random_generator
         height, width = image.shape[:2]
         noise = perlin_noise(height, width, int(2 ** rng.integers(1, 4)), rng)
-        area = rng.uniform(0.005, self.max_area)
+        area = np.exp(rng.uniform(np.log(min(0.001, self.max_area)), np.log(self.max_area)))  # log-uniform: many small spots, some large stains
         region = noise > np.quantile(noise, 1.0 - area)
         opacity = region.astype(np.float32) * rng.uniform(self.opacity_min, 1.0)
         return self._texture(image, texture), opacity
