@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from twostage_ad.config import Config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -66,18 +65,3 @@ def mvtec_layout(tmp_path: Path, rng: np.random.Generator) -> Path:
         mask[5:15, 5:15] = 255
         write_image(root / "ground_truth" / "crack" / f"{i:03d}_mask.png", mask)
     return root.parent
-
-
-@pytest.fixture
-def tiny_config() -> Config:
-    """A config that trains in seconds: 32 px digits, narrow network, 2 epochs."""
-    return load_config(
-        None,
-        [
-            "stage1.epochs=2",
-            "stage1.base_width=8",
-            "stage1.max_width=32",
-            "stage1.batch_size=16",
-            "run.overlays=2",
-        ],
-    )

@@ -26,11 +26,13 @@ def test_each_defect_changes_the_image_exactly_where_its_mask_says(kind, channel
     assert hits >= 8  # a defect nearly every time (a rare invisible one is allowed)
 
 
-def test_defects_stay_below_the_area_limit(rng):
+@pytest.mark.parametrize("kind", ["blob", "cutout", "cutpaste"])
+@pytest.mark.parametrize("max_area", [0.02, 0.1])
+def test_defects_stay_below_the_area_limit(rng, kind, max_area):
     image = textured(rng, size=64)
-    augmentation = build_defect_augmentation(AugmentConfig(kinds=["blob"], max_area=0.1), seed=0)
+    augmentation = build_defect_augmentation(AugmentConfig(kinds=[kind], max_area=max_area), seed=0)
     areas = [1 - apply_defect(augmentation, image)[1].mean() for _ in range(20)]
-    assert max(areas) <= 0.1 + 1e-6 and min(areas) > 0
+    assert max(areas) <= max_area + 1e-6 and max(areas) > 0
 
 
 def test_same_seed_same_defects_different_seed_different(rng):

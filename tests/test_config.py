@@ -55,6 +55,9 @@ def test_int_is_accepted_for_float_fields():
         ("data.source=manifest", "data.path must be a folder or CSV path"),
         ("stage1.amp=yes please", "stage1.amp must be true or false"),
         ("epochs=3", "must look like section.field"),
+        ("stage1.bottleneck_size=16", "stage1.bottleneck_size must be at most data.image_size / 4 = 8"),
+        ("stage1.base_width=2", "stage1.base_width must be an integer >= 4"),
+        ("run.seed=-1", "run.seed must be an integer >= 0, got -1"),
     ],
 )
 def test_bad_values_name_the_field_and_value(override, message):

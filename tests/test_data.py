@@ -149,3 +149,20 @@ def test_to_tensor_maps_uint8_to_minus_one_one():
     tensor = to_tensor(images)
     assert tensor.shape == (1, 1, 2, 1)
     assert tensor.min().item() == -1.0 and tensor.max().item() == 1.0
+
+
+def test_sixteen_bit_scaling_depends_on_the_mode_not_the_pixels(tmp_path):
+    dark = np.full((8, 8), 200, np.uint16)  # a dark 16-bit image must stay dark
+    ramp = np.tile(np.linspace(0, 65535, 8).astype(np.uint16), (8, 1))
+    Image.fromarray(dark).save(tmp_path / "dark.png")
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    assert read_image(tmp_path / "dark.png", 32, 1).max() <= 1
+    out = read_image(tmp_path / "ramp.png", 32, 1)
+    assert out[:, 0].max() < 40 and out[:, -1].min() > 215
+
+
+def test_thin_mask_lines_survive_downscaling(tmp_path):
+    mask = np.zeros((384, 384), np.uint8)
+    mask[:, 200] = 255  # a 1-px crack
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    assert read_mask(tmp_path / "m.png", 128).sum() >= 128

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -59,8 +60,25 @@ def test_existing_run_folder_is_never_silently_overwritten(tiny_run):
     assert main(["-q", "run", "--output", str(tiny_run.run_dir), "--set", "stage1.epochs=1"]) == 2
 
 
-def test_calibrate_changes_the_threshold_and_keeps_history(tiny_run, capsys):
-    run_dir = tiny_run.run_dir
+def test_run_folder_contract_and_score_direction(tiny_run):
+    # digits are easy: even two tiny epochs must rank other digits above zeros
+    assert tiny_run.metrics["image_auroc"]["stage1"] > 0.7
+
+
+def test_overwrite_moves_the_earlier_run_aside(tiny_run, tmp_path):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(tiny_run.run_dir, run_dir)
+    before = (run_dir / "scores.csv").read_bytes()
+    config = load_config(None, ["stage1.epochs=1", "stage1.base_width=4", "stage1.max_width=8"])
+    run_pipeline(config, run_dir, overwrite=True, progress=False)
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("copy.replaced-")]
+    assert len(aside) == 1 and (aside[0] / "scores.csv").read_bytes() == before
+    assert json.loads((run_dir / "thresholds.json").read_text())["history"] == []
+
+
+def test_calibrate_changes_the_threshold_and_keeps_history(tiny_run, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir, run_dir)
     assert main(["-q", "calibrate", str(run_dir), "--method", "fpr", "--fpr", "0.3"]) == 0
     printed = json.loads(capsys.readouterr().out)
     thresholds = json.loads((run_dir / "thresholds.json").read_text())
@@ -75,7 +93,19 @@ def test_calibrate_changes_the_threshold_and_keeps_history(tiny_run, capsys):
     assert metrics["flagged_fraction"] == pytest.approx(scores.loc[scores["split"] == "test", "flagged"].mean())
     # methods that need labelled anomalies fail clearly (digits' val split holds normals only)
     assert main(["-q", "calibrate", str(run_dir), "--method", "youden"]) == 2
-    assert calibrate_run(run_dir).method == "quantile"
+    # with no arguments the run's current method (fpr) is kept; a lone parameter implies its method
+    assert calibrate_run(run_dir).method == "fpr"
+    assert main(["-q", "calibrate", str(run_dir), "--k", "2.5"]) == 0
+    current = json.loads((run_dir / "thresholds.json").read_text())["stage1"]
+    assert current["method"] == "meanstd" and current["params"] == {"k": 2.5}
+    assert f"<td>thresholds.stage1</td><td>{current['value']:.4f}</td>" in (run_dir / "report.html").read_text()
+
+
+def test_methods_needing_anomalies_fail_before_training(tmp_path):
+    config = load_config(None, ["calibration.method=f1", "stage1.epochs=1"])
+    with pytest.raises(ValueError, match="needs labelled anomalies in the validation split"):
+        run_pipeline(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_reports_config_errors_without_a_traceback(tmp_path):

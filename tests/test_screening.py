@@ -5,7 +5,15 @@ import pytest
 import torch
 
 from twostage_ad.config import AugmentConfig, Stage1Config
-from twostage_ad.stages.attention import SCREENING_COMPONENTS, AttentionStage, DefectDataset, screening_loss
+from twostage_ad.models.attention_net import AttentionNet
+from twostage_ad.stages.attention import (
+    SCREENING_COMPONENTS,
+    AttentionStage,
+    DefectDataset,
+    _attention_bce,
+    screening_loss,
+    screening_scores,
+)
 
 from conftest import textured
 
@@ -41,6 +49,7 @@ def test_scoring_does_not_depend_on_train_mode_or_global_rng(fitted_stage):
     stage.model_.train()  # score() must switch to eval itself
     torch.manual_seed(123)
     second = stage.score(images[:4], progress=False)
+    assert stage.model_.training is False
     np.testing.assert_array_equal(first.loss, second.loss)
 
 
@@ -50,6 +59,7 @@ def test_screening_loss_is_the_documented_weighted_sum(fitted_stage):
     c = {k: result.components[k] for k in SCREENING_COMPONENTS}
     config = Stage1Config(screen_con=2.0, screen_enc=0.0, screen_att=3.0)
     np.testing.assert_allclose(screening_loss(c, config), 2.0 * c["stage1_recon"] + 3.0 * c["stage1_att_topk"])
+    np.testing.assert_allclose(result.loss, screening_loss(c, stage.config))
     assert result.anomaly_maps.shape == (3, 32, 32)
     assert np.all((result.anomaly_maps >= 0) & (result.anomaly_maps <= 1))
 
@@ -80,3 +90,36 @@ def test_defect_dataset_rows_have_masks_matching_their_kind():
     assert 8 <= len(defect_rows) <= 32
     assert all(torch.equal(r[0], r[1]) and r[2].min() == 1 for r in clean_rows)
     assert sum(r[2].min() == 0 for r in defect_rows) >= len(defect_rows) - 2
+
+
+@pytest.mark.parametrize("bias", [-3.0, 0.0, 3.0])
+def test_lower_attention_means_higher_loss_and_hotter_map(bias):
+    """Score direction: A -> 0 (anomalous) must raise the screening loss and the map."""
+    torch.manual_seed(0)
+    net = AttentionNet(1, 32, base_width=4, max_width=8)
+    torch.nn.init.zeros_(net.attention_head.weight)
+    images = np.full((1, 32, 32, 1), 128, np.uint8)
+    config = Stage1Config(screen_con=0.0, screen_enc=0.0, screen_att=1.0)
+    results = []
+    for b in (bias, bias - 2.0):  # second one looks more anomalous
+        torch.nn.init.constant_(net.attention_head.bias, b)
+        results.append(screening_scores(net, images, config, torch.device("cpu"), progress=False))
+    normal, anomalous = results
+    assert anomalous.loss[0] > normal.loss[0]
+    assert anomalous.anomaly_maps.mean() > normal.anomaly_maps.mean()
+    expected = np.log1p(np.exp(-bias))  # BCE of sigmoid(bias) against "normal" = softplus(-bias)
+    assert normal.loss[0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_balanced_bce_weighs_defect_and_normal_pixels_equally():
+    mask = torch.ones(1, 1, 10, 10)
+    mask[..., 0, 0] = 0  # one defect pixel out of 100
+    logits = torch.full((1, 1, 10, 10), 2.0)  # everything called normal
+    per_pixel_defect = torch.nn.functional.softplus(torch.tensor(2.0)).item()  # BCE(2, target 0)
+    per_pixel_normal = torch.nn.functional.softplus(torch.tensor(-2.0)).item()  # BCE(2, target 1)
+    plain = _attention_bce(logits, mask, balanced=False).item()
+    balanced = _attention_bce(logits, mask, balanced=True).item()
+    assert plain == pytest.approx(0.01 * per_pixel_defect + 0.99 * per_pixel_normal, rel=1e-5)
+    assert balanced == pytest.approx(0.5 * (per_pixel_defect + per_pixel_normal), rel=1e-5)
+    clean = _attention_bce(logits, torch.ones_like(mask), balanced=True).item()
+    assert clean == pytest.approx(per_pixel_normal, rel=1e-5)

@@ -58,7 +58,7 @@ def _fpr_threshold(normal: np.ndarray, target: float) -> float:
     """Smallest observed normal score t with mean(normal > t) <= target."""
     ordered = np.sort(normal)
     n = len(ordered)
-    allowed = int(np.floor(target * n))  # at most this many normals may lie strictly above t
+    allowed = int(np.floor(target * n + 1e-9))  # tolerance: 0.29·100 is 28.999… in floats  # at most this many normals may lie strictly above t
     return float(ordered[n - 1 - allowed]) if allowed < n else float(ordered[0])
 
 
@@ -110,7 +110,7 @@ def calibrate(scores: np.ndarray, labels: np.ndarray, config: CalibrationConfig,
         else:  # recall
             params = {"recall": config.recall}
             ordered = np.sort(anomalous)
-            must_flag = int(np.ceil(config.recall * len(ordered)))
+            must_flag = int(np.ceil(config.recall * len(ordered) - 1e-9))
             value = float(np.nextafter(ordered[len(ordered) - must_flag], -np.inf))
     value = float(value)
     stats["flagged_fraction_normal"] = float(np.mean(normal > value))

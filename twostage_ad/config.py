@@ -99,7 +99,7 @@ class AugmentConfig:
     kinds: list[str] = field(default_factory=lambda: list(DEFECT_KINDS))
     probability: float = 0.5  # share of each training batch that gets a synthetic defect
     opacity_min: float = 0.25  # lowest blend opacity of a blob defect (1.0 = fully replaced)
-    max_area: float = 0.25  # largest share of the image a single defect may cover
+    max_area: float = 0.25  # largest share of the image one defect may cover (cracks, thin lines, ignore it)
 
     def validate(self, prefix: str = "augment") -> None:
         _check(
@@ -211,6 +211,7 @@ class RunConfig:
             "auto, cpu, cuda or cuda:N",
             self.device,
         )
+        _check(self.seed >= 0, f"{prefix}.seed", "an integer >= 0", self.seed)
         _check(self.num_workers >= 0, f"{prefix}.num_workers", ">= 0", self.num_workers)
         _check(self.threads >= 0, f"{prefix}.threads", ">= 0", self.threads)
         _check(self.overlays >= 0, f"{prefix}.overlays", ">= 0", self.overlays)
@@ -229,6 +230,14 @@ class Config:
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate(f.name)
+        levels = self.data.image_size // self.stage1.bottleneck_size
+        _check(
+            levels >= 4,
+            "stage1.bottleneck_size",
+            f"at most data.image_size / 4 = {self.data.image_size // 4} (the network needs two down-steps)",
+            self.stage1.bottleneck_size,
+        )
+        _check(self.stage1.base_width >= 4, "stage1.base_width", "an integer >= 4 (self-attention needs 8 channels)", self.stage1.base_width)
         return self
 
 

@@ -9,10 +9,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from twostage_ad.calibration import CalibrationError
-from twostage_ad.config import CALIBRATION_METHODS, ConfigError, load_config
-from twostage_ad.data.records import DataError
-from twostage_ad.runs import RunExistsError
+from twostage_ad.config import CALIBRATION_METHODS, CalibrationConfig, ConfigError, load_config
 
 __all__ = ["main", "build_parser"]
 
@@ -33,12 +30,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser("calibrate", help="re-pick thresholds from a run's saved validation scores")
     cal.add_argument("run_dir", type=Path)
-    cal.add_argument("--method", choices=CALIBRATION_METHODS, help="default: the run's calibration.method")
+    cal.add_argument("--method", choices=CALIBRATION_METHODS,
+                     help="default: implied by the parameter given, else the run's current method")
     cal.add_argument("--q", type=float, help="quantile for --method quantile")
     cal.add_argument("--k", type=float, help="k for --method meanstd (mean + k·std)")
     cal.add_argument("--fpr", type=float, help="target false-positive rate for --method fpr")
     cal.add_argument("--recall", type=float, help="target recall for --method recall")
     return parser
+
+
+_PARAM_METHOD = {"q": "quantile", "k": "meanstd", "fpr": "fpr", "recall": "recall"}
+
+
+def _calibration_from_args(current: CalibrationConfig, args: argparse.Namespace) -> CalibrationConfig:
+    """Apply ``--method`` and its parameter; a lone parameter implies its method (``--fpr`` -> fpr)."""
+    given = {k: getattr(args, k) for k in _PARAM_METHOD if getattr(args, k) is not None}
+    method = args.method
+    if method is None and given:
+        implied = {_PARAM_METHOD[k] for k in given}
+        if len(implied) > 1:
+            raise ConfigError(f"parameters {sorted(given)} belong to different methods; pass --method")
+        method = implied.pop()
+    return replace(current, **given, **({"method": method} if method else {}))
 
 
 def _configure_logging(quiet: bool) -> None:
@@ -61,13 +74,13 @@ def main(argv: list[str] | None = None) -> int:
             summary = {k: result.metrics[k] for k in ("image_auroc", "pixel_auroc", "flagged_fraction", "stage1_recall_at_threshold", "seconds")}
             print(json.dumps({"run_dir": str(result.run_dir), **summary}, indent=2))
         elif args.command == "calibrate":
-            config = workflow.load_run_config(args.run_dir)
-            changes = {k: getattr(args, k) for k in ("q", "k", "fpr", "recall") if getattr(args, k) is not None}
-            calibration = replace(config.calibration, **changes, **({"method": args.method} if args.method else {}))
-            threshold = workflow.calibrate_run(args.run_dir, calibration)
+            threshold = workflow.calibrate_run(args.run_dir, _calibration_from_args(workflow.current_calibration(args.run_dir), args))
             print(json.dumps(threshold.to_dict(), indent=2))
-    except (ConfigError, DataError, CalibrationError, RunExistsError, FileNotFoundError) as exc:
+    except (ValueError, RuntimeError, FileExistsError, FileNotFoundError) as exc:
+        # ConfigError, DataError and CalibrationError are ValueErrors; all carry a message
+        # naming the field or file and the fix. Anything else is a bug and keeps its traceback.
         log.error("%s", exc)
+        log.debug("details", exc_info=True)
         return 2
     return 0
 

@@ -10,21 +10,15 @@
 from __future__ import annotations
 
 import html
-import os
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("MPLBACKEND", "Agg")
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-
-from twostage_ad.runs import write_atomic, write_text_atomic  # noqa: E402
+from twostage_ad.runs import write_atomic, write_text_atomic
 
 __all__ = ["plot_loss_distribution", "plot_training_curves", "plot_overlays", "write_html_report"]
 
@@ -32,10 +26,15 @@ LABEL_NAMES = {0: "normal", 1: "anomalous"}
 PALETTE = {"normal": "#4C72B0", "anomalous": "#DD5246"}
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
+    """Figures are built without pyplot (no global backend switch, nothing left open)."""
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
-    plt.close(fig)
     return path
+
+
+def _subplots(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (7, 4)) -> tuple[Figure, Any]:
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
 def plot_loss_distribution(
@@ -44,7 +43,8 @@ def plot_loss_distribution(
     """Histogram + KDE of ``score_column`` on the test rows, normal vs anomalous, threshold line."""
     test = table[table["split"] == "test"].copy()
     test["label"] = test["label"].map(LABEL_NAMES)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, axes = _subplots()
+    ax = axes[0, 0]
     if len(test):
         sns.histplot(
             data=test, x=score_column, hue="label", palette=PALETTE, stat="density", common_norm=False,
@@ -68,7 +68,8 @@ def plot_training_curves(history: list[dict[str, float]], path: Path, *, title: 
     frame = pd.DataFrame(history)
     columns = [c for c in frame.columns if c not in ("epoch", "seconds")]
     long = frame.melt(id_vars="epoch", value_vars=columns, var_name="loss", value_name="value")
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, axes = _subplots()
+    ax = axes[0, 0]
     sns.lineplot(data=long, x="epoch", y="value", hue="loss", marker="o", ax=ax)
     ax.set_yscale("log")
     ax.set_title(title)
@@ -88,7 +89,7 @@ def plot_overlays(
 ) -> Path:
     """Rows of (image with ground truth outlined, anomaly map overlay), one global colour scale."""
     n = len(images)
-    fig, axes = plt.subplots(n, 2, figsize=(6, 3 * max(n, 1)), squeeze=False)
+    fig, axes = _subplots(n, 2, figsize=(6, 3 * max(n, 1)))
     mappable = None
     for row in range(n):
         image = images[row]
@@ -121,8 +122,9 @@ def _fmt(value: Any) -> str:
     return html.escape(str(value))
 
 
-def write_html_report(run_dir: Path, metrics: dict[str, Any], plots: list[str], title: str) -> Path:
-    """A small self-contained page: headline metrics and the plots (relative links)."""
+def write_html_report(run_dir: Path, metrics: dict[str, Any], title: str) -> Path:
+    """A small page beside the run's files: headline metrics and every plot in ``plots/``."""
+    plots = sorted(str(p.relative_to(run_dir)) for p in (run_dir / "plots").glob("*.png"))
     rows = []
     for group in ("image_auroc", "pixel_auroc", "thresholds", "images_per_s", "seconds"):
         for key, value in (metrics.get(group) or {}).items():

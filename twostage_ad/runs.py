@@ -7,6 +7,7 @@ so a killed process never leaves a half-written file that later loads.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -27,6 +28,8 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
 ]
+
+log = logging.getLogger(__name__)
 
 RUN_FILES = {
     "config": "config.yaml",
@@ -58,17 +61,25 @@ def default_run_dir(output_root: str | Path, name: str) -> Path:
 def create_run_dir(path: str | Path, overwrite: bool = False) -> Path:
     """Create the run folder and its sub-folders; refuse a non-empty folder unless ``overwrite``.
 
-    ``overwrite`` keeps the folder and replaces files as they are rewritten; it never deletes
-    files the new run does not produce.
+    With ``overwrite`` the earlier run is renamed to ``<name>.replaced-<time>`` (nothing is
+    deleted, and no stale file of the old run can be mistaken for the new run's).
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise RunExistsError(f"run folder {str(path)!r} exists and is a file; choose another --output")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise RunExistsError(
-            f"run folder {str(path)!r} already holds results; pass --overwrite to replace them "
-            "or choose another --output"
-        )
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise RunExistsError(
+                f"run folder {str(path)!r} already holds results; pass --overwrite to replace them "
+                "or choose another --output"
+            )
+        aside = path.with_name(f"{path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = path.with_name(f"{path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        path.rename(aside)
+        log.warning("moved the earlier run in %s aside to %s", path, aside)
     for sub in ("checkpoints", "plots", "maps"):
         (path / RUN_FILES[sub]).mkdir(parents=True, exist_ok=True)
     return path

@@ -59,6 +59,11 @@ def perlin_noise(height: int, width: int, scale: int, rng: np.random.Generator) 
     return (top * (1 - wy) + bottom * wy) * np.sqrt(2)
 
 
+def _per_channel(array: np.ndarray, op: Any) -> np.ndarray:
+    """Apply a Pillow float-image operation to each channel of ``H×W×C`` float32 and restack."""
+    return np.stack([np.asarray(op(Image.fromarray(array[..., c].astype(np.float32)))) for c in range(array.shape[-1])], axis=-1)
+
+
 class _SyntheticDefect(A.DualTransform):
     """Base: subclasses return a defect image and an opacity map; blending and the mask are shared."""
 
@@ -96,6 +101,7 @@ class _SyntheticDefect(A.DualTransform):
     # -- helpers shared by subclasses ---------------------------------------------------------
     def _random_box(self, height: int, width: int, min_area: float = 0.01) -> tuple[int, int, int, int]:
         rng = self.random_generator
+        min_area = min(min_area, self.max_area / 2)
         area = rng.uniform(min_area, max(min_area, self.max_area * 0.6)) * height * width
         aspect = np.exp(rng.uniform(np.log(0.3), np.log(3.3)))
         h = int(np.clip(np.sqrt(area / aspect), 2, height - 1))
@@ -119,11 +125,7 @@ class CutPasteDefect(_SyntheticDefect):
         offset = rng.uniform(-40, 40)
         patch = np.clip(patch * gain + offset, 0, 255)
         angle = float(rng.uniform(-45, 45))
-        channels = [
-            np.asarray(Image.fromarray(patch[..., c].astype(np.float32)).rotate(angle, Image.BILINEAR))
-            for c in range(patch.shape[-1])
-        ]
-        rotated = np.stack(channels, axis=-1)
+        rotated = _per_channel(patch, lambda plane: plane.rotate(angle, Image.BILINEAR))
         shape = np.asarray(Image.fromarray(np.full((h, w), 255, np.uint8)).rotate(angle, Image.BILINEAR)) / 255.0
         defect = image.copy()
         defect[top : top + h, left : left + w] = rotated
@@ -157,11 +159,8 @@ class BlobDefect(_SyntheticDefect):
             top = int(rng.integers(0, height - crop[0] + 1))
             left = int(rng.integers(0, width - crop[1] + 1))
             patch = image[top : top + crop[0], left : left + crop[1]]
-            planes = [
-                np.asarray(Image.fromarray(patch[..., c].astype(np.float32)).resize((width, height), Image.BILINEAR))
-                for c in range(channels)
-            ]
-            return np.flip(np.stack(planes, axis=-1), axis=int(rng.integers(0, 2))).copy()
+            resized = _per_channel(patch, lambda plane: plane.resize((width, height), Image.BILINEAR))
+            return np.flip(resized, axis=int(rng.integers(0, 2))).copy()
         if choice == 2:  # procedural noise texture around a random mean
             noise = perlin_noise(height, width, int(rng.integers(4, 32)), rng)
             mean = rng.uniform(0, 255, size=channels)
@@ -213,13 +212,15 @@ def build_defect_augmentation(config: AugmentConfig, seed: int | None = None) ->
 
     Call as ``aug(image=uint8 H×W×C, mask=ones H×W, texture=optional other image)``.
     """
+    longest = min(0.3, float(np.sqrt(config.max_area / 3)))  # three holes together stay within max_area
+    hole_side = (min(0.05, longest / 2), longest)
     makers = {
         "cutout": lambda: A.OneOf(
             [
                 A.CoarseDropout(
                     num_holes_range=(1, 3),
-                    hole_height_range=(0.05, 0.3),
-                    hole_width_range=(0.05, 0.3),
+                    hole_height_range=hole_side,
+                    hole_width_range=hole_side,
                     fill=fill,
                     fill_mask=0,
                     p=1.0,

@@ -28,41 +28,58 @@ log = logging.getLogger(__name__)
 _GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
 def _to_8bit(image: Image.Image) -> Image.Image:
-    """16-bit / 32-bit / float single-channel images to 8-bit L, scaled by their nominal range."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        array = array / 257.0 if array.max() > 255 or image.mode.startswith("I;16") else array
-        return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8))
-    if image.mode == "F":
-        array = np.asarray(image, dtype=np.float64)
-        scale = 255.0 if array.max() <= 1.0 else 1.0
-        return Image.fromarray(np.clip(np.rint(array * scale), 0, 255).astype(np.uint8))
-    return image
+    """Single-channel 16-/32-bit integer and float images to 8-bit L by their *mode's* range.
+
+    Integer modes (``I;16*`` and ``I``, which Pillow uses for 16-bit PNG/TIFF) are read as
+    0–65535; float mode ``F`` as 0–1. The scale never depends on the pixel values, so two images
+    of one camera decode consistently.
+    """
+    if image.mode in _SIXTEEN_BIT_MODES:
+        array = np.asarray(image, dtype=np.float64) / 257.0
+    elif image.mode == "F":
+        array = np.asarray(image, dtype=np.float64) * 255.0
+    else:
+        return image
+    return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8))
+
+
+def _open_converted(path: str | Path, mode: str, what: str) -> Image.Image:
+    """Open and fully decode ``path`` as Pillow ``mode`` (``L`` or ``RGB``); ``DataError`` if unreadable."""
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            return _to_8bit(opened).convert(mode)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"cannot read {what} {str(path)!r}: {exc}") from exc
+
+
+def _resized_array(image: Image.Image, size: int) -> np.ndarray:
+    array = np.asarray(image.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def read_image_with_size(path: str | Path, size: int, channels: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode ``path`` to ``size × size × channels`` uint8, and return its original ``(W, H)``."""
+    image = _open_converted(path, "L" if channels == 1 else "RGB", "image")
+    return _resized_array(image, size), image.size
 
 
 def read_image(path: str | Path, size: int, channels: int) -> np.ndarray:
     """Decode ``path`` to a ``size × size × channels`` uint8 array. Raises ``DataError``."""
-    try:
-        with Image.open(path) as opened:
-            opened.load()
-            image = _to_8bit(opened)
-            image = image.convert("L" if channels == 1 else "RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"cannot read image {str(path)!r}: {exc}") from exc
-    image = image.resize((size, size), Image.BILINEAR)
-    array = np.asarray(image, dtype=np.uint8)
-    return array[:, :, None] if array.ndim == 2 else array
+    return read_image_with_size(path, size, channels)[0]
 
 
 def read_mask(path: str | Path, size: int, invert: bool = False, expect_shape: tuple[int, int] | None = None) -> np.ndarray:
-    """Decode a ground-truth mask to ``size × size`` uint8 {0, 1}, 1 = defect."""
-    try:
-        with Image.open(path) as opened:
-            opened.load()
-            mask = _to_8bit(opened).convert("L")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"cannot read mask {str(path)!r}: {exc}") from exc
+    """Decode a ground-truth mask to ``size × size`` uint8 {0, 1}, 1 = defect.
+
+    Binarised at > 127 (after ``invert``), then box-resized and kept where any defect falls in
+    the box, so a 1-px crack in a large mask survives downscaling.
+    """
+    mask = _open_converted(path, "L", "mask")
     if expect_shape is not None and mask.size != expect_shape:
         raise DataError(
             f"mask {str(path)!r} is {mask.size[0]}×{mask.size[1]} but its image is "
@@ -71,8 +88,8 @@ def read_mask(path: str | Path, size: int, invert: bool = False, expect_shape: t
     binary = np.asarray(mask, dtype=np.uint8) > 127
     if invert:
         binary = ~binary
-    resized = Image.fromarray(binary.astype(np.uint8) * 255).resize((size, size), Image.BILINEAR)
-    return (np.asarray(resized) > 127).astype(np.uint8)
+    resized = Image.fromarray(binary.astype(np.uint8) * 255).resize((size, size), Image.BOX)
+    return (np.asarray(resized) > 0).astype(np.uint8)
 
 
 def infer_channels(record: Record) -> int:
@@ -88,9 +105,7 @@ def infer_channels(record: Record) -> int:
 
 def _from_array(array: np.ndarray, size: int, channels: int) -> np.ndarray:
     image = Image.fromarray(np.ascontiguousarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array))
-    image = image.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
-    array = np.asarray(image, dtype=np.uint8)
-    return array[:, :, None] if array.ndim == 2 else array
+    return _resized_array(image.convert("L" if channels == 1 else "RGB"), size)
 
 
 @dataclass
@@ -132,9 +147,7 @@ def decode_records(
                 image = _from_array(record.array, size, channels)
                 original_size = None
             else:
-                image = read_image(record.image, size, channels)
-                with Image.open(record.image) as im:
-                    original_size = im.size
+                image, original_size = read_image_with_size(record.image, size, channels)
             if record.mask is not None:
                 if not Path(record.mask).is_file():
                     raise DataError(f"mask {str(record.mask)!r} of image {record.name!r} does not exist")

@@ -92,7 +92,8 @@ class DefectDataset(Dataset):
         is_defect = bool(self.rng.random() < self.augment_config.probability)
         if not is_defect:
             return clean, clean, torch.ones(1, *image.shape[:2]), torch.tensor(False)
-        texture = self.images[int(self.rng.integers(0, len(self.images)))]
+        other = (index + 1 + int(self.rng.integers(0, len(self.images) - 1))) % len(self.images)  # never itself
+        texture = self.images[other]
         defective, mask = apply_defect(self.augmentation, image, texture)
         return to_tensor(defective)[0], clean, torch.from_numpy(mask).float()[None], torch.tensor(True)
 
@@ -328,9 +329,7 @@ class AttentionStage:
         attention = torch.sigmoid(logits)
         if self.discriminator_ is not None:
             # one concatenated forward for real and fake (DDP-safe); real = (clean image, true mask)
-            real = torch.cat([x_clean, mask], dim=1)
-            fake = torch.cat([out.reconstruction.float(), attention], dim=1)
-            _, features = self.discriminator_(*torch.cat([real, fake]).split([x_clean.shape[1], 1], dim=1))
+            _, features = self._discriminate(x_clean, mask, out.reconstruction.float(), attention)
             real_feat, fake_feat = features.chunk(2)
             l_adv = F.mse_loss(fake_feat.mean(dim=0), real_feat.detach().mean(dim=0))
             total = total + c.w_adv * l_adv
@@ -340,16 +339,21 @@ class AttentionStage:
         g_opt.step()
         losses["total"] = total.item()
         if self.discriminator_ is not None and d_opt is not None:
-            real = torch.cat([x_clean, mask], dim=1)
-            fake = torch.cat([out.reconstruction.detach().float(), attention.detach()], dim=1)
-            logits_d, _ = self.discriminator_(*torch.cat([real, fake]).split([x_clean.shape[1], 1], dim=1))
-            target = torch.cat([torch.ones_like(logits_d[: len(real)]), torch.zeros_like(logits_d[len(real) :])])
+            logits_d, _ = self._discriminate(x_clean, mask, out.reconstruction.detach().float(), attention.detach())
+            real_logits, fake_logits = logits_d.chunk(2)
+            target = torch.cat([torch.ones_like(real_logits), torch.zeros_like(fake_logits)])
             l_d = F.binary_cross_entropy_with_logits(logits_d, target)
             d_opt.zero_grad(set_to_none=True)
             l_d.backward()
             d_opt.step()
             losses["discriminator"] = l_d.item()
         return losses
+
+    def _discriminate(
+        self, image: torch.Tensor, mask: torch.Tensor, reconstruction: torch.Tensor, attention: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One concatenated forward (DDP-safe): rows ``[:B]`` real (clean image, true mask), ``[B:]`` fake."""
+        return self.discriminator_(torch.cat([image, reconstruction]), torch.cat([mask, attention]))
 
     # -- scoring and persistence ----------------------------------------------------------------
     def score(self, images: np.ndarray, *, batch_size: int | None = None, progress: bool = True, desc: str = "stage 1 score") -> ScreeningResult:
@@ -378,9 +382,16 @@ class AttentionStage:
         payload = load_checkpoint(path)
         if payload.get("format") != "twostage_ad.stage1/1":
             raise ValueError(f"{str(path)!r} is not a twostage_ad stage-1 checkpoint (format {payload.get('format')!r})")
+        try:
+            config = Stage1Config(**payload["config"])
+            augment = AugmentConfig(**payload["augment"])
+            config.validate()
+            augment.validate()
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"checkpoint {str(path)!r} holds a config this version cannot use: {exc}") from exc
         stage = cls(
-            config=Stage1Config(**payload["config"]),
-            augment=AugmentConfig(**payload["augment"]),
+            config=config,
+            augment=augment,
             image_size=payload["image_size"],
             channels=payload["channels"],
             device=device,
