@@ -134,6 +134,7 @@ class Stage1Config:
     epochs: int = 10
     batch_size: int = 16
     lr: float = 5e-4
+    lr_schedule: str = "constant"  # constant | cosine (decay to 0 over the epochs; measured no gain on MTD)
     weight_decay: float = 0.0
     w_con: float = 1.0
     w_enc: float = 1.0
@@ -161,6 +162,7 @@ class Stage1Config:
         )
         _check(self.attention_max_tokens >= 0, f"{prefix}.attention_max_tokens", ">= 0", self.attention_max_tokens)
         _check(self.lr > 0, f"{prefix}.lr", "> 0", self.lr)
+        _check(self.lr_schedule in ("cosine", "constant"), f"{prefix}.lr_schedule", "cosine or constant", self.lr_schedule)
         _check(self.weight_decay >= 0, f"{prefix}.weight_decay", ">= 0", self.weight_decay)
         for name in ("w_con", "w_enc", "w_att", "w_adv", "w_rep", "screen_con", "screen_enc", "screen_att"):
             value = getattr(self, name)

@@ -53,7 +53,7 @@ def plot_loss_distribution(
         if test[score_column].nunique() > 1 and all(len(g) > 1 for _, g in test.groupby("label")):
             sns.kdeplot(
                 data=test, x=score_column, hue="label", palette=PALETTE, common_norm=False,
-                log_scale=log_scale, ax=ax, legend=False, warn_singular=False,
+                log_scale=log_scale, ax=ax, legend=False, warn_singular=False, cut=0,
             )
     if threshold is not None:
         ax.axvline(threshold, color="black", linestyle="--", linewidth=1.2)

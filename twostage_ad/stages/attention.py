@@ -277,6 +277,11 @@ class AttentionStage:
             if self.discriminator_ is not None
             else None
         )
+        schedulers = [
+            torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=c.epochs)
+            for opt in (g_opt, d_opt)
+            if opt is not None and c.lr_schedule == "cosine"
+        ]
         use_amp = c.amp and self.device_.type == "cuda"
         self.history_: list[dict[str, float]] = []
         start = time.perf_counter()
@@ -290,6 +295,8 @@ class AttentionStage:
                 for name, value in losses.items():
                     sums[name] = sums.get(name, 0.0) + value
                 steps += 1
+            for scheduler in schedulers:
+                scheduler.step()
             record = {"epoch": epoch, "seconds": time.perf_counter() - start, **{k: v / steps for k, v in sums.items()}}
             if not math.isfinite(record["total"]):
                 raise FloatingPointError(
