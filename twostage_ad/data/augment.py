@@ -166,7 +166,7 @@ class BlobDefect(_SyntheticDefect):
             mean = rng.uniform(0, 255, size=channels)
             contrast = rng.uniform(10, 80)
             return np.clip(mean[None, None, :] + contrast * noise[..., None], 0, 255).astype(np.float32)
-        shade = image.mean(axis=(0, 1)) + rng.choice([-1.0, 1.0]) * rng.uniform(10, 120)  # flat stain, faint to strong
+        shade = image.mean(axis=(0, 1)) + rng.choice([-1.0, 1.0]) * rng.uniform(30, 120)  # flat stain
         return np.broadcast_to(np.clip(shade, 0, 255), image.shape).astype(np.float32).copy()
 
     def make_defect(self, image: np.ndarray, texture: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -201,9 +201,9 @@ class CrackDefect(_SyntheticDefect):
             draw.line(points, fill=255, width=thickness)
         opacity = np.asarray(canvas, dtype=np.float32) / 255.0 * rng.uniform(0.6, 1.0)
         if rng.random() < 0.75:
-            defect = image * rng.uniform(0.0, 0.85)  # dark crack, from black to faint
+            defect = image * rng.uniform(0.0, 0.5)  # dark crack
         else:
-            defect = np.clip(image + rng.uniform(20, 160), 0, 255)  # bright scratch, faint to strong
+            defect = np.clip(image + rng.uniform(60, 160), 0, 255)  # bright scratch
         return defect.astype(np.float32), opacity
 
 
