@@ -119,7 +119,7 @@ class Stage1Config:
 
     Training loss: ``w_con·L1(x̂, x) + w_enc·L2(z, ẑ) + w_att·[BCE(A(x), 1) + BCE(A(x_aug), M)]
     + w_adv·feature-matching + w_rep·L1(x̂_aug, x)``, all mean-reduced. ``w_adv = 0`` skips the
-    discriminator entirely (faster). Default: attention term only (see the comment on the weights).
+    discriminator entirely (faster).
 
     Screening loss per image (eval mode, no augmentation): ``screen_con·L1(x̂, x) +
     screen_enc·L2(z, ẑ) + screen_att·topk_mean(−log A)``, where the attention term averages the
@@ -136,17 +136,14 @@ class Stage1Config:
     lr: float = 5e-4
     lr_schedule: str = "constant"  # constant | cosine (decay to 0 over the epochs; measured no gain on MTD)
     weight_decay: float = 0.0
-    # Measured on MTD (benchmarks/README.md, entries 4, 7, 8): the reconstruction, latent and
-    # adversarial objectives share the decoder with the attention head and cost it 0.05-0.07
-    # image AUROC, so by default only the attention head is trained. Raise these to train x̂ / ẑ.
-    w_con: float = 0.0
-    w_enc: float = 0.0
+    w_con: float = 1.0
+    w_enc: float = 1.0
     w_att: float = 1.0
-    w_adv: float = 0.0
-    w_rep: float = 0.0
+    w_adv: float = 0.1
+    w_rep: float = 1.0
     att_balanced: bool = True  # defect and normal pixels weigh half each in BCE(A(x_aug), M)
-    screen_con: float = 0.0  # reconstruction terms only mean something when w_con / w_rep > 0
-    screen_enc: float = 0.0
+    screen_con: float = 1.0
+    screen_enc: float = 1.0
     screen_att: float = 1.0
     screen_topk: float = 0.01
     score_batch_size: int = 64
