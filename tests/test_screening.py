@@ -123,3 +123,18 @@ def test_balanced_bce_weighs_defect_and_normal_pixels_equally():
     assert balanced == pytest.approx(0.5 * (per_pixel_defect + per_pixel_normal), rel=1e-5)
     clean = _attention_bce(logits, torch.ones_like(mask), balanced=True).item()
     assert clean == pytest.approx(per_pixel_normal, rel=1e-5)
+
+
+@pytest.mark.parametrize("w_adv", [0.0, 0.5])
+def test_adversarial_branch_is_built_and_trained_only_when_weighted(tmp_path, w_adv):
+    rng = np.random.default_rng(0)
+    images = np.stack([textured(rng, size=32)[..., None] for _ in range(8)])
+    config = Stage1Config(epochs=2, base_width=4, max_width=8, batch_size=4, w_adv=w_adv, w_con=0.1)
+    stage = AttentionStage(config=config, image_size=32, channels=1, device="cpu", seed=0)
+    stage.fit(images, checkpoint_path=tmp_path / "s1.pt", progress=False)
+    history = stage.history_[-1]
+    assert ("adversarial" in history) == (w_adv > 0) and ("discriminator" in history) == (w_adv > 0)
+    assert all(np.isfinite(v) for v in history.values())
+    loaded = AttentionStage.load(tmp_path / "s1.pt", device="cpu")
+    assert (loaded.discriminator_ is None) == (w_adv == 0)
+    assert [h["epoch"] for h in loaded.history_] == [1, 2]
