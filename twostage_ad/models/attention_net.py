@@ -25,7 +25,7 @@ from torch import nn
 
 from twostage_ad.models.blocks import CBAM, DownBlock, SelfAttention2d, UpBlock
 
-__all__ = ["AttentionOutput", "Encoder", "AttentionDecoder", "AttentionNet", "ImageMapDiscriminator", "widths_for"]
+__all__ = ["AttentionOutput", "Encoder", "AttentionDecoder", "BottleneckDecoder", "AttentionNet", "ImageMapDiscriminator", "widths_for"]
 
 
 def widths_for(image_size: int, bottleneck_size: int, base_width: int, max_width: int) -> list[int]:
@@ -110,6 +110,28 @@ class AttentionDecoder(nn.Module):
         return self.fuse(torch.cat([h, x], dim=1))
 
 
+class BottleneckDecoder(nn.Module):
+    """Plain up blocks from the latent map to full resolution, no skips (GANomaly-style x̂ path).
+
+    Without skips, x̂ must pass through ``z``, so its error measures how well the image fits the
+    learned normal appearance (semantic anomalies), and it leaves the skip decoder to the
+    attention head.
+    """
+
+    def __init__(self, widths: list[int]):
+        super().__init__()
+        blocks, previous = [], widths[-1]
+        for width in reversed(widths[:-1]):
+            blocks.append(UpBlock(previous, width))
+            previous = width
+        blocks.append(UpBlock(previous, widths[0]))
+        self.blocks = nn.Sequential(*blocks)
+        self.out_channels = widths[0]
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.blocks(z)
+
+
 class AttentionNet(nn.Module):
     """Stage-1 generator: ``x -> (x̂, attention logits, z, ẑ)``.
 
@@ -119,6 +141,8 @@ class AttentionNet(nn.Module):
         base_width / max_width: encoder widths double from ``base_width`` up to ``max_width``.
         bottleneck_size: spatial side of the latent map ``z``.
         attention_max_tokens: self-attention at decoder levels with ``H·W <=`` this.
+        separate_reconstruction: decode x̂ from ``z`` alone with its own decoder instead of
+            sharing the skip decoder with the attention head.
     """
 
     def __init__(
@@ -130,6 +154,7 @@ class AttentionNet(nn.Module):
         max_width: int = 256,
         bottleneck_size: int = 4,
         attention_max_tokens: int = 1024,
+        separate_reconstruction: bool = False,
     ):
         super().__init__()
         if in_channels not in (1, 3):
@@ -143,6 +168,7 @@ class AttentionNet(nn.Module):
         self.encoder = Encoder(in_channels, widths)
         self.decoder = AttentionDecoder(in_channels, widths, image_size, attention_max_tokens)
         head = self.decoder.out_channels
+        self.reconstruction_decoder = BottleneckDecoder(widths) if separate_reconstruction else None
         self.reconstruction_head = nn.Sequential(nn.Conv2d(head, in_channels, kernel_size=3, padding=1), nn.Tanh())
         self.attention_head = nn.Conv2d(head, 1, kernel_size=3, padding=1)
         self.latent_encoder = Encoder(in_channels, widths)
@@ -154,7 +180,8 @@ class AttentionNet(nn.Module):
             )
         features = self.encoder(x)
         h = self.decoder(x, features)
-        reconstruction = self.reconstruction_head(h)
+        h_rec = h if self.reconstruction_decoder is None else self.reconstruction_decoder(features[-1])
+        reconstruction = self.reconstruction_head(h_rec)
         return AttentionOutput(
             reconstruction=reconstruction,
             attention_logits=self.attention_head(h),

@@ -240,6 +240,7 @@ class AttentionStage:
             max_width=c.max_width,
             bottleneck_size=c.bottleneck_size,
             attention_max_tokens=c.attention_max_tokens,
+            separate_reconstruction=c.separate_reconstruction,
         ).to(self.device_)
         self.discriminator_ = (
             ImageMapDiscriminator(self.channels, self.image_size, base_width=c.base_width, max_width=c.max_width).to(self.device_)
