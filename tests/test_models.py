@@ -83,3 +83,18 @@ def test_cbam_and_self_attention_keep_shape_and_start_as_identity():
     assert torch.equal(attention(x), x)  # γ = 0 at initialisation
     with pytest.raises(ValueError, match="channels \\(4\\) must be >= key_ratio \\(8\\)"):
         SelfAttention2d(4)
+
+
+def test_separate_reconstruction_decoder_gets_gradients_and_skips_the_skips():
+    torch.manual_seed(0)
+    net = AttentionNet(1, 32, base_width=8, max_width=32, separate_reconstruction=True)
+    _open_gates(net)
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    out = net(x)
+    assert out.reconstruction.shape == x.shape
+    (out.reconstruction.mean() + out.attention_logits.mean() + out.latent_reconstructed.mean()).backward()
+    _assert_all_parameters_get_gradients(net)
+    # x̂ is computed from the bottleneck z alone (no skip reaches it)
+    with torch.no_grad():
+        features = net.encoder(x)
+        assert torch.equal(net.reconstruction_head(net.reconstruction_decoder(features[-1])), out.reconstruction.detach())
