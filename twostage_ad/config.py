@@ -131,7 +131,7 @@ class Stage1Config:
     max_width: int = 128
     bottleneck_size: int = 4  # spatial size of the latent map z
     attention_max_tokens: int = 1024  # self-attention only where H·W <= this
-    separate_reconstruction: bool = False  # x̂ from z by its own skip-free decoder
+    separate_reconstruction: bool = True  # x̂ from z by its own skip-free decoder (digits 0.996 vs 0.932 shared)
     epochs: int = 10
     batch_size: int = 16
     lr: float = 5e-4
