@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from twostage_ad.config import load_config
+from twostage_ad.runs import write_atomic, write_text_atomic
 from twostage_ad.workflow import run_pipeline
 
 HERE = Path(__file__).resolve().parent
@@ -78,10 +79,10 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     csv_path = RESULTS / "stage1.csv"
     table = pd.concat([pd.read_csv(csv_path, keep_default_na=False), pd.DataFrame([row])]) if csv_path.exists() else pd.DataFrame([row])
-    table.to_csv(csv_path, index=False, float_format="%.4f")
-    (RESULTS / "stage1.md").write_text(
-        "# Stage-1 benchmark runs (written by benchmarks/stage1.py; do not edit)\n\n"
-        + _markdown(table)
+    write_atomic(csv_path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.4f"))
+    write_text_atomic(
+        RESULTS / "stage1.md",
+        "# Stage-1 benchmark runs (written by benchmarks/stage1.py; do not edit)\n\n" + _markdown(table),
     )
     print(pd.DataFrame([row]).T.to_string(header=False))
     print(f"run folder: {output}")

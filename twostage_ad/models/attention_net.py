@@ -150,8 +150,8 @@ class AttentionNet(nn.Module):
         in_channels: int = 1,
         image_size: int = 32,
         *,
-        base_width: int = 32,
-        max_width: int = 256,
+        base_width: int = 16,
+        max_width: int = 128,
         bottleneck_size: int = 4,
         attention_max_tokens: int = 1024,
         separate_reconstruction: bool = False,
@@ -196,7 +196,7 @@ class ImageMapDiscriminator(nn.Module):
     Features (the last hidden layer) serve the generator's feature-matching loss.
     """
 
-    def __init__(self, in_channels: int = 1, image_size: int = 32, *, base_width: int = 32, max_width: int = 256, depth: int = 4):
+    def __init__(self, in_channels: int = 1, image_size: int = 32, *, base_width: int = 16, max_width: int = 128, depth: int = 4):
         super().__init__()
         _check_size(image_size)
         depth = min(depth, int(math.log2(image_size)) - 2)

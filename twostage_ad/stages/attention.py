@@ -257,7 +257,6 @@ class AttentionStage:
         if len(images) < 2:
             raise ValueError(f"stage 1 needs at least 2 normal training images, got {len(images)}")
         torch.manual_seed(self.seed)
-        np.random.seed(self.seed % 2**32)
         self._build()
         c = self.config
         generator = torch.Generator().manual_seed(self.seed)
