@@ -5,6 +5,7 @@ import torch
 
 from twostage_ad.models.attention_net import AttentionNet, ImageMapDiscriminator
 from twostage_ad.models.blocks import CBAM, SelfAttention2d
+from twostage_ad.models.ganomaly2d import GANomaly2D, PatchDiscriminator, patch_widths
 
 
 def _open_gates(module: torch.nn.Module) -> None:
@@ -98,3 +99,52 @@ def test_separate_reconstruction_decoder_gets_gradients_and_skips_the_skips():
     with torch.no_grad():
         features = net.encoder(x)
         assert torch.equal(net.reconstruction_head(net.reconstruction_decoder(features[-1])), out.reconstruction.detach())
+
+
+# --------------------------------------------------------------------------------------------
+# stage 2: GANomaly2D
+
+
+@pytest.mark.parametrize("channels, height, width", [(1, 32, 32), (3, 64, 48)])
+def test_ganomaly2d_shapes_finiteness_and_gradients(channels, height, width):
+    torch.manual_seed(0)
+    net = GANomaly2D(channels, width_divisor=16)
+    x = torch.rand(2, channels, height, width) * 2 - 1
+    out = net(x)
+    assert out.reconstruction.shape == x.shape and out.reconstruction.abs().max() <= 1.0
+    assert out.latent.shape == out.latent_reconstructed.shape == (2, 64, height // 16, width // 16)
+    assert out.score_map.shape == (2, 1, height // 16, width // 16) and (out.score_map >= 0).all()
+    for tensor in (out.reconstruction, out.latent, out.latent_reconstructed):
+        assert torch.isfinite(tensor).all()
+    (out.reconstruction.mean() + out.score_map.mean()).backward()
+    _assert_all_parameters_get_gradients(net)
+
+
+def test_ganomaly2d_widths_follow_the_divisor():
+    assert patch_widths(1) == [64, 128, 256, 512, 1024]  # GANomaly2D's widths
+    assert patch_widths(4) == [16, 32, 64, 128, 256]
+    net = GANomaly2D(1, width_divisor=8)
+    assert net.encoder.layers[1].out_channels == 8 and net(torch.zeros(1, 1, 32, 32)).latent.shape[1] == 128
+
+
+@pytest.mark.parametrize("divisor", [0, 3, 128])
+def test_ganomaly2d_bad_divisor_is_refused_with_the_value(divisor):
+    with pytest.raises(ValueError, match=f"divisor of 64.*got {divisor}"):
+        GANomaly2D(1, width_divisor=divisor)
+
+
+def test_ganomaly2d_refuses_sizes_that_are_not_multiples_of_16():
+    with pytest.raises(ValueError, match=r"multiples of 16, got \(1, 1, 40, 32\)"):
+        GANomaly2D(1, width_divisor=16)(torch.zeros(1, 1, 40, 32))
+
+
+def test_patch_discriminator_is_a_70px_patchgan_with_logits():
+    torch.manual_seed(0)
+    disc = PatchDiscriminator(3, width_divisor=8)
+    logits = disc(torch.randn(2, 3, 128, 96))
+    assert logits.shape == (2, 1, 14, 10)  # (H/8 − 2) × (W/8 − 2) patches
+    assert (logits < 0).any() and (logits > 0).any()  # raw logits, no sigmoid
+    logits.mean().backward()
+    _assert_all_parameters_get_gradients(disc)
+    with pytest.raises(ValueError, match="at least 32×32"):
+        disc(torch.zeros(1, 3, 16, 16))
