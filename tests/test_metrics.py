@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from twostage_ad.metrics import image_auroc, pixel_auroc, recall_at_threshold
+from twostage_ad.metrics import image_auroc, pixel_auroc, pro_score, recall_at_threshold
 
 
 def test_image_auroc_hand_computed():
@@ -27,3 +27,47 @@ def test_pixel_auroc_skips_anomalies_with_empty_masks_and_unmasked_images():
 
 def test_recall_at_threshold_is_strictly_greater():
     assert recall_at_threshold(np.array([1, 1, 0]), np.array([0.5, 0.7, 0.9]), 0.5).value == 0.5
+
+
+def _pro_case():
+    """Two 1×4 images. A: region R1 = pixels 0-1; B: region R2 = pixel 3; 5 defect-free pixels."""
+    masks = np.array([[[1, 1, 0, 0]], [[0, 0, 0, 1]]], np.uint8)
+    maps = np.array([[[0.9, 0.4, 0.5, 0.1]], [[0.2, 0.3, 0.6, 0.8]]])
+    return np.array([1, 1]), masks, np.array([True, True]), maps
+
+
+def test_pro_hand_computed():
+    # descending thresholds give (FPR, PRO): (0, .25) R1 half, (0, .75) R2 whole, (.2, .75),
+    # (.4, .75), (.4, 1.0) R1 whole, (.6, 1.0) ... Each region weighs 1/2 whatever its size.
+    # up to FPR .3: PRO is .75 over [0, .3] -> area .225, normalised .75
+    assert pro_score(*_pro_case(), max_fpr=0.3).value == pytest.approx(0.75)
+    # up to FPR .5: .75 over [0, .4] + 1.0 over [.4, .5] = .4, normalised .8
+    assert pro_score(*_pro_case(), max_fpr=0.5).value == pytest.approx(0.8)
+
+
+def test_pro_perfect_map_is_one_and_regions_count_equally():
+    labels, masks, has_mask, _ = _pro_case()
+    assert pro_score(labels, masks, has_mask, masks.astype(float)).value == pytest.approx(1.0)
+    # a map that finds only the 1-pixel region R2 (R1 below every defect-free pixel) scores 0.5,
+    # however large R1 is
+    only_r2 = np.where(masks > 0, 0.0, 0.5)
+    only_r2[1, 0, 3] = 1.0
+    assert pro_score(labels, masks, has_mask, only_r2).value == pytest.approx(0.5)
+
+
+def test_pro_joins_diagonal_pixels_into_one_region():
+    masks = np.zeros((1, 4, 4), np.uint8)
+    masks[0, [0, 1], [0, 1]] = 1  # a diagonal pair: one region with 8-connectivity, two with 4
+    masks[0, [1, 2], [3, 3]] = 1  # a vertical pair: one region either way
+    maps = np.where(masks > 0, 0.1, 0.5)
+    maps[0, 0, 0] = 0.9  # the only pixel found before the first false positive
+    # 8-connectivity: half of one of two regions = 0.25 (4-connectivity would give 1/3)
+    assert pro_score(np.array([1]), masks, np.array([True]), maps, max_fpr=0.3).value == pytest.approx(0.25)
+
+
+def test_pro_without_masks_is_none_with_a_reason():
+    labels, masks, _, maps = _pro_case()
+    result = pro_score(labels, masks, np.array([False, False]), maps)
+    assert result.value is None and "mask" in result.reason
+    with pytest.raises(ValueError, match="max_fpr must be in"):
+        pro_score(*_pro_case(), max_fpr=0.0)

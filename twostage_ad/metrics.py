@@ -1,15 +1,16 @@
-"""Image and pixel AUROC on scikit-learn; undefined cases give ``None`` and a reason, never NaN.
+"""Image and pixel AUROC on scikit-learn, and PRO; undefined cases give ``None`` and a reason, never NaN.
 
-Pixel AUROC uses every pixel of every test image with a ground-truth mask; anomalous images whose
-mask is empty (a labelling gap, e.g. 4 MTD "Uneven" images) are left out of pixel metrics.
+Pixel AUROC and PRO use every pixel of every test image with a ground-truth mask; anomalous images
+whose mask is empty (a labelling gap, e.g. 4 MTD "Uneven" images) are left out of pixel metrics.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-__all__ = ["MetricResult", "image_auroc", "pixel_auroc", "recall_at_threshold"]
+__all__ = ["MetricResult", "image_auroc", "pixel_auroc", "pro_score", "recall_at_threshold"]
 
 
 class MetricResult(tuple):
@@ -39,6 +40,12 @@ def image_auroc(labels: np.ndarray, scores: np.ndarray) -> MetricResult:
     return MetricResult(float(roc_auc_score(labels, scores)))
 
 
+def _usable_for_pixels(labels: np.ndarray, masks: np.ndarray, has_mask: np.ndarray) -> np.ndarray:
+    """Images with a mask, minus anomalies whose mask is empty."""
+    labels = np.asarray(labels)
+    return np.asarray(has_mask, dtype=bool) & ~((labels == 1) & (masks.reshape(len(masks), -1).sum(axis=1) == 0))
+
+
 def pixel_auroc(
     labels: np.ndarray, masks: np.ndarray, has_mask: np.ndarray, maps: np.ndarray, max_pixels: int = 20_000_000
 ) -> MetricResult:
@@ -47,7 +54,7 @@ def pixel_auroc(
     Above ``max_pixels`` the pixels are subsampled with a fixed stride (stated in the reason).
     """
     labels = np.asarray(labels)
-    usable = np.asarray(has_mask, dtype=bool) & ~((labels == 1) & (masks.reshape(len(masks), -1).sum(axis=1) == 0))
+    usable = _usable_for_pixels(labels, masks, has_mask)
     if not np.any(usable & (labels == 1)):
         return MetricResult(None, "no test anomaly has a ground-truth mask")
     truth = masks[usable].reshape(-1).astype(np.uint8)
@@ -60,6 +67,57 @@ def pixel_auroc(
     if truth.min() == truth.max():
         return MetricResult(None, "masks have only one class of pixels")
     return MetricResult(float(roc_auc_score(truth, pred)), note)
+
+
+def pro_score(
+    labels: np.ndarray, masks: np.ndarray, has_mask: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3
+) -> MetricResult:
+    """Normalised area under the per-region-overlap curve up to ``max_fpr`` (MVTec AD's PRO).
+
+    Bergmann et al., "The MVTec Anomaly Detection Dataset", IJCV 2021: every connected ground-truth
+    region (8-connectivity) counts equally, whatever its size. For each threshold t on the map,
+    PRO(t) is the mean over regions of the share of the region's pixels with map ≥ t, and FPR(t)
+    the share of defect-free pixels (of all usable images) with map ≥ t. The curve is integrated
+    over FPR in [0, ``max_fpr``] (trapezoids, interpolated at ``max_fpr``) and divided by
+    ``max_fpr``, so a perfect map scores 1 and a random one about ``max_fpr / 2``. Every distinct
+    map value is a threshold (exact, no binning).
+    """
+    if not 0.0 < max_fpr <= 1.0:
+        raise ValueError(f"max_fpr must be in (0, 1], got {max_fpr!r}")
+    labels = np.asarray(labels)
+    usable = _usable_for_pixels(labels, masks, has_mask)
+    if not np.any(usable & (labels == 1)):
+        return MetricResult(None, "no test anomaly has a ground-truth mask")
+    masks = np.asarray(masks)[usable] > 0
+    scores = np.asarray(maps, dtype=np.float64)[usable].reshape(-1)
+    weight = np.zeros(masks.shape, dtype=np.float64)  # 1 / (|region| · n_regions) on region pixels
+    regions = []
+    for i, mask in enumerate(masks):
+        labelled, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=int))
+        for region in range(1, n + 1):
+            regions.append((i, labelled == region))
+    if not regions:
+        return MetricResult(None, "masks have no defect region")
+    for i, region in regions:
+        weight[i][region] = 1.0 / (region.sum() * len(regions))
+    weight = weight.reshape(-1)
+    normal = (~masks).reshape(-1).astype(np.float64)
+    if normal.sum() == 0:
+        return MetricResult(None, "no defect-free pixels to measure false positives on")
+    order = np.argsort(-scores, kind="stable")
+    sorted_scores = scores[order]
+    fpr = np.cumsum(normal[order]) / normal.sum()
+    pro = np.cumsum(weight[order])
+    last_of_tie = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]  # thresholds between distinct values
+    fpr = np.r_[0.0, fpr[last_of_tie]]
+    pro = np.r_[0.0, pro[last_of_tie]]
+    inside = fpr <= max_fpr
+    x, y = fpr[inside], pro[inside]
+    if x[-1] < max_fpr and len(x) < len(fpr):
+        nxt = len(x)
+        y_end = np.interp(max_fpr, fpr[nxt - 1 : nxt + 1], pro[nxt - 1 : nxt + 1])
+        x, y = np.r_[x, max_fpr], np.r_[y, y_end]
+    return MetricResult(float(np.trapezoid(y, x) / max_fpr))
 
 
 def recall_at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float) -> MetricResult:
