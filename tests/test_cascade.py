@@ -1,0 +1,73 @@
+"""The cascade rule and score (DESIGN §2): flagged above unflagged, each ordered by its own stage."""
+
+import numpy as np
+import pytest
+
+from twostage_ad.calibration import Threshold
+from twostage_ad.cascade import Cascade, fit_cascade, fused_anomaly_map, second_stage_score
+from twostage_ad.config import CalibrationConfig
+
+
+def _cascade(tau1: float = 1.0, tau2: float = 5.0, fusion: str = "stage2") -> Cascade:
+    return Cascade(
+        stage1=Threshold("quantile", {"q": 0.9}, tau1), stage2=Threshold("quantile", {"q": 0.9}, tau2), fusion=fusion,
+        stage1_mean=0.5, stage1_std=0.25, stage2_mean=2.0, stage2_std=2.0, second_std=2.0,
+    )
+
+
+def test_every_flagged_image_ranks_above_every_unflagged_one():
+    s1 = np.array([0.2, 0.9, 1.1, 5.0, 1.5, 0.95])
+    s2 = np.array([99.0, 50.0, 0.1, 1.0, 7.0, -3.0])  # huge stage-2 scores on unflagged images must not matter
+    out = _cascade().apply(s1, s2)
+    np.testing.assert_array_equal(out.flagged, [False, False, True, True, True, False])
+    assert out.cascade_score[out.flagged].min() > 1.0
+    assert out.cascade_score[~out.flagged].max() <= 0.5
+    # unflagged ordered by stage 1, flagged by stage 2
+    assert list(np.argsort(out.cascade_score)) == [0, 1, 5, 2, 3, 4]
+    # decision: flagged and r2 > τ₂, i.e. cascade score > 1.5; stage 2 is not consulted otherwise
+    np.testing.assert_array_equal(out.decision, [0, 0, 0, 0, 1, 0])
+    np.testing.assert_array_equal(out.decision, (out.cascade_score > 1.5).astype(int))
+    assert np.isnan(out.second_score[~out.flagged]).all()
+
+
+def test_unflagged_images_need_no_stage2_score_but_flagged_ones_do():
+    out = _cascade().apply(np.array([0.1, 2.0]), np.array([np.nan, 6.0]))
+    assert out.decision.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="1 flagged image"):
+        _cascade().apply(np.array([0.1, 2.0]), np.array([1.0, np.nan]))
+
+
+def test_cascade_score_keeps_order_for_extreme_scores():
+    s1 = np.full(3, 2.0)
+    out = _cascade().apply(s1, np.array([1e6, 2e6, 4e6]))  # a logistic would round all three to 2.0
+    assert out.cascade_score[0] < out.cascade_score[1] < out.cascade_score[2] < 2.0
+
+
+def test_sum_fusion_standardises_both_stages_with_validation_normals():
+    # (2 − 0.5)/0.25 + (6 − 2)/2 = 6 + 2 = 8
+    assert second_stage_score("sum", np.array([2.0]), np.array([6.0]), 0.5, 0.25, 2.0, 2.0)[0] == pytest.approx(8.0)
+    assert second_stage_score("stage2", np.array([2.0]), np.array([6.0]))[0] == 6.0
+    with pytest.raises(ValueError, match="fusion must be one of"):
+        second_stage_score("product", np.array([1.0]), np.array([1.0]))
+
+
+def test_fit_cascade_calibrates_both_thresholds_on_validation_normals():
+    rng = np.random.default_rng(0)
+    s1, s2 = rng.normal(1.0, 0.1, 200), rng.normal(3.0, 1.0, 200)
+    cascade = fit_cascade(s1, s2, np.zeros(200, int), CalibrationConfig(q=0.8), calibration2=CalibrationConfig(q=0.95))
+    assert cascade.stage1.value == pytest.approx(np.quantile(s1, 0.8))
+    assert cascade.stage2.value == pytest.approx(np.quantile(s2, 0.95))
+    assert cascade.stage2_std == pytest.approx(np.std(s2))
+    fused = fit_cascade(s1, s2, np.zeros(200, int), CalibrationConfig(q=0.8), fusion="sum")
+    r2 = (s1 - s1.mean()) / s1.std() + (s2 - s2.mean()) / s2.std()
+    assert fused.stage2.value == pytest.approx(np.quantile(r2, 0.8))
+    with pytest.raises(ValueError, match="finite stage-2 score"):
+        fit_cascade(s1, np.r_[s2[:-1], np.nan], np.zeros(200, int), CalibrationConfig())
+
+
+def test_fused_map_is_high_only_where_both_stages_are():
+    stage1 = np.array([[[0.9, 0.9, 0.0]]])
+    stage2 = np.array([[[3.0, -1.0, 3.0]]])  # standardised; raw = 2·z + 2 with mean 2, std 2
+    fused = fused_anomaly_map(stage1, stage2, map_mean=2.0, map_std=2.0)
+    # sqrt(0.9 · 8/2), sqrt(0.9 · 0/2), sqrt(0 · 8/2)
+    np.testing.assert_allclose(fused, [[[np.sqrt(3.6), 0.0, 0.0]]], rtol=1e-6)

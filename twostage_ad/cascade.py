@@ -1,0 +1,159 @@
+"""The two-stage decision and the one continuous cascade score (DESIGN §2, cascade).
+
+Rule: an image is *flagged* when its stage-1 screening loss ``s1 > τ₁``. Unflagged images are
+decided normal and never reach stage 2. A flagged image is anomalous when its second-stage score
+``r2 > τ₂``, where ``r2`` is the stage-2 image score (``fusion="stage2"``) or
+``(s1 − μ₁)/σ₁ + (s2 − μ₂)/σ₂`` with validation normals' means and stds (``fusion="sum"``).
+
+Cascade score (higher = more anomalous), one number per image that ranks every flagged image
+above every unflagged one:
+
+- unflagged: ``0.5 + arctan((s1 − τ₁)/σ₁)/π`` ∈ (0, 0.5] — ordered by stage 1;
+- flagged:   ``1.5 + arctan((r2 − τ₂)/σ_r)/π`` ∈ (1, 2) — ordered by the second stage;
+
+so ``decision = cascade_score > 1.5``. ``arctan`` is monotone and, unlike a logistic, does not
+round to its limit within float64 for any realistic score, so the order survives. All
+statistics come from validation rows; :func:`fit_cascade` never sees test labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from twostage_ad.calibration import Threshold, calibrate
+from twostage_ad.config import FUSION_MODES, CalibrationConfig
+
+__all__ = ["Cascade", "CascadeOutput", "fit_cascade", "second_stage_score", "fused_anomaly_map"]
+
+
+def _std(values: np.ndarray) -> float:
+    """Standard deviation used as a scale; 1.0 when it is 0 or undefined (a constant score)."""
+    std = float(np.std(values)) if len(values) > 1 else 0.0
+    return std if std > 0 and np.isfinite(std) else 1.0
+
+
+@dataclass
+class CascadeOutput:
+    """Per-image results of :meth:`Cascade.apply` (arrays of length N)."""
+
+    flagged: np.ndarray  # bool: s1 > τ₁
+    second_score: np.ndarray  # r2 (NaN where stage 2 was not run)
+    cascade_score: np.ndarray  # see the module docstring
+    decision: np.ndarray  # int 0/1
+
+
+@dataclass
+class Cascade:
+    """Fitted cascade: both thresholds and the validation statistics the scores use."""
+
+    stage1: Threshold
+    stage2: Threshold
+    fusion: str
+    stage1_mean: float
+    stage1_std: float
+    stage2_mean: float
+    stage2_std: float
+    second_std: float
+
+    def second_score(self, stage1_scores: np.ndarray, stage2_scores: np.ndarray) -> np.ndarray:
+        return second_stage_score(
+            self.fusion, stage1_scores, stage2_scores, self.stage1_mean, self.stage1_std, self.stage2_mean, self.stage2_std
+        )
+
+    def apply(self, stage1_scores: np.ndarray, stage2_scores: np.ndarray) -> CascadeOutput:
+        """Decide images from their stage-1 scores and stage-2 scores (NaN allowed where not flagged)."""
+        s1 = np.asarray(stage1_scores, dtype=np.float64)
+        s2 = np.asarray(stage2_scores, dtype=np.float64)
+        if s1.shape != s2.shape:
+            raise ValueError(f"stage-1 and stage-2 scores differ in shape: {s1.shape} vs {s2.shape}")
+        flagged = s1 > self.stage1.value
+        missing = flagged & ~np.isfinite(s2)
+        if missing.any():
+            raise ValueError(f"{int(missing.sum())} flagged image(s) have no finite stage-2 score")
+        r2 = np.where(flagged, self.second_score(s1, np.where(flagged, s2, 0.0)), np.nan)
+        unflagged_score = 0.5 + np.arctan((s1 - self.stage1.value) / self.stage1_std) / np.pi
+        flagged_score = 1.5 + np.arctan((np.nan_to_num(r2) - self.stage2.value) / self.second_std) / np.pi
+        cascade = np.where(flagged, flagged_score, unflagged_score)
+        decision = (flagged & (np.nan_to_num(r2, nan=-np.inf) > self.stage2.value)).astype(int)
+        return CascadeOutput(flagged=flagged, second_score=r2, cascade_score=cascade, decision=decision)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["stage1"] = self.stage1.to_dict()
+        out["stage2"] = self.stage2.to_dict()
+        return out
+
+
+def second_stage_score(
+    fusion: str,
+    stage1_scores: np.ndarray,
+    stage2_scores: np.ndarray,
+    stage1_mean: float = 0.0,
+    stage1_std: float = 1.0,
+    stage2_mean: float = 0.0,
+    stage2_std: float = 1.0,
+) -> np.ndarray:
+    """``r2``: the stage-2 score itself, or the sum of both standardised scores."""
+    if fusion not in FUSION_MODES:
+        raise ValueError(f"fusion must be one of {FUSION_MODES}, got {fusion!r}")
+    s2 = np.asarray(stage2_scores, dtype=np.float64)
+    if fusion == "stage2":
+        return s2
+    s1 = np.asarray(stage1_scores, dtype=np.float64)
+    return (s1 - stage1_mean) / stage1_std + (s2 - stage2_mean) / stage2_std
+
+
+def fit_cascade(
+    val_stage1: np.ndarray,
+    val_stage2: np.ndarray,
+    val_labels: np.ndarray,
+    calibration: CalibrationConfig,
+    *,
+    fusion: str = "stage2",
+    calibration2: CalibrationConfig | None = None,
+) -> Cascade:
+    """Pick τ₁ and τ₂ from validation rows (``calibration2`` for τ₂, default the same method).
+
+    Both thresholds are calibrated on *all* validation rows, not only the flagged ones: a
+    calibration set of normals rarely holds enough flagged images to pick a quantile from.
+    """
+    s1 = np.asarray(val_stage1, dtype=np.float64)
+    s2 = np.asarray(val_stage2, dtype=np.float64)
+    labels = np.asarray(val_labels)
+    if not np.all(np.isfinite(s2)):
+        raise ValueError("every validation image needs a finite stage-2 score to calibrate τ₂")
+    normal = labels == 0
+    if not normal.any():
+        raise ValueError("the validation split has no normal image to calibrate on")
+    stats = {
+        "stage1_mean": float(np.mean(s1[normal])),
+        "stage1_std": _std(s1[normal]),
+        "stage2_mean": float(np.mean(s2[normal])),
+        "stage2_std": _std(s2[normal]),
+    }
+    r2 = second_stage_score(fusion, s1, s2, **stats)
+    return Cascade(
+        stage1=calibrate(s1, labels, calibration),
+        stage2=calibrate(r2, labels, calibration2 or calibration),
+        fusion=fusion,
+        second_std=_std(r2[normal]),
+        **stats,
+    )
+
+
+def fused_anomaly_map(stage1_maps: np.ndarray, stage2_maps: np.ndarray, map_mean: float, map_std: float) -> np.ndarray:
+    """Pixel-wise geometric mean of stage 1's ``1 − A`` and stage 2's raw map relative to its mean.
+
+    ``stage2_maps`` are standardised (``(raw − map_mean) / map_std``); the raw map is recovered
+    and divided by the validation-normal mean, so both factors are non-negative and unitless.
+    A geometric mean is high only where *both* stages see something, and — unlike a sum — needs
+    no weight between two maps on different scales. ``N×H×W`` in, ``N×H×W`` out.
+    """
+    if stage1_maps.shape != stage2_maps.shape:
+        raise ValueError(f"stage-1 and stage-2 maps differ in shape: {stage1_maps.shape} vs {stage2_maps.shape}")
+    raw2 = np.maximum(stage2_maps.astype(np.float32) * map_std + map_mean, 0.0)
+    scale = map_mean if map_mean > 0 else 1.0
+    return np.sqrt(np.clip(stage1_maps, 0.0, None).astype(np.float32) * raw2 / scale)
