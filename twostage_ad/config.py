@@ -24,6 +24,8 @@ __all__ = [
     "DataConfig",
     "AugmentConfig",
     "Stage1Config",
+    "Stage2Config",
+    "CascadeConfig",
     "CalibrationConfig",
     "RunConfig",
     "Config",
@@ -37,6 +39,9 @@ __all__ = [
 DATA_SOURCES = ("digits", "seed", "mvtec", "manifest")
 DEFECT_KINDS = ("cutout", "cutpaste", "blob", "crack")
 CALIBRATION_METHODS = ("quantile", "meanstd", "fpr", "youden", "f1", "recall")
+SCORE_REDUCTIONS = ("max", "topk")
+GUIDANCE_MODES = ("none", "attention")
+FUSION_MODES = ("stage2", "sum")
 
 
 class ConfigError(ValueError):
@@ -172,8 +177,82 @@ class Stage1Config:
 
 
 @dataclass
+class Stage2Config:
+    """The GANomaly2D patch scorer and its training (DESIGN §2, stage 2).
+
+    Generator loss ``w_adv·BCE(D(x̂), 1) + w_con·L1(x̂, x) + w_enc·L2(z, ẑ)`` (GANomaly's
+    1 / 50 / 1), all mean-reduced; D learns ``BCE(D(x), 1) + BCE(D(x̂), 0)`` with logits.
+
+    Score map: ``mean_c (z − ẑ)²`` per latent cell (one cell = 16×16 pixels), optionally weighted
+    by stage 1's anomaly map (``guidance``), standardised with the mean and std of validation
+    normals' cells (fixed once, never per batch), bilinear-upsampled to the image. Image score:
+    ``max`` of the map or the mean of its ``score_topk`` highest share of pixels (``topk``).
+
+    ``defect_probability > 0`` trains the generator to repair synthetic defects (the ``augment``
+    section's kinds) into the clean image, a deviation from GANomaly; the latent term then applies
+    to clean rows only.
+
+    ``guidance: attention`` weighs each latent cell's difference by ``guidance_floor + (1 −
+    guidance_floor)·max(1 − A)`` over the cell, A = stage 1's attention (1 = normal): stage 2's
+    evidence counts fully where stage 1 also sees something and ``guidance_floor`` elsewhere.
+    """
+
+    width_divisor: int = 4  # r: widths 64/r ... 1024/r (GANomaly2D: r = 1)
+    epochs: int = 15
+    batch_size: int = 16
+    lr: float = 2e-4
+    w_adv: float = 1.0
+    w_con: float = 50.0
+    w_enc: float = 1.0
+    defect_probability: float = 0.0  # share of rows given a synthetic defect to repair (0 = GANomaly)
+    score_reduction: str = "max"
+    score_topk: float = 0.01
+    guidance: str = "none"
+    guidance_floor: float = 0.25
+    score_batch_size: int = 64
+    amp: bool = False  # bf16 autocast on CUDA only
+
+    def validate(self, prefix: str = "stage2") -> None:
+        _check(
+            isinstance(self.width_divisor, int) and self.width_divisor >= 1 and 64 % self.width_divisor == 0,
+            f"{prefix}.width_divisor", "a divisor of 64 (1, 2, 4, 8, 16, 32 or 64)", self.width_divisor,
+        )
+        for name in ("epochs", "batch_size", "score_batch_size"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 1, f"{prefix}.{name}", "an integer >= 1", value)
+        _check(self.lr > 0, f"{prefix}.lr", "> 0", self.lr)
+        for name in ("w_adv", "w_con", "w_enc"):
+            value = getattr(self, name)
+            _check(value >= 0, f"{prefix}.{name}", "a finite number >= 0", value)
+        _check(self.w_con + self.w_enc + self.w_adv > 0, f"{prefix}.w_con", "> 0 when w_enc and w_adv are 0", self.w_con)
+        _check(0.0 <= self.defect_probability < 1.0, f"{prefix}.defect_probability", "in [0, 1)", self.defect_probability)
+        _check(self.score_reduction in SCORE_REDUCTIONS, f"{prefix}.score_reduction", f"one of {SCORE_REDUCTIONS}", self.score_reduction)
+        _check(0.0 < self.score_topk <= 1.0, f"{prefix}.score_topk", "in (0, 1]", self.score_topk)
+        _check(self.guidance in GUIDANCE_MODES, f"{prefix}.guidance", f"one of {GUIDANCE_MODES}", self.guidance)
+        _check(0.0 <= self.guidance_floor <= 1.0, f"{prefix}.guidance_floor", "in [0, 1]", self.guidance_floor)
+
+
+@dataclass
+class CascadeConfig:
+    """How the two stages make one decision and one score (DESIGN §2, cascade).
+
+    An image is *flagged* when its stage-1 screening loss exceeds τ₁; unflagged images are normal
+    without running stage 2. A flagged image is anomalous when its second-stage score exceeds τ₂.
+    The second-stage score is the stage-2 image score (``fusion: stage2``) or the sum of both
+    stages' scores, each standardised with validation normals' mean and std (``fusion: sum``).
+    """
+
+    fusion: str = "stage2"
+
+    def validate(self, prefix: str = "cascade") -> None:
+        _check(self.fusion in FUSION_MODES, f"{prefix}.fusion", f"one of {FUSION_MODES}", self.fusion)
+
+
+@dataclass
 class CalibrationConfig:
-    """How the stage-1 threshold is picked from validation scores (never from test labels).
+    """How the thresholds τ₁ and τ₂ are picked from validation scores (never from test labels).
+
+    The same method sets both stages' thresholds in ``run``; ``calibrate --stage`` re-picks one.
 
     ``quantile`` (q), ``meanstd`` (mean + k·std), ``fpr`` (target false-positive rate on
     normals) use validation normals only; ``youden``, ``f1`` and ``recall`` (target recall) also
@@ -227,6 +306,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     run: RunConfig = field(default_factory=RunConfig)
 

@@ -1,0 +1,382 @@
+"""Stage 2: training the GANomaly2D patch scorer and scoring images with it.
+
+Training (normal images only, no augmentation), all losses mean-reduced, weights in
+:class:`~twostage_ad.config.Stage2Config` (GANomaly: 1 / 50 / 1):
+
+- generator: ``w_adv·BCE(D(x̂), 1) + w_con·L1(x̂, x) + w_enc·L2(z, ẑ)`` with logits;
+- optional repair training (``defect_probability > 0``, a deviation from GANomaly): that share
+  of each batch gets one of stage 1's synthetic defects and the generator must reconstruct the
+  *clean* image from it; the latent term is applied to clean rows only, so G_E is not pushed to
+  drop the defect from z and E (which only ever sees repaired images) cannot predict it: z − ẑ
+  grows where the defect is;
+- discriminator: ``BCE(D(x), 1) + BCE(D(x̂), 0)`` in one concatenated forward (DDP-safe). When
+  its loss falls below 1e-5 it has won outright and gives the generator no signal: it is
+  re-initialised and the event is logged and counted in the history (as GANomaly does).
+
+Scoring (:func:`patch_scores`): eval mode (BatchNorm running statistics, so an image's map does not
+depend on the batch around it), ``torch.inference_mode``. The raw map ``mean_c (z − ẑ)²`` per
+latent cell is optionally weighted by stage 1's anomaly map (``guidance``), standardised with
+``map_mean_`` / ``map_std_`` — the mean and std of validation normals' cells, fitted once by
+:meth:`PatchScorerStage.fit_normalisation` — and bilinear-upsampled to the image.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from torch.utils.data import DataLoader
+
+from twostage_ad.config import AugmentConfig, Stage2Config
+from twostage_ad.data.images import to_tensor
+from twostage_ad.models.ganomaly2d import GANomaly2D, PatchDiscriminator
+from twostage_ad.runs import load_checkpoint, save_checkpoint
+from twostage_ad.stages.attention import DefectDataset, resolve_device
+
+__all__ = ["PatchScoreResult", "generator_loss", "discriminator_loss", "guide", "patch_scores", "PatchScorerStage"]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "twostage_ad.stage2/1"
+COLLAPSE_LOSS = 1e-5  # discriminator loss below this = collapsed (GANomaly re-initialises D)
+
+
+# --------------------------------------------------------------------------------------------
+# losses
+
+
+def generator_loss(
+    x: torch.Tensor,
+    reconstruction: torch.Tensor,
+    latent: torch.Tensor,
+    latent_reconstructed: torch.Tensor,
+    fake_logits: torch.Tensor | None,
+    config: Stage2Config,
+    latent_rows: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """GANomaly's generator loss terms and their weighted ``total`` (all mean-reduced).
+
+    ``x`` is the target (the clean image); ``latent_rows`` (bool, ``B``) limits the latent term
+    to those rows (all rows when None).
+    """
+    latent_err = (latent_reconstructed - latent).pow(2).flatten(1).mean(dim=1)
+    if latent_rows is not None:
+        latent_err = latent_err[latent_rows] if latent_rows.any() else latent_err * 0.0
+    terms = {
+        "recon": F.l1_loss(reconstruction, x),
+        "latent": latent_err.mean(),
+    }
+    total = config.w_con * terms["recon"] + config.w_enc * terms["latent"]
+    if fake_logits is not None:
+        terms["adversarial"] = F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
+        total = total + config.w_adv * terms["adversarial"]
+    terms["total"] = total
+    return terms
+
+
+def discriminator_loss(logits: torch.Tensor) -> torch.Tensor:
+    """BCE-with-logits of a concatenated forward: rows ``[:B]`` real (target 1), ``[B:]`` fake (0)."""
+    real, fake = logits.chunk(2)
+    target = torch.cat([torch.ones_like(real), torch.zeros_like(fake)])
+    return F.binary_cross_entropy_with_logits(logits, target)
+
+
+# --------------------------------------------------------------------------------------------
+# scoring
+
+
+@dataclass
+class PatchScoreResult:
+    """Per-image stage-2 scores (length N), standardised maps ``N×H×W`` and the time it took."""
+
+    scores: np.ndarray
+    maps: np.ndarray
+    seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return len(self.scores) / self.seconds if self.seconds > 0 else float("nan")
+
+
+def guide(raw_map: torch.Tensor, stage1_anomaly: torch.Tensor, floor: float) -> torch.Tensor:
+    """Weigh a ``B×1×h×w`` cell map by stage 1's ``B×H×W`` anomaly map (``1 − A``).
+
+    Each cell's weight is ``floor + (1 − floor)·max(1 − A)`` over the cell's pixels: max so that a
+    small defect inside a cell is not averaged away.
+    """
+    cell = stage1_anomaly.shape[-1] // raw_map.shape[-1]
+    weight = F.max_pool2d(stage1_anomaly[:, None].float(), kernel_size=cell, stride=cell)
+    return raw_map * (floor + (1.0 - floor) * weight)
+
+
+def _image_scores(maps: torch.Tensor, config: Stage2Config) -> torch.Tensor:
+    flat = maps.flatten(1)
+    if config.score_reduction == "max":
+        return flat.amax(dim=1)
+    k = max(1, int(round(config.score_topk * flat.shape[1])))
+    return flat.topk(k, dim=1).values.mean(dim=1)
+
+
+def _raw_maps(
+    model: GANomaly2D, x: torch.Tensor, stage1_anomaly: torch.Tensor | None, config: Stage2Config
+) -> torch.Tensor:
+    raw = model(x).score_map.float()
+    if config.guidance == "attention":
+        if stage1_anomaly is None:
+            raise ValueError("stage2.guidance is 'attention' but no stage-1 anomaly maps were given")
+        raw = guide(raw, stage1_anomaly, config.guidance_floor)
+    return raw
+
+
+def patch_scores(
+    model: GANomaly2D,
+    images: np.ndarray,
+    config: Stage2Config,
+    device: torch.device,
+    map_mean: float,
+    map_std: float,
+    *,
+    stage1_maps: np.ndarray | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+    desc: str = "stage 2 score",
+) -> PatchScoreResult:
+    """Score uint8 ``N×H×W×C`` images: standardised, upsampled maps and image scores."""
+    model.eval()
+    batch_size = batch_size or config.score_batch_size
+    if stage1_maps is not None and len(stage1_maps) != len(images):
+        raise ValueError(f"got {len(stage1_maps)} stage-1 maps for {len(images)} images")
+    scores: list[np.ndarray] = []
+    maps: list[np.ndarray] = []
+    height, width = images.shape[1:3]
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for first in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+            x = to_tensor(images[first : first + batch_size]).to(device)
+            guidance = None if stage1_maps is None else torch.as_tensor(stage1_maps[first : first + batch_size]).to(device)
+            raw = _raw_maps(model, x, guidance, config)
+            standardised = (raw - map_mean) / map_std
+            full = F.interpolate(standardised, size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+            scores.append(_image_scores(full, config).cpu().numpy())
+            maps.append(full.cpu().numpy())
+    seconds = time.perf_counter() - start
+    return PatchScoreResult(
+        scores=np.concatenate(scores) if scores else np.zeros(0, np.float32),
+        maps=np.concatenate(maps) if maps else np.zeros((0, height, width), np.float32),
+        seconds=seconds,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# the stage as an estimator
+
+
+def _worker_init(worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    info.dataset.reseed(int(torch.initial_seed() % 2**31))
+
+
+def _reset_parameters(module: torch.nn.Module) -> None:
+    for sub in module.modules():
+        if sub is not module and hasattr(sub, "reset_parameters"):
+            sub.reset_parameters()
+
+
+@dataclass
+class PatchScorerStage:
+    """Stage 2 as an estimator: ``fit`` on normals, ``fit_normalisation`` on validation normals, ``score``.
+
+    Fitted attributes: ``model_`` (generator), ``discriminator_``, ``history_`` (per-epoch losses),
+    ``train_seconds_``, and after :meth:`fit_normalisation` ``map_mean_`` / ``map_std_``.
+    """
+
+    config: Stage2Config = field(default_factory=Stage2Config)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # defect kinds for repair training
+    image_size: int = 32
+    channels: int = 1
+    device: str = "auto"
+    seed: int = 0
+    num_workers: int = 0
+
+    def _build(self) -> None:
+        self.device_ = resolve_device(self.device)
+        self.model_ = GANomaly2D(self.channels, width_divisor=self.config.width_divisor).to(self.device_)
+        self.discriminator_ = PatchDiscriminator(self.channels, width_divisor=self.config.width_divisor).to(self.device_)
+
+    def _check_images(self, images: np.ndarray) -> None:
+        if images.ndim != 4 or images.shape[1:3] != (self.image_size, self.image_size) or images.shape[3] != self.channels:
+            raise ValueError(f"expected N×{self.image_size}×{self.image_size}×{self.channels} images, got shape {images.shape}")
+
+    def fit(self, images: np.ndarray, *, checkpoint_path: str | Path | None = None, progress: bool = True) -> "PatchScorerStage":
+        """Train on uint8 ``N×H×W×C`` normal images; checkpoint each epoch when a path is given."""
+        self._check_images(images)
+        if len(images) < 2:
+            raise ValueError(f"stage 2 needs at least 2 normal training images, got {len(images)}")
+        torch.manual_seed(self.seed)
+        self._build()
+        c = self.config
+        dataset = DefectDataset(images, replace(self.augment, probability=c.defect_probability), seed=self.seed + 1)
+        loader = DataLoader(
+            dataset,
+            batch_size=min(c.batch_size, len(dataset)),
+            shuffle=True,
+            drop_last=len(dataset) > c.batch_size,  # no ragged last batch (BatchNorm)
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),
+            worker_init_fn=_worker_init if self.num_workers > 0 else None,
+            persistent_workers=self.num_workers > 0,
+        )
+        g_opt = torch.optim.Adam(self.model_.parameters(), lr=c.lr, betas=(0.5, 0.999))
+        d_opt = torch.optim.Adam(self.discriminator_.parameters(), lr=c.lr, betas=(0.5, 0.999))
+        use_amp = c.amp and self.device_.type == "cuda"
+        self.history_: list[dict[str, float]] = []
+        self.model_.train()
+        self.discriminator_.train()
+        start = time.perf_counter()
+        epochs = tqdm(range(1, c.epochs + 1), desc="stage 2 train", unit="epoch", disable=not progress)
+        for epoch in epochs:
+            sums: dict[str, float] = {}
+            resets = steps = 0
+            for step, batch in enumerate(tqdm(loader, desc=f"epoch {epoch}", unit="batch", disable=not progress, leave=False)):
+                x_in, x_clean, _, is_defect = (t.to(self.device_, non_blocking=True) for t in batch)
+                losses = self._train_step(x_in, x_clean, is_defect, g_opt, d_opt, use_amp)
+                steps += 1
+                if losses["discriminator"] < COLLAPSE_LOSS:
+                    _reset_parameters(self.discriminator_)
+                    d_opt = torch.optim.Adam(self.discriminator_.parameters(), lr=c.lr, betas=(0.5, 0.999))
+                    resets += 1
+                    log.warning("stage 2 epoch %d step %d: discriminator loss %.2g < %.0e, re-initialised it",
+                                epoch, step, losses["discriminator"], COLLAPSE_LOSS)
+                for name, value in losses.items():
+                    sums[name] = sums.get(name, 0.0) + value
+            record = {"epoch": epoch, "seconds": time.perf_counter() - start,
+                      **{k: v / steps for k, v in sums.items()}, "discriminator_resets": resets}
+            if not math.isfinite(record["total"]):
+                raise FloatingPointError(
+                    f"stage 2 loss became {record['total']} in epoch {epoch}; lower stage2.lr (now {c.lr}) or check the input images"
+                )
+            self.history_.append(record)
+            epochs.set_postfix(loss=f"{record['total']:.4f}", recon=f"{record['recon']:.4f}")
+            log.info("stage 2 epoch %d/%d: %s", epoch, c.epochs, {k: round(v, 5) for k, v in record.items() if k != "epoch"})
+            if checkpoint_path is not None:
+                self.save(checkpoint_path, epoch=epoch)
+        self.train_seconds_ = time.perf_counter() - start
+        self.model_.eval()
+        return self
+
+    def _train_step(
+        self, x_in: torch.Tensor, x: torch.Tensor, is_defect: torch.Tensor,
+        g_opt: torch.optim.Optimizer, d_opt: torch.optim.Optimizer, use_amp: bool,
+    ) -> dict[str, float]:
+        """One generator and one discriminator update; ``x_in`` may carry synthetic defects, ``x`` is clean."""
+        c = self.config
+        with torch.autocast(self.device_.type, dtype=torch.bfloat16, enabled=use_amp):
+            out = self.model_(x_in)
+            self.discriminator_.requires_grad_(False)  # the generator step leaves D's gradients alone
+            fake_logits = self.discriminator_(out.reconstruction) if c.w_adv > 0 else None
+            self.discriminator_.requires_grad_(True)
+        terms = generator_loss(
+            x, out.reconstruction.float(), out.latent.float(), out.latent_reconstructed.float(),
+            None if fake_logits is None else fake_logits.float(), c, latent_rows=~is_defect,
+        )
+        g_opt.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        g_opt.step()
+        with torch.autocast(self.device_.type, dtype=torch.bfloat16, enabled=use_amp):
+            logits = self.discriminator_(torch.cat([x, out.reconstruction.detach()]))
+        l_d = discriminator_loss(logits.float())
+        d_opt.zero_grad(set_to_none=True)
+        l_d.backward()
+        d_opt.step()
+        return {**{k: v.item() for k, v in terms.items()}, "discriminator": l_d.item()}
+
+    def fit_normalisation(self, images: np.ndarray, *, stage1_maps: np.ndarray | None = None) -> "PatchScorerStage":
+        """Fix ``map_mean_`` / ``map_std_`` from validation normals' raw cell maps (never a batch's)."""
+        self._require_fitted()
+        self._check_images(images)
+        if len(images) == 0:
+            raise ValueError("stage-2 map statistics need at least one validation normal image")
+        # statistics of the cells, before upsampling (bilinear upsampling is a weighted mean of cells)
+        cells = self._cell_maps(images, stage1_maps)
+        self.map_mean_ = float(cells.mean())
+        std = float(cells.std())
+        self.map_std_ = std if std > 0 and math.isfinite(std) else 1.0
+        return self
+
+    def _cell_maps(self, images: np.ndarray, stage1_maps: np.ndarray | None) -> np.ndarray:
+        out = []
+        batch_size = self.config.score_batch_size
+        self.model_.eval()
+        with torch.inference_mode():
+            for first in range(0, len(images), batch_size):
+                x = to_tensor(images[first : first + batch_size]).to(self.device_)
+                guidance = None if stage1_maps is None else torch.as_tensor(stage1_maps[first : first + batch_size]).to(self.device_)
+                out.append(_raw_maps(self.model_, x, guidance, self.config).cpu().numpy())
+        return np.concatenate(out)
+
+    def _require_fitted(self) -> None:
+        if not hasattr(self, "model_"):
+            raise RuntimeError("PatchScorerStage is not fitted: call fit() or load() first")
+
+    def score(
+        self, images: np.ndarray, *, stage1_maps: np.ndarray | None = None, batch_size: int | None = None,
+        progress: bool = True, desc: str = "stage 2 score",
+    ) -> PatchScoreResult:
+        """Standardised maps and image scores; ``stage1_maps`` (``N×H×W``, 1 − A) when guided."""
+        self._require_fitted()
+        if not hasattr(self, "map_mean_"):
+            raise RuntimeError("stage-2 map statistics are not fitted: call fit_normalisation() on validation normals first")
+        self._check_images(images)
+        return patch_scores(self.model_, images, self.config, self.device_, self.map_mean_, self.map_std_,
+                            stage1_maps=stage1_maps, batch_size=batch_size, progress=progress, desc=desc)
+
+    # -- persistence ----------------------------------------------------------------------------
+    def save(self, path: str | Path, *, epoch: int | None = None) -> None:
+        payload: dict[str, Any] = {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.model_.state_dict(),
+            "discriminator": self.discriminator_.state_dict(),
+            "config": asdict(self.config),
+            "augment": asdict(self.augment),
+            "image_size": self.image_size,
+            "channels": self.channels,
+            "seed": self.seed,
+            "epoch": epoch if epoch is not None else len(getattr(self, "history_", [])),
+            "history": getattr(self, "history_", []),
+        }
+        if hasattr(self, "map_mean_"):
+            payload["map_mean"] = self.map_mean_
+            payload["map_std"] = self.map_std_
+        save_checkpoint(path, payload)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto") -> "PatchScorerStage":
+        payload = load_checkpoint(path)
+        if payload.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{str(path)!r} is not a twostage_ad stage-2 checkpoint (format {payload.get('format')!r})")
+        try:
+            config = Stage2Config(**payload["config"])
+            augment = AugmentConfig(**payload["augment"])
+            config.validate()
+            augment.validate()
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"checkpoint {str(path)!r} holds a config this version cannot use: {exc}") from exc
+        stage = cls(config=config, augment=augment, image_size=payload["image_size"], channels=payload["channels"], device=device, seed=payload["seed"])
+        stage._build()
+        stage.model_.load_state_dict(payload["model"])
+        stage.discriminator_.load_state_dict(payload["discriminator"])
+        stage.history_ = list(payload.get("history", []))
+        if "map_mean" in payload:
+            stage.map_mean_ = float(payload["map_mean"])
+            stage.map_std_ = float(payload["map_std"])
+        stage.model_.eval()
+        return stage
