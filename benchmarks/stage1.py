@@ -11,37 +11,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
+from _results import append_row, git_commit
 
 from twostage_ad.config import load_config
-from twostage_ad.runs import write_atomic, write_text_atomic
 from twostage_ad.workflow import run_pipeline
-
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True, text=True)
-        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _markdown(table: pd.DataFrame) -> str:
-    def cell(value: object) -> str:
-        return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -59,7 +37,7 @@ def main() -> None:
     metrics = run_pipeline(config, output, progress=False).metrics
     row = {
         "date": started,
-        "commit": _commit(),
+        "commit": git_commit(),
         "config": args.config.name,
         "category": config.data.category or "",
         "overrides": " ".join(args.overrides),
@@ -76,14 +54,7 @@ def main() -> None:
         "score_images_per_s": round(metrics["images_per_s"]["stage1"], 1),
         "note": args.note,
     }
-    RESULTS.mkdir(exist_ok=True)
-    csv_path = RESULTS / "stage1.csv"
-    table = pd.concat([pd.read_csv(csv_path, keep_default_na=False), pd.DataFrame([row])]) if csv_path.exists() else pd.DataFrame([row])
-    write_atomic(csv_path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.4f"))
-    write_text_atomic(
-        RESULTS / "stage1.md",
-        "# Stage-1 benchmark runs (written by benchmarks/stage1.py; do not edit)\n\n" + _markdown(table),
-    )
+    append_row("stage1", row, "Stage-1 benchmark runs (written by benchmarks/stage1.py; do not edit)")
     print(pd.DataFrame([row]).T.to_string(header=False))
     print(f"run folder: {output}")
 

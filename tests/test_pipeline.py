@@ -17,32 +17,45 @@ from twostage_ad.workflow import calibrate_run, run_pipeline
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    config = load_config(None, ["stage1.epochs=2", "stage1.base_width=8", "stage1.max_width=32", "run.overlays=2"])
+    config = load_config(None, ["stage1.epochs=2", "stage1.base_width=8", "stage1.max_width=32", "run.overlays=2",
+                                "stage2.epochs=2", "stage2.width_divisor=16"])
     return run_pipeline(config, tmp_path_factory.mktemp("runs") / "digits", progress=False)
 
 
 def test_run_writes_the_contract_files(tiny_run):
     run_dir = tiny_run.run_dir
     for name in ("config.yaml", "thresholds.json", "scores.csv", "metrics.json", "report.html",
-                 "checkpoints/stage1.pt", "plots/stage1_loss_distribution.png", "plots/stage1_overlays.png",
-                 "plots/stage1_training.png", "maps/stage1_test_maps.npz"):
+                 "checkpoints/stage1.pt", "checkpoints/stage2.pt", "plots/stage1_loss_distribution.png",
+                 "plots/stage1_overlays.png", "plots/stage1_training.png", "plots/stage2_training.png",
+                 "plots/stage2_score_distribution.png", "plots/cascade_score_distribution.png",
+                 "plots/stage2_overlays_flagged.png", "maps/test_maps.npz"):
         assert (run_dir / name).is_file(), name
     scores = pd.read_csv(run_dir / "scores.csv")
     for column in ("image", "label", "split", "category", "stage1_loss", "stage1_recon", "stage1_latent",
-                   "stage1_att_topk", "flagged", "decision"):
+                   "stage1_att_topk", "flagged", "stage2_score", "cascade_score", "decision"):
         assert column in scores.columns, column
     assert set(scores["split"]) == {"val", "test"}
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert 0.0 <= metrics["image_auroc"]["stage1"] <= 1.0
-    assert metrics["pixel_auroc"]["stage1"] is None and "mask" in metrics["notes"]["pixel_auroc.stage1"]
+    for stage in ("stage1", "stage2", "cascade"):
+        assert 0.0 <= metrics["image_auroc"][stage] <= 1.0
+        assert metrics["images_per_s"][stage] > 0
+    for stage in ("stage1", "stage2", "fused"):  # digits have no masks
+        assert metrics["pixel_auroc"][stage] is None and "mask" in metrics["notes"][f"pixel_auroc.{stage}"]
+        assert metrics["pro"][stage] is None
+    assert metrics["stage2_map_stats"]["std"] > 0
     test = scores[scores["split"] == "test"]
     assert metrics["flagged_fraction"] == pytest.approx(test["flagged"].mean())
-    threshold = json.loads((run_dir / "thresholds.json").read_text())["stage1"]
-    assert metrics["thresholds"]["stage1"] == threshold["value"]
-    assert (scores["flagged"] == (scores["stage1_loss"] > threshold["value"])).all()
-    for key in ("train_stage1", "score", "total"):
+    thresholds = json.loads((run_dir / "thresholds.json").read_text())
+    assert metrics["thresholds"] == {"stage1": thresholds["stage1"]["value"], "stage2": thresholds["stage2"]["value"]}
+    assert (scores["flagged"] == (scores["stage1_loss"] > thresholds["stage1"]["value"])).all()
+    flagged = scores[scores["flagged"]]
+    assert (flagged["decision"] == (flagged["stage2_score"] > thresholds["stage2"]["value"]).astype(int)).all()
+    assert (scores.loc[~scores["flagged"], "decision"] == 0).all()
+    for key in ("train_stage1", "train_stage2", "score", "total"):
         assert metrics["seconds"][key] > 0
     assert load_checkpoint(run_dir / "checkpoints" / "stage1.pt")["epoch"] == 2
+    stage2 = load_checkpoint(run_dir / "checkpoints" / "stage2.pt")
+    assert stage2["epoch"] == 2 and stage2["map_std"] == metrics["stage2_map_stats"]["std"]
 
 
 def test_html_report_references_only_existing_files(tiny_run):
@@ -80,11 +93,12 @@ def test_calibrate_changes_the_threshold_and_keeps_history(tiny_run, tmp_path, c
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run.run_dir, run_dir)
     assert main(["-q", "calibrate", str(run_dir), "--method", "fpr", "--fpr", "0.3"]) == 0
-    printed = json.loads(capsys.readouterr().out)
+    printed = json.loads(capsys.readouterr().out)["stage1"]
     thresholds = json.loads((run_dir / "thresholds.json").read_text())
     assert thresholds["stage1"]["method"] == "fpr" and thresholds["stage1"]["params"] == {"fpr": 0.3}
+    assert thresholds["stage2"]["method"] == "fpr"
     assert thresholds["stage1"]["value"] == printed["value"]
-    assert thresholds["history"][-1]["method"] == "quantile"
+    assert [(h["stage"], h["method"]) for h in thresholds["history"]] == [("stage1", "quantile"), ("stage2", "quantile")]
     scores = pd.read_csv(run_dir / "scores.csv")
     val_normals = scores[(scores["split"] == "val") & (scores["label"] == 0)]
     assert (val_normals["stage1_loss"] > printed["value"]).mean() <= 0.3
@@ -94,11 +108,46 @@ def test_calibrate_changes_the_threshold_and_keeps_history(tiny_run, tmp_path, c
     # methods that need labelled anomalies fail clearly (digits' val split holds normals only)
     assert main(["-q", "calibrate", str(run_dir), "--method", "youden"]) == 2
     # with no arguments the run's current method (fpr) is kept; a lone parameter implies its method
-    assert calibrate_run(run_dir).method == "fpr"
+    assert calibrate_run(run_dir).stage1.method == "fpr"
     assert main(["-q", "calibrate", str(run_dir), "--k", "2.5"]) == 0
     current = json.loads((run_dir / "thresholds.json").read_text())["stage1"]
     assert current["method"] == "meanstd" and current["params"] == {"k": 2.5}
     assert f"<td>thresholds.stage1</td><td>{current['value']:.4f}</td>" in (run_dir / "report.html").read_text()
+
+
+def test_calibrating_one_stage_keeps_the_other_and_updates_the_cascade(tiny_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir, run_dir)
+    before = json.loads((run_dir / "thresholds.json").read_text())
+    assert main(["-q", "calibrate", str(run_dir), "--stage", "2", "--q", "0.5"]) == 0
+    after = json.loads((run_dir / "thresholds.json").read_text())
+    assert after["stage1"]["value"] == pytest.approx(before["stage1"]["value"], rel=1e-7)  # from 9-digit scores.csv
+    assert after["stage1"]["method"] == "quantile"
+    assert after["stage2"]["params"] == {"q": 0.5} and after["stage2"]["value"] < before["stage2"]["value"]
+    # a lower τ₁ flags more images and changes the cascade's AUROC, recomputed from saved scores
+    assert main(["-q", "calibrate", str(run_dir), "--stage", "1", "--q", "0.05"]) == 0
+    scores = pd.read_csv(run_dir / "scores.csv")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    test = scores[scores["split"] == "test"]
+    from sklearn.metrics import roc_auc_score
+
+    assert metrics["image_auroc"]["cascade"] == pytest.approx(roc_auc_score(test["label"], test["cascade_score"]))
+    assert metrics["flagged_fraction"] == pytest.approx(test["flagged"].mean())
+
+
+def test_trained_stages_can_be_reused(tiny_run, tmp_path):
+    config = load_config(None, ["stage1.epochs=1", "stage2.epochs=1", "stage2.score_reduction=topk", "run.overlays=0"])
+    checkpoints = tiny_run.run_dir / "checkpoints"
+    result = run_pipeline(config, tmp_path / "reuse", progress=False,
+                          stage1_checkpoint=checkpoints / "stage1.pt", stage2_checkpoint=checkpoints / "stage2.pt")
+    assert result.metrics["seconds"]["train_stage1"] == 0.0 and result.metrics["epochs"] == {"stage1": 2, "stage2": 2}
+    assert "stage1.reused" in result.metrics["notes"]
+    # same stage-1 network: same screening losses; stage 2's scoring setting comes from the config
+    assert result.scores["stage1_loss"].to_numpy() == pytest.approx(tiny_run.scores["stage1_loss"].to_numpy(), rel=1e-5)
+    saved = load_config(result.run_dir / "config.yaml")
+    assert saved.stage1.base_width == 8 and saved.stage2.width_divisor == 16 and saved.stage2.score_reduction == "topk"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run_pipeline(config, tmp_path / "missing", progress=False, stage1_checkpoint=tmp_path / "nope.pt")
 
 
 def test_methods_needing_anomalies_fail_before_training(tmp_path):

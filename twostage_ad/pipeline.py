@@ -27,9 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                      help="override a config field, e.g. --set stage1.epochs=5 (repeatable)")
     run.add_argument("--overwrite", action="store_true", help="write into an existing, non-empty run folder")
+    run.add_argument("--stage1-from", type=Path, metavar="CHECKPOINT",
+                     help="reuse a trained stage 1 (e.g. OLD_RUN/checkpoints/stage1.pt) instead of training it")
+    run.add_argument("--stage2-from", type=Path, metavar="CHECKPOINT",
+                     help="reuse a trained stage 2 (e.g. OLD_RUN/checkpoints/stage2.pt) instead of training it")
 
     cal = sub.add_parser("calibrate", help="re-pick thresholds from a run's saved validation scores")
     cal.add_argument("run_dir", type=Path)
+    cal.add_argument("--stage", choices=("1", "2", "both"), default="both",
+                     help="which threshold to re-pick (default both); the other keeps its current method")
     cal.add_argument("--method", choices=CALIBRATION_METHODS,
                      help="default: implied by the parameter given, else the run's current method")
     cal.add_argument("--q", type=float, help="quantile for --method quantile")
@@ -70,12 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             config = load_config(args.config, args.overrides)
-            result = workflow.run_pipeline(config, args.output, overwrite=args.overwrite, progress=not args.quiet)
-            summary = {k: result.metrics[k] for k in ("image_auroc", "pixel_auroc", "flagged_fraction", "stage1_recall_at_threshold", "seconds")}
-            print(json.dumps({"run_dir": str(result.run_dir), **summary}, indent=2))
+            result = workflow.run_pipeline(
+                config, args.output, overwrite=args.overwrite, progress=not args.quiet,
+                stage1_checkpoint=args.stage1_from, stage2_checkpoint=args.stage2_from,
+            )
+            keys = ("image_auroc", "pixel_auroc", "pro", "flagged_fraction", "stage1_recall_at_threshold",
+                    "cascade_recall", "cascade_false_positive_rate", "images_per_s", "seconds")
+            print(json.dumps({"run_dir": str(result.run_dir), **{k: result.metrics[k] for k in keys}}, indent=2))
         elif args.command == "calibrate":
-            threshold = workflow.calibrate_run(args.run_dir, _calibration_from_args(workflow.current_calibration(args.run_dir), args))
-            print(json.dumps(threshold.to_dict(), indent=2))
+            stages = {"1": ("stage1",), "2": ("stage2",), "both": ("stage1", "stage2")}[args.stage]
+            current = workflow.current_calibration(args.run_dir, stages[0])
+            cascade = workflow.calibrate_run(args.run_dir, _calibration_from_args(current, args), stages=stages)
+            print(json.dumps({"stage1": cascade.stage1.to_dict(), "stage2": cascade.stage2.to_dict()}, indent=2))
     except (ValueError, RuntimeError, FileExistsError, FileNotFoundError) as exc:
         # ConfigError, DataError and CalibrationError are ValueErrors; all carry a message
         # naming the field or file and the fix. Anything else is a bug and keeps its traceback.

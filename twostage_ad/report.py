@@ -66,6 +66,8 @@ def plot_loss_distribution(
 
 def plot_training_curves(history: list[dict[str, float]], path: Path, *, title: str = "stage 1 training") -> Path:
     frame = pd.DataFrame(history)
+    if frame.empty:
+        return path
     columns = [c for c in frame.columns if c not in ("epoch", "seconds")]
     long = frame.melt(id_vars="epoch", value_vars=columns, var_name="loss", value_name="value")
     fig, axes = _subplots()
@@ -126,10 +128,14 @@ def write_html_report(run_dir: Path, metrics: dict[str, Any], title: str) -> Pat
     """A small page beside the run's files: headline metrics and every plot in ``plots/``."""
     plots = sorted(str(p.relative_to(run_dir)) for p in (run_dir / "plots").glob("*.png"))
     rows = []
-    for group in ("image_auroc", "pixel_auroc", "thresholds", "images_per_s", "seconds"):
-        for key, value in (metrics.get(group) or {}).items():
+    for group in ("image_auroc", "pixel_auroc", "pro", "thresholds", "images_per_s", "seconds"):
+        values = metrics.get(group)
+        if not isinstance(values, dict):
+            rows.append(f"<tr><td>{group}</td><td>{_fmt(values)}</td></tr>")
+            continue
+        for key, value in values.items():
             rows.append(f"<tr><td>{group}.{html.escape(key)}</td><td>{_fmt(value)}</td></tr>")
-    for key in ("flagged_fraction", "stage1_recall_at_threshold", "pro"):
+    for key in ("flagged_fraction", "stage1_recall_at_threshold", "cascade_recall", "cascade_false_positive_rate"):
         rows.append(f"<tr><td>{key}</td><td>{_fmt(metrics.get(key))}</td></tr>")
     notes = "".join(f"<li>{html.escape(k)}: {html.escape(str(v))}</li>" for k, v in (metrics.get("notes") or {}).items())
     figures = "".join(

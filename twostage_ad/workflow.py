@@ -1,7 +1,12 @@
 """The pipeline as Python functions; the CLI in :mod:`twostage_ad.pipeline` only parses arguments.
 
-Data flows one way: records → decoded images → stage 1 (train, score) → calibration → scores,
-metrics and plots in the run folder (DESIGN §7).
+Data flows one way: records → decoded images → stage 1 (train, score) → stage 2 (train, fix map
+statistics on validation normals, score) → cascade calibration → scores, metrics and plots in
+the run folder (DESIGN §7).
+
+Stage 2 is scored on *every* validation and test image so that ``calibrate`` can move τ₁ without
+a model and ``image_auroc.stage2`` can be reported for analysis; the cascade's own throughput is
+measured on the path a deployment takes (stage 1 on all test images, stage 2 on flagged ones).
 """
 
 from __future__ import annotations
@@ -17,18 +22,23 @@ import pandas as pd
 import torch
 import yaml
 
-from twostage_ad.calibration import NORMAL_ONLY_METHODS, CalibrationError, Threshold, calibrate
+from twostage_ad.calibration import NORMAL_ONLY_METHODS, CalibrationError
+from twostage_ad.cascade import Cascade, fit_cascade, fused_anomaly_map
 from twostage_ad.config import CalibrationConfig, Config, ConfigError, config_from_dict, save_config
 from twostage_ad.data.images import DecodedImages, decode_records, infer_channels
 from twostage_ad.data.records import DataError, load_records, split_records
-from twostage_ad.metrics import image_auroc, pixel_auroc, recall_at_threshold
+from twostage_ad.metrics import image_auroc, pixel_auroc, pro_score, recall_at_threshold
 from twostage_ad.report import plot_loss_distribution, plot_overlays, plot_training_curves, write_html_report
 from twostage_ad.runs import RUN_FILES, create_run_dir, default_run_dir, read_json, write_atomic, write_json
 from twostage_ad.stages.attention import SCREENING_COMPONENTS, AttentionStage, ScreeningResult, resolve_device
+from twostage_ad.stages.patch_scorer import PatchScorerStage
 
 __all__ = ["RunResult", "run_pipeline", "calibrate_run", "current_calibration", "load_run_config"]
 
 log = logging.getLogger(__name__)
+
+STAGE1_SCORING_FIELDS = ("screen_con", "screen_enc", "screen_att", "screen_topk", "score_batch_size")
+STAGE2_SCORING_FIELDS = ("score_reduction", "score_topk", "guidance", "guidance_floor", "score_batch_size")
 
 
 class RunResult(dict):
@@ -57,76 +67,117 @@ def load_run_config(run_dir: str | Path) -> Config:
         raise ConfigError(f"{str(path)!r}: {exc}") from exc
 
 
-def _score_table(decoded: DecodedImages, result: ScreeningResult) -> pd.DataFrame:
+# --------------------------------------------------------------------------------------------
+# the score table and everything that depends on the thresholds
+
+
+def _score_table(decoded: DecodedImages, stage1: ScreeningResult, stage2_scores: np.ndarray) -> pd.DataFrame:
     table = pd.DataFrame(
         {
             "image": [r.name for r in decoded.records],
             "label": decoded.labels,
             "split": [r.split for r in decoded.records],
             "category": [r.category for r in decoded.records],
-            "stage1_loss": result.loss,
+            "stage1_loss": stage1.loss,
         }
     )
     for name in SCREENING_COMPONENTS:
-        table[name] = result.components[name]
+        table[name] = stage1.components[name]
+    table["stage2_score"] = stage2_scores
     return table
 
 
-def _threshold_metrics(table: pd.DataFrame, threshold: Threshold) -> dict[str, Any]:
+def _write_scores(run_dir: Path, table: pd.DataFrame) -> None:
+    # 9 significant digits: the cascade score squeezes each stage into an interval of width 1/2
+    write_atomic(run_dir / RUN_FILES["scores"], lambda tmp: table.to_csv(tmp, index=False, float_format="%.9g"))
+
+
+def _threshold_metrics(table: pd.DataFrame, cascade: Cascade) -> dict[str, Any]:
     test = table[table["split"] == "test"]
-    recall = recall_at_threshold(test["label"].to_numpy(), test["stage1_loss"].to_numpy(), threshold.value)
+    labels = test["label"].to_numpy()
+    recall = recall_at_threshold(labels, test["stage1_loss"].to_numpy(), cascade.stage1.value)
+    cascade_auroc = image_auroc(labels, test["cascade_score"].to_numpy())
+    normal = labels == 0
+    anomalous = labels == 1
     return {
         "flagged_fraction": float(test["flagged"].mean()) if len(test) else None,
         "stage1_recall_at_threshold": recall.value,
-        "stage1_false_positive_rate": float(test.loc[test["label"] == 0, "flagged"].mean()) if (test["label"] == 0).any() else None,
+        "stage1_false_positive_rate": float(test.loc[normal, "flagged"].mean()) if normal.any() else None,
+        "cascade_recall": float(test.loc[anomalous, "decision"].mean()) if anomalous.any() else None,
+        "cascade_false_positive_rate": float(test.loc[normal, "decision"].mean()) if normal.any() else None,
+        "_cascade_auroc": cascade_auroc,
     }
 
 
-def _per_category_auroc(test: pd.DataFrame) -> dict[str, float | None]:
+def _per_category_auroc(test: pd.DataFrame, column: str) -> dict[str, float | None]:
     normal = test[test["label"] == 0]
     out = {}
     for category, group in test[test["label"] == 1].groupby("category"):
         both = pd.concat([normal, group])
-        out[str(category)] = image_auroc(both["label"].to_numpy(), both["stage1_loss"].to_numpy()).value
+        out[str(category)] = image_auroc(both["label"].to_numpy(), both[column].to_numpy()).value
     return out
 
 
-def _write_scores(run_dir: Path, table: pd.DataFrame) -> None:
-    write_atomic(run_dir / RUN_FILES["scores"], lambda tmp: table.to_csv(tmp, index=False, float_format="%.6g"))
-
-
-def _thresholds_payload(run_dir: Path, threshold: Threshold) -> dict[str, Any]:
-    """New thresholds.json content; earlier stage-1 thresholds are kept under ``history``."""
+def _thresholds_payload(run_dir: Path, cascade: Cascade) -> dict[str, Any]:
+    """New thresholds.json content; every earlier threshold is kept under ``history``."""
     path = run_dir / RUN_FILES["thresholds"]
     history: list[dict[str, Any]] = []
     if path.is_file():
         previous = read_json(path)
         history = list(previous.get("history", []))
-        if previous.get("stage1"):
-            history.append(previous["stage1"])
-    return {"stage1": {**threshold.to_dict(), "calibrated_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, "stage2": None, "history": history}
+        for stage in ("stage1", "stage2"):
+            if previous.get(stage):
+                history.append({"stage": stage, **previous[stage]})
+    now = time.strftime("%Y-%m-%dT%H:%M:%S")
+    return {
+        "stage1": {**cascade.stage1.to_dict(), "calibrated_at": now},
+        "stage2": {**cascade.stage2.to_dict(), "calibrated_at": now, "applies_to": f"second-stage score (fusion {cascade.fusion!r})"},
+        "cascade": {k: v for k, v in cascade.to_dict().items() if k not in ("stage1", "stage2")},
+        "history": history,
+    }
 
 
-def _apply_threshold(run_dir: Path, table: pd.DataFrame, threshold: Threshold, metrics: dict[str, Any]) -> dict[str, Any]:
-    """Flag by ``threshold`` and bring every threshold-dependent output up to date.
+def _apply_cascade(run_dir: Path, table: pd.DataFrame, cascade: Cascade, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Decide every image with ``cascade`` and bring every threshold-dependent output up to date.
 
     Writes ``scores.csv``, ``thresholds.json`` (earlier thresholds kept as history),
-    ``metrics.json``, the loss-distribution plot and ``report.html``. Shared by ``run`` and
+    ``metrics.json``, the score-distribution plots and ``report.html``. Shared by ``run`` and
     ``calibrate`` so both produce the same files.
     """
-    table["flagged"] = table["stage1_loss"] > threshold.value
-    table["decision"] = table["flagged"].astype(int)
+    out = cascade.apply(table["stage1_loss"].to_numpy(), table["stage2_score"].to_numpy())
+    table["flagged"] = out.flagged
+    table["stage2_decision_score"] = out.second_score
+    table["cascade_score"] = out.cascade_score
+    table["decision"] = out.decision
     _write_scores(run_dir, table)
-    write_json(run_dir / RUN_FILES["thresholds"], _thresholds_payload(run_dir, threshold))
-    metrics = {**metrics, **_threshold_metrics(table, threshold)}
-    metrics["thresholds"] = {**metrics.get("thresholds", {}), "stage1": threshold.value}
-    metrics["calibration"] = {"method": threshold.method, "params": threshold.params}
+    write_json(run_dir / RUN_FILES["thresholds"], _thresholds_payload(run_dir, cascade))
+    extra = _threshold_metrics(table, cascade)
+    cascade_auroc = extra.pop("_cascade_auroc")
+    metrics = {**metrics, **extra}
+    metrics["image_auroc"] = {**metrics.get("image_auroc", {}), "cascade": cascade_auroc.value}
+    notes = dict(metrics.get("notes", {}))
+    notes.pop("image_auroc.cascade", None)
+    if cascade_auroc.reason:
+        notes["image_auroc.cascade"] = cascade_auroc.reason
+    metrics["notes"] = notes
+    test = table[table["split"] == "test"]
+    metrics["image_auroc_cascade_by_category"] = _per_category_auroc(test, "cascade_score")
+    metrics["thresholds"] = {**metrics.get("thresholds", {}), "stage1": cascade.stage1.value, "stage2": cascade.stage2.value}
+    metrics["calibration"] = {
+        "stage1": {"method": cascade.stage1.method, "params": cascade.stage1.params},
+        "stage2": {"method": cascade.stage2.method, "params": cascade.stage2.params},
+        "fusion": cascade.fusion,
+    }
     write_json(run_dir / RUN_FILES["metrics"], metrics)
-    auroc = (metrics.get("image_auroc") or {}).get("stage1")
-    plot_loss_distribution(
-        table, "stage1_loss", threshold.value, run_dir / RUN_FILES["plots"] / "stage1_loss_distribution.png",
-        title=f"stage 1 screening loss (test), AUROC {_auroc_text(auroc)}",
-    )
+    plots = run_dir / RUN_FILES["plots"]
+    auroc = metrics["image_auroc"]
+    plot_loss_distribution(table, "stage1_loss", cascade.stage1.value, plots / "stage1_loss_distribution.png",
+                           title=f"stage 1 screening loss (test), AUROC {_auroc_text(auroc.get('stage1'))}")
+    plot_loss_distribution(table, "stage2_score", cascade.stage2.value if cascade.fusion == "stage2" else None,
+                           plots / "stage2_score_distribution.png",
+                           title=f"stage 2 image score (all test images), AUROC {_auroc_text(auroc.get('stage2'))}")
+    plot_loss_distribution(table, "cascade_score", 1.5, plots / "cascade_score_distribution.png",
+                           title=f"cascade score (test; > 1 flagged, > 1.5 anomalous), AUROC {_auroc_text(auroc.get('cascade'))}")
     write_html_report(run_dir, metrics, title=f"twostage_ad run {run_dir.name}")
     return metrics
 
@@ -144,16 +195,74 @@ def _check_calibration_feasible(records_val_labels: list[int], calibration: Cali
         )
 
 
-def _draw_overlays(run_dir: Path, decoded: DecodedImages, maps: np.ndarray, count: int, seed: int) -> str | None:
-    anomalies = np.flatnonzero(decoded.labels == 1)
-    if count == 0 or len(anomalies) == 0:
-        return None
-    rng = np.random.default_rng(seed)
-    chosen = np.sort(rng.choice(anomalies, size=min(count, len(anomalies)), replace=False))
-    titles = [f"{decoded.records[i].category}: {Path(decoded.records[i].name).name}" for i in chosen]
-    path = run_dir / RUN_FILES["plots"] / "stage1_overlays.png"
-    plot_overlays(decoded.images[chosen], maps[chosen], decoded.masks[chosen], titles, path)
-    return str(path.relative_to(run_dir))
+# --------------------------------------------------------------------------------------------
+# plots of maps
+
+
+def _draw_overlays(
+    run_dir: Path, decoded: DecodedImages, maps: np.ndarray, chosen: np.ndarray, name: str, titles: list[str], **kwargs: Any
+) -> None:
+    if len(chosen) == 0:
+        return
+    plot_overlays(decoded.images[chosen], maps[chosen], decoded.masks[chosen], titles, run_dir / RUN_FILES["plots"] / name, **kwargs)
+
+
+def _pick(candidates: np.ndarray, count: int, seed: int) -> np.ndarray:
+    if count == 0 or len(candidates) == 0:
+        return np.zeros(0, dtype=int)
+    return np.sort(np.random.default_rng(seed).choice(candidates, size=min(count, len(candidates)), replace=False))
+
+
+def _title(decoded: DecodedImages, i: int) -> str:
+    return f"{decoded.records[i].category}: {Path(decoded.records[i].name).name}"
+
+
+# --------------------------------------------------------------------------------------------
+# stages: train or reuse a checkpoint
+
+
+def _stage1(config: Config, images: np.ndarray, run_dir: Path, device: torch.device, checkpoint: Path | None, progress: bool) -> AttentionStage:
+    path = run_dir / RUN_FILES["checkpoints"] / "stage1.pt"
+    if checkpoint is None:
+        stage = AttentionStage(
+            config=config.stage1, augment=config.augment, image_size=config.data.image_size, channels=config.data.channels,
+            device=str(device), seed=config.run.seed, num_workers=config.run.num_workers,
+        )
+        return stage.fit(images, checkpoint_path=path, progress=progress)
+    stage = AttentionStage.load(checkpoint, device=str(device))
+    _check_reused(checkpoint, stage.image_size, stage.channels, config)
+    stage.config = replace(stage.config, **{f: getattr(config.stage1, f) for f in STAGE1_SCORING_FIELDS})
+    stage.train_seconds_ = 0.0
+    stage.save(path)
+    log.info("stage 1 reused from %s (trained %d epochs)", checkpoint, len(stage.history_))
+    return stage
+
+
+def _stage2(config: Config, images: np.ndarray, run_dir: Path, device: torch.device, checkpoint: Path | None, progress: bool) -> PatchScorerStage:
+    path = run_dir / RUN_FILES["checkpoints"] / "stage2.pt"
+    if checkpoint is None:
+        stage = PatchScorerStage(config=config.stage2, augment=config.augment, image_size=config.data.image_size,
+                                 channels=config.data.channels, device=str(device), seed=config.run.seed,
+                                 num_workers=config.run.num_workers)
+        return stage.fit(images, checkpoint_path=path, progress=progress)
+    stage = PatchScorerStage.load(checkpoint, device=str(device))
+    _check_reused(checkpoint, stage.image_size, stage.channels, config)
+    stage.config = replace(stage.config, **{f: getattr(config.stage2, f) for f in STAGE2_SCORING_FIELDS})
+    stage.train_seconds_ = 0.0
+    log.info("stage 2 reused from %s (trained %d epochs)", checkpoint, len(stage.history_))
+    return stage
+
+
+def _check_reused(checkpoint: Path, image_size: int, channels: int, config: Config) -> None:
+    if (image_size, channels) != (config.data.image_size, config.data.channels):
+        raise ConfigError(
+            f"checkpoint {str(checkpoint)!r} was trained on {image_size}px, {channels} channel(s); this run uses "
+            f"{config.data.image_size}px, {config.data.channels} channel(s): set data.image_size / data.channels to match"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# the pipeline
 
 
 def run_pipeline(
@@ -162,10 +271,20 @@ def run_pipeline(
     *,
     overwrite: bool = False,
     progress: bool = True,
+    stage1_checkpoint: str | Path | None = None,
+    stage2_checkpoint: str | Path | None = None,
 ) -> RunResult:
-    """Train stage 1, calibrate on validation normals, score the test split, write the run folder."""
+    """Train both stages, calibrate on validation images, score the test split, write the run folder.
+
+    ``stage1_checkpoint`` / ``stage2_checkpoint``: reuse a trained stage instead of training it
+    (its architecture and training settings come from the checkpoint, scoring settings from
+    ``config``; the config written to the run folder says which).
+    """
     config.validate()
     device = resolve_device(config.run.device)  # fail on a missing GPU before any work
+    for checkpoint in (stage1_checkpoint, stage2_checkpoint):
+        if checkpoint is not None and not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} does not exist")
     records = load_records(config.data, seed=config.run.seed)
     splits = split_records(records)
     _check_calibration_feasible([r.label for r in splits["val"]], config.calibration)
@@ -177,7 +296,6 @@ def run_pipeline(
 
     channels = config.data.channels or infer_channels(splits["train"][0])
     config = replace(config, data=replace(config.data, channels=channels))
-    save_config(config, run_dir / RUN_FILES["config"])
     size = config.data.image_size
     decoded = {
         name: decode_records(recs, size, channels, config.data.invert_masks, desc=f"decode {name}", progress=progress)
@@ -187,67 +305,128 @@ def run_pipeline(
     if len(decoded["train"]) < 2:
         raise DataError(
             f"only {len(decoded['train'])} readable normal training image(s) in {config.data.path or config.data.source!r}; "
-            "stage 1 needs at least 2"
+            "the stages need at least 2"
         )
     if len(decoded["val"]) == 0:
         raise DataError("no readable validation image: calibration needs held-out normal images")
+    val_normal = decoded["val"].labels == 0
+    if not val_normal.any():
+        raise DataError("the validation split holds no normal image: calibration needs held-out normal images")
     log.info(
         "images: %d train, %d val, %d test (%d unreadable), %d×%d, %d channel(s)",
         len(decoded["train"]), len(decoded["val"]), len(decoded["test"]), len(failed), size, size, channels,
     )
     decode_seconds = time.perf_counter() - started
 
-    stage1 = AttentionStage(
-        config=config.stage1, augment=config.augment, image_size=size, channels=channels,
-        device=str(device), seed=config.run.seed, num_workers=config.run.num_workers,
-    )
-    stage1.fit(decoded["train"].images, checkpoint_path=run_dir / RUN_FILES["checkpoints"] / "stage1.pt", progress=progress)
+    # stage 1: train (or reuse), score validation and test images
+    stage1 = _stage1(config, decoded["train"].images, run_dir, device, stage1_checkpoint and Path(stage1_checkpoint), progress)
+    val1 = stage1.score(decoded["val"].images, progress=progress, desc="stage 1 score val")
+    test1 = stage1.score(decoded["test"].images, progress=progress, desc="stage 1 score test")
 
-    val_result = stage1.score(decoded["val"].images, progress=progress, desc="stage 1 score val")
-    test_result = stage1.score(decoded["test"].images, progress=progress, desc="stage 1 score test")
+    # stage 2: train (or reuse), fix map statistics on validation normals, score everything
+    stage2 = _stage2(config, decoded["train"].images, run_dir, device, stage2_checkpoint and Path(stage2_checkpoint), progress)
+    guided = stage2.config.guidance != "none"
+    stage2.fit_normalisation(decoded["val"].images[val_normal], stage1_maps=val1.anomaly_maps[val_normal] if guided else None)
+    stage2.save(run_dir / RUN_FILES["checkpoints"] / "stage2.pt")
+    val2 = stage2.score(decoded["val"].images, stage1_maps=val1.anomaly_maps if guided else None, progress=progress,
+                        desc="stage 2 score val")
+    test2 = stage2.score(decoded["test"].images, stage1_maps=test1.anomaly_maps if guided else None, progress=progress,
+                         desc="stage 2 score test (all, for analysis)")
+    config = replace(config, stage1=stage1.config, stage2=stage2.config)
+    save_config(config, run_dir / RUN_FILES["config"])
+
     table = pd.concat(
-        [_score_table(decoded["val"], val_result), _score_table(decoded["test"], test_result)], ignore_index=True
+        [_score_table(decoded["val"], val1, val2.scores), _score_table(decoded["test"], test1, test2.scores)], ignore_index=True
     )
     _write_scores(run_dir, table)  # scores are safe on disk before anything can fail in calibration
+    val = table[table["split"] == "val"]
+    cascade = fit_cascade(val["stage1_loss"].to_numpy(), val["stage2_score"].to_numpy(), val["label"].to_numpy(),
+                          config.calibration, fusion=config.cascade.fusion)
+
+    # the deployment path, timed: stage 1 on every test image, stage 2 on the flagged ones only
+    flagged_test = np.flatnonzero(test1.loss > cascade.stage1.value)
+    cascade2 = stage2.score(decoded["test"].images[flagged_test],
+                            stage1_maps=test1.anomaly_maps[flagged_test] if guided else None,
+                            progress=progress, desc="stage 2 score flagged test")
+    if not np.allclose(cascade2.scores, test2.scores[flagged_test], rtol=1e-4, atol=1e-5):
+        log.warning("stage-2 scores of flagged images differ between batchings by up to %.3g",
+                    float(np.max(np.abs(cascade2.scores - test2.scores[flagged_test]))))
+    cascade_seconds = test1.seconds + cascade2.seconds
 
     test = table[table["split"] == "test"]
     labels = test["label"].to_numpy()
-    image_metric = image_auroc(labels, test["stage1_loss"].to_numpy())
-    pixel_metric = pixel_auroc(labels, decoded["test"].masks, decoded["test"].has_mask, test_result.anomaly_maps)
-    component_auroc = {name: image_auroc(labels, test[name].to_numpy()).value for name in SCREENING_COMPONENTS}
+    masks, has_mask = decoded["test"].masks, decoded["test"].has_mask
+    fused_maps = fused_anomaly_map(test1.anomaly_maps, test2.maps, stage2.map_mean_, stage2.map_std_)
+    pixel = {
+        "stage1": pixel_auroc(labels, masks, has_mask, test1.anomaly_maps),
+        "stage2": pixel_auroc(labels, masks, has_mask, test2.maps),
+        "fused": pixel_auroc(labels, masks, has_mask, fused_maps),
+    }
+    pro = {
+        "stage1": pro_score(labels, masks, has_mask, test1.anomaly_maps),
+        "stage2": pro_score(labels, masks, has_mask, test2.maps),
+        "fused": pro_score(labels, masks, has_mask, fused_maps),
+    }
+    image = {
+        "stage1": image_auroc(labels, test["stage1_loss"].to_numpy()),
+        "stage2": image_auroc(labels, test["stage2_score"].to_numpy()),
+    }
     write_atomic(
-        run_dir / RUN_FILES["maps"] / "stage1_test_maps.npz",
+        run_dir / RUN_FILES["maps"] / "test_maps.npz",
         lambda tmp: np.savez_compressed(
             tmp,
-            maps=np.clip(np.rint(test_result.anomaly_maps * 255), 0, 255).astype(np.uint8),
-            masks=decoded["test"].masks,
-            has_mask=decoded["test"].has_mask,
+            stage1=np.clip(np.rint(test1.anomaly_maps * 255), 0, 255).astype(np.uint8),  # 1 − A, ×255
+            stage2=np.clip(test2.maps, -6e4, 6e4).astype(np.float16),  # standardised with validation normals
+            masks=masks,
+            has_mask=has_mask,
             images=np.array([r.name for r in decoded["test"].records]),
         ),
     )
+
+    # plots of maps: stage 1 on test anomalies, stage 2 on flagged test images
     plots_dir = run_dir / RUN_FILES["plots"]
     plot_training_curves(stage1.history_, plots_dir / "stage1_training.png")
-    _draw_overlays(run_dir, decoded["test"], test_result.anomaly_maps, config.run.overlays, config.run.seed)
+    plot_training_curves([{k: v for k, v in h.items() if k != "discriminator_resets"} for h in stage2.history_],
+                         plots_dir / "stage2_training.png", title="stage 2 training")
+    seed = config.run.seed
+    chosen = _pick(np.flatnonzero(labels == 1), config.run.overlays, seed)
+    _draw_overlays(run_dir, decoded["test"], test1.anomaly_maps, chosen, "stage1_overlays.png",
+                   [_title(decoded["test"], i) for i in chosen])
+    level = cascade.stage2.value if cascade.fusion == "stage2" else float(np.max(val2.scores[val_normal]))
+    level = level if level > 0 else 1.0
+    chosen = _pick(flagged_test, config.run.overlays, seed)
+    _draw_overlays(run_dir, decoded["test"], test2.maps, chosen, "stage2_overlays_flagged.png",
+                   [f"{_title(decoded['test'], i)} ({'anomalous' if labels[i] else 'normal'})" for i in chosen],
+                   vmax=2 * level, contour=level, map_label="stage 2 (validation-normal σ)")
 
-    notes = {}
-    if image_metric.reason:
-        notes["image_auroc.stage1"] = image_metric.reason
-    if pixel_metric.reason:
-        notes["pixel_auroc.stage1"] = pixel_metric.reason
-    notes["stage2"] = "stage 2 (GANomaly2D) is not part of this version: stage-2 and cascade metrics are null"
+    notes = {f"image_auroc.{k}": m.reason for k, m in image.items() if m.reason}
+    notes.update({f"pixel_auroc.{k}": m.reason for k, m in pixel.items() if m.reason})
+    notes.update({f"pro.{k}": m.reason for k, m in pro.items() if m.reason})
+    for name, checkpoint in (("stage1", stage1_checkpoint), ("stage2", stage2_checkpoint)):
+        if checkpoint is not None:
+            notes[f"{name}.reused"] = f"{name} was not trained in this run: loaded from {checkpoint}"
+    n_test = len(decoded["test"])
     metrics: dict[str, Any] = {
-        "image_auroc": {"stage1": image_metric.value, "stage2": None, "cascade": None},
-        "image_auroc_stage1_components": component_auroc,
-        "image_auroc_stage1_by_category": _per_category_auroc(test),
-        "pixel_auroc": {"stage1": pixel_metric.value, "stage2": None, "fused": None},
-        "pro": None,
+        "image_auroc": {k: m.value for k, m in image.items()},
+        "image_auroc_stage1_components": {name: image_auroc(labels, test[name].to_numpy()).value for name in SCREENING_COMPONENTS},
+        "image_auroc_stage1_by_category": _per_category_auroc(test, "stage1_loss"),
+        "image_auroc_stage2_by_category": _per_category_auroc(test, "stage2_score"),
+        "pixel_auroc": {k: m.value for k, m in pixel.items()},
+        "pro": {k: m.value for k, m in pro.items()},
+        "pro_max_fpr": 0.3,
         "thresholds": {"stage1": None, "stage2": None},
-        "images_per_s": {"stage1": test_result.images_per_s, "stage2": None, "cascade": None},
+        "stage2_map_stats": {"mean": stage2.map_mean_, "std": stage2.map_std_},
+        "images_per_s": {
+            "stage1": test1.images_per_s,
+            "stage2": test2.images_per_s,
+            "cascade": n_test / cascade_seconds if cascade_seconds > 0 else None,
+        },
         "seconds": {
             "decode": decode_seconds,
             "train_stage1": stage1.train_seconds_,
-            "train_stage2": None,
-            "score": val_result.seconds + test_result.seconds,
+            "train_stage2": stage2.train_seconds_,
+            "score": val1.seconds + test1.seconds + val2.seconds + test2.seconds + cascade2.seconds,
+            "score_cascade_test": cascade_seconds,
             "total": time.perf_counter() - started,
         },
         "counts": {
@@ -255,57 +434,77 @@ def run_pipeline(
             "val": len(decoded["val"]),
             "test_normal": int((labels == 0).sum()),
             "test_anomalous": int((labels == 1).sum()),
+            "test_flagged": len(flagged_test),
             "unreadable": len(failed),
         },
         "unreadable_images": [{"image": name, "reason": reason} for name, reason in failed],
-        "epochs": {"stage1": config.stage1.epochs},
+        "epochs": {"stage1": len(stage1.history_), "stage2": len(stage2.history_)},
+        "stage2_discriminator_resets": int(sum(h.get("discriminator_resets", 0) for h in stage2.history_)),
         "device": str(device),
         "notes": notes,
     }
-    val = table[table["split"] == "val"]
-    threshold = calibrate(val["stage1_loss"].to_numpy(), val["label"].to_numpy(), config.calibration)
-    metrics = _apply_threshold(run_dir, table, threshold, metrics)
+    metrics = _apply_cascade(run_dir, table, cascade, metrics)
     log.info(
-        "done in %.1f s: stage-1 image AUROC %s, pixel AUROC %s, flagged %.1f%% of test images -> %s",
-        metrics["seconds"]["total"], _auroc_text(image_metric.value), _auroc_text(pixel_metric.value),
+        "done in %.1f s: image AUROC stage 1 %s, stage 2 %s, cascade %s; pixel AUROC %s / %s / fused %s; "
+        "flagged %.1f%% of test images -> %s",
+        metrics["seconds"]["total"], *(_auroc_text(metrics["image_auroc"][k]) for k in ("stage1", "stage2", "cascade")),
+        *(_auroc_text(metrics["pixel_auroc"][k]) for k in ("stage1", "stage2", "fused")),
         100 * (metrics["flagged_fraction"] or 0.0), run_dir,
     )
     return RunResult(run_dir=run_dir, metrics=metrics, scores=table)
 
 
-def current_calibration(run_dir: str | Path) -> CalibrationConfig:
-    """The run's calibration config with the method and parameters of its current threshold."""
+# --------------------------------------------------------------------------------------------
+# re-calibration from saved scores
+
+
+def current_calibration(run_dir: str | Path, stage: str = "stage1") -> CalibrationConfig:
+    """The run's calibration config with the method and parameters of ``stage``'s current threshold."""
+    if stage not in ("stage1", "stage2"):
+        raise ValueError(f"stage must be 'stage1' or 'stage2', got {stage!r}")
     run_dir = Path(run_dir)
     calibration = load_run_config(run_dir).calibration
     path = run_dir / RUN_FILES["thresholds"]
     if path.is_file():
-        current = read_json(path).get("stage1") or {}
+        current = read_json(path).get(stage) or {}
         if current.get("method"):
             calibration = replace(calibration, method=current["method"], **current.get("params", {}))
     return calibration
 
 
-def calibrate_run(run_dir: str | Path, calibration: CalibrationConfig | None = None) -> Threshold:
-    """Re-pick the stage-1 threshold from the saved validation scores; no model, no retraining.
+def calibrate_run(
+    run_dir: str | Path,
+    calibration: CalibrationConfig | None = None,
+    *,
+    stages: tuple[str, ...] = ("stage1", "stage2"),
+) -> Cascade:
+    """Re-pick τ₁ and / or τ₂ from the saved validation scores; no model, no retraining.
 
-    Updates ``thresholds.json`` (earlier thresholds kept as history), the ``flagged`` and
-    ``decision`` columns of ``scores.csv``, the threshold-dependent entries of ``metrics.json``,
-    the loss-distribution plot and ``report.html``.
+    ``calibration`` applies to the thresholds named in ``stages``; the other keeps its current
+    method. Updates ``thresholds.json`` (earlier thresholds kept as history), the decision columns
+    of ``scores.csv``, the threshold-dependent entries of ``metrics.json`` (the cascade AUROC
+    among them: moving τ₁ changes which images stage 2 orders), the plots and ``report.html``.
     """
     run_dir = Path(run_dir)
-    calibration = calibration or current_calibration(run_dir)
-    calibration.validate()
+    unknown = set(stages) - {"stage1", "stage2"}
+    if unknown or not stages:
+        raise ValueError(f"stages must name stage1 and/or stage2, got {stages!r}")
+    chosen = {s: (calibration if calibration is not None and s in stages else current_calibration(run_dir, s)) for s in ("stage1", "stage2")}
+    for c in chosen.values():
+        c.validate()
     scores_path = run_dir / RUN_FILES["scores"]
     if not scores_path.is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} has no {RUN_FILES['scores']}: run the pipeline first")
-    table = pd.read_csv(scores_path, keep_default_na=False, dtype={"image": str, "category": str})
-    missing = [c for c in ("split", "label", "stage1_loss") if c not in table.columns]
+    table = pd.read_csv(scores_path, keep_default_na=False, na_values=[""], dtype={"image": str, "category": str})
+    missing = [c for c in ("split", "label", "stage1_loss", "stage2_score") if c not in table.columns]
     if missing:
-        raise DataError(f"{str(scores_path)!r} lacks column(s) {missing}; it was not written by twostage_ad")
+        raise DataError(f"{str(scores_path)!r} lacks column(s) {missing}; it was not written by this version of twostage_ad")
     val = table[table["split"] == "val"]
-    threshold = calibrate(val["stage1_loss"].to_numpy(), val["label"].to_numpy(), calibration)
+    cascade = fit_cascade(val["stage1_loss"].to_numpy(), val["stage2_score"].to_numpy(), val["label"].to_numpy(),
+                          chosen["stage1"], fusion=load_run_config(run_dir).cascade.fusion, calibration2=chosen["stage2"])
     metrics_path = run_dir / RUN_FILES["metrics"]
-    metrics = _apply_threshold(run_dir, table, threshold, read_json(metrics_path) if metrics_path.is_file() else {})
-    log.info("stage-1 threshold %s (%s %s): flags %.1f%% of test images", f"{threshold.value:.6g}", threshold.method,
-             threshold.params, 100 * (metrics.get("flagged_fraction") or 0.0))
-    return threshold
+    metrics = _apply_cascade(run_dir, table, cascade, read_json(metrics_path) if metrics_path.is_file() else {})
+    log.info("τ₁ %.6g (%s %s), τ₂ %.6g (%s %s): flags %.1f%% of test images, cascade AUROC %s",
+             cascade.stage1.value, cascade.stage1.method, cascade.stage1.params, cascade.stage2.value, cascade.stage2.method,
+             cascade.stage2.params, 100 * (metrics.get("flagged_fraction") or 0.0), _auroc_text(metrics["image_auroc"].get("cascade")))
+    return cascade

@@ -1,0 +1,44 @@
+"""Shared by the benchmark scripts: the git commit of a run and the append-only result tables."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from twostage_ad.runs import write_atomic, write_text_atomic
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+def git_commit() -> str:
+    """Short hash of HEAD, ``+dirty`` when tracked files differ from it."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True, text=True)
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    def cell(value: object) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def append_row(name: str, row: dict[str, Any], title: str) -> pd.DataFrame:
+    """Append ``row`` to ``results/<name>.csv`` and rewrite ``results/<name>.md`` from the CSV."""
+    RESULTS.mkdir(exist_ok=True)
+    csv_path = RESULTS / f"{name}.csv"
+    new = pd.DataFrame([row])
+    table = pd.concat([pd.read_csv(csv_path, keep_default_na=False), new]) if csv_path.exists() else new
+    write_atomic(csv_path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.4f"))
+    write_text_atomic(RESULTS / f"{name}.md", f"# {title}\n\n" + markdown_table(table))
+    return table
