@@ -188,10 +188,6 @@ class Stage2Config:
     normals' cells (fixed once, never per batch), bilinear-upsampled to the image. Image score:
     ``max`` of the map or the mean of its ``score_topk`` highest share of pixels (``topk``).
 
-    ``defect_probability > 0`` trains the generator to repair synthetic defects (the ``augment``
-    section's kinds) into the clean image, a deviation from GANomaly; the latent term then applies
-    to clean rows only.
-
     ``guidance: attention`` weighs each latent cell's difference by ``guidance_floor + (1 −
     guidance_floor)·max(1 − A)`` over the cell, A = stage 1's attention (1 = normal): stage 2's
     evidence counts fully where stage 1 also sees something and ``guidance_floor`` elsewhere.
@@ -204,7 +200,6 @@ class Stage2Config:
     w_adv: float = 1.0
     w_con: float = 50.0
     w_enc: float = 1.0
-    defect_probability: float = 0.0  # share of rows given a synthetic defect to repair (0 = GANomaly)
     score_reduction: str = "max"
     score_topk: float = 0.01
     guidance: str = "none"
@@ -225,7 +220,6 @@ class Stage2Config:
             value = getattr(self, name)
             _check(value >= 0, f"{prefix}.{name}", "a finite number >= 0", value)
         _check(self.w_con + self.w_enc + self.w_adv > 0, f"{prefix}.w_con", "> 0 when w_enc and w_adv are 0", self.w_con)
-        _check(0.0 <= self.defect_probability < 1.0, f"{prefix}.defect_probability", "in [0, 1)", self.defect_probability)
         _check(self.score_reduction in SCORE_REDUCTIONS, f"{prefix}.score_reduction", f"one of {SCORE_REDUCTIONS}", self.score_reduction)
         _check(0.0 < self.score_topk <= 1.0, f"{prefix}.score_topk", "in (0, 1]", self.score_topk)
         _check(self.guidance in GUIDANCE_MODES, f"{prefix}.guidance", f"one of {GUIDANCE_MODES}", self.guidance)

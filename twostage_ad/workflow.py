@@ -241,7 +241,7 @@ def _stage1(config: Config, images: np.ndarray, run_dir: Path, device: torch.dev
 def _stage2(config: Config, images: np.ndarray, run_dir: Path, device: torch.device, checkpoint: Path | None, progress: bool) -> PatchScorerStage:
     path = run_dir / RUN_FILES["checkpoints"] / "stage2.pt"
     if checkpoint is None:
-        stage = PatchScorerStage(config=config.stage2, augment=config.augment, image_size=config.data.image_size,
+        stage = PatchScorerStage(config=config.stage2, image_size=config.data.image_size,
                                  channels=config.data.channels, device=str(device), seed=config.run.seed,
                                  num_workers=config.run.num_workers)
         return stage.fit(images, checkpoint_path=path, progress=progress)

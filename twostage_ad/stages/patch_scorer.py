@@ -4,11 +4,6 @@ Training (normal images only, no augmentation), all losses mean-reduced, weights
 :class:`~twostage_ad.config.Stage2Config` (GANomaly: 1 / 50 / 1):
 
 - generator: ``w_adv·BCE(D(x̂), 1) + w_con·L1(x̂, x) + w_enc·L2(z, ẑ)`` with logits;
-- optional repair training (``defect_probability > 0``, a deviation from GANomaly): that share
-  of each batch gets one of stage 1's synthetic defects and the generator must reconstruct the
-  *clean* image from it; the latent term is applied to clean rows only, so G_E is not pushed to
-  drop the defect from z and E (which only ever sees repaired images) cannot predict it: z − ẑ
-  grows where the defect is;
 - discriminator: ``BCE(D(x), 1) + BCE(D(x̂), 0)`` in one concatenated forward (DDP-safe). When
   its loss falls below 1e-5 it has won outright and gives the generator no signal: it is
   re-initialised and the event is logged and counted in the history (as GANomaly does).
@@ -25,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +29,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
-from twostage_ad.config import AugmentConfig, Stage2Config
+from twostage_ad.config import Stage2Config
 from twostage_ad.data.images import to_tensor
 from twostage_ad.models.ganomaly2d import GANomaly2D, PatchDiscriminator
 from twostage_ad.runs import load_checkpoint, save_checkpoint
-from twostage_ad.stages.attention import DefectDataset, resolve_device
+from twostage_ad.stages.attention import resolve_device
 
 __all__ = ["PatchScoreResult", "generator_loss", "discriminator_loss", "guide", "patch_scores", "PatchScorerStage"]
 
@@ -61,19 +56,11 @@ def generator_loss(
     latent_reconstructed: torch.Tensor,
     fake_logits: torch.Tensor | None,
     config: Stage2Config,
-    latent_rows: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """GANomaly's generator loss terms and their weighted ``total`` (all mean-reduced).
-
-    ``x`` is the target (the clean image); ``latent_rows`` (bool, ``B``) limits the latent term
-    to those rows (all rows when None).
-    """
-    latent_err = (latent_reconstructed - latent).pow(2).flatten(1).mean(dim=1)
-    if latent_rows is not None:
-        latent_err = latent_err[latent_rows] if latent_rows.any() else latent_err * 0.0
+    """GANomaly's generator loss terms and their weighted ``total`` (all mean-reduced)."""
     terms = {
         "recon": F.l1_loss(reconstruction, x),
-        "latent": latent_err.mean(),
+        "latent": F.mse_loss(latent_reconstructed, latent),
     }
     total = config.w_con * terms["recon"] + config.w_enc * terms["latent"]
     if fake_logits is not None:
@@ -180,11 +167,6 @@ def patch_scores(
 # the stage as an estimator
 
 
-def _worker_init(worker_id: int) -> None:
-    info = torch.utils.data.get_worker_info()
-    info.dataset.reseed(int(torch.initial_seed() % 2**31))
-
-
 def _reset_parameters(module: torch.nn.Module) -> None:
     for sub in module.modules():
         if sub is not module and hasattr(sub, "reset_parameters"):
@@ -200,7 +182,6 @@ class PatchScorerStage:
     """
 
     config: Stage2Config = field(default_factory=Stage2Config)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)  # defect kinds for repair training
     image_size: int = 32
     channels: int = 1
     device: str = "auto"
@@ -224,7 +205,7 @@ class PatchScorerStage:
         torch.manual_seed(self.seed)
         self._build()
         c = self.config
-        dataset = DefectDataset(images, replace(self.augment, probability=c.defect_probability), seed=self.seed + 1)
+        dataset = TensorDataset(to_tensor(images))  # decoded once, N×C×H×W in [-1, 1], on the CPU
         loader = DataLoader(
             dataset,
             batch_size=min(c.batch_size, len(dataset)),
@@ -232,7 +213,6 @@ class PatchScorerStage:
             drop_last=len(dataset) > c.batch_size,  # no ragged last batch (BatchNorm)
             num_workers=self.num_workers,
             generator=torch.Generator().manual_seed(self.seed),
-            worker_init_fn=_worker_init if self.num_workers > 0 else None,
             persistent_workers=self.num_workers > 0,
         )
         g_opt = torch.optim.Adam(self.model_.parameters(), lr=c.lr, betas=(0.5, 0.999))
@@ -247,8 +227,7 @@ class PatchScorerStage:
             sums: dict[str, float] = {}
             resets = steps = 0
             for step, batch in enumerate(tqdm(loader, desc=f"epoch {epoch}", unit="batch", disable=not progress, leave=False)):
-                x_in, x_clean, _, is_defect = (t.to(self.device_, non_blocking=True) for t in batch)
-                losses = self._train_step(x_in, x_clean, is_defect, g_opt, d_opt, use_amp)
+                losses = self._train_step(batch[0].to(self.device_, non_blocking=True), g_opt, d_opt, use_amp)
                 steps += 1
                 if losses["discriminator"] < COLLAPSE_LOSS:
                     _reset_parameters(self.discriminator_)
@@ -273,20 +252,17 @@ class PatchScorerStage:
         self.model_.eval()
         return self
 
-    def _train_step(
-        self, x_in: torch.Tensor, x: torch.Tensor, is_defect: torch.Tensor,
-        g_opt: torch.optim.Optimizer, d_opt: torch.optim.Optimizer, use_amp: bool,
-    ) -> dict[str, float]:
-        """One generator and one discriminator update; ``x_in`` may carry synthetic defects, ``x`` is clean."""
+    def _train_step(self, x: torch.Tensor, g_opt: torch.optim.Optimizer, d_opt: torch.optim.Optimizer, use_amp: bool) -> dict[str, float]:
+        """One generator and one discriminator update on a batch of normal images."""
         c = self.config
         with torch.autocast(self.device_.type, dtype=torch.bfloat16, enabled=use_amp):
-            out = self.model_(x_in)
+            out = self.model_(x)
             self.discriminator_.requires_grad_(False)  # the generator step leaves D's gradients alone
             fake_logits = self.discriminator_(out.reconstruction) if c.w_adv > 0 else None
             self.discriminator_.requires_grad_(True)
         terms = generator_loss(
             x, out.reconstruction.float(), out.latent.float(), out.latent_reconstructed.float(),
-            None if fake_logits is None else fake_logits.float(), c, latent_rows=~is_defect,
+            None if fake_logits is None else fake_logits.float(), c,
         )
         g_opt.zero_grad(set_to_none=True)
         terms["total"].backward()
@@ -346,7 +322,6 @@ class PatchScorerStage:
             "model": self.model_.state_dict(),
             "discriminator": self.discriminator_.state_dict(),
             "config": asdict(self.config),
-            "augment": asdict(self.augment),
             "image_size": self.image_size,
             "channels": self.channels,
             "seed": self.seed,
@@ -365,12 +340,10 @@ class PatchScorerStage:
             raise ValueError(f"{str(path)!r} is not a twostage_ad stage-2 checkpoint (format {payload.get('format')!r})")
         try:
             config = Stage2Config(**payload["config"])
-            augment = AugmentConfig(**payload["augment"])
             config.validate()
-            augment.validate()
         except (TypeError, ValueError) as exc:
             raise ValueError(f"checkpoint {str(path)!r} holds a config this version cannot use: {exc}") from exc
-        stage = cls(config=config, augment=augment, image_size=payload["image_size"], channels=payload["channels"], device=device, seed=payload["seed"])
+        stage = cls(config=config, image_size=payload["image_size"], channels=payload["channels"], device=device, seed=payload["seed"])
         stage._build()
         stage.model_.load_state_dict(payload["model"])
         stage.discriminator_.load_state_dict(payload["discriminator"])
