@@ -2,6 +2,8 @@
 
     python benchmarks/cascade.py --config pipelines/mtd.yaml [--set stage2.guidance=attention ...]
         [--stage1-from RUN/checkpoints/stage1.pt] [--stage2-from RUN/checkpoints/stage2.pt] [--note "..."]
+    python benchmarks/cascade.py --from-run RUN_DIR --note "..."   # record a finished `run` instead
+
 
 Each run appends one row to ``benchmarks/results/cascade.csv`` (git commit, config, overrides,
 reused checkpoints, training seconds, image AUROC of stage 1 / stage 2 / cascade, pixel AUROC
@@ -22,12 +24,14 @@ import pandas as pd
 from _results import append_row, git_commit
 
 from twostage_ad.config import load_config
-from twostage_ad.workflow import run_pipeline
+from twostage_ad.runs import read_json
+from twostage_ad.workflow import load_run_config, run_pipeline
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--config", type=Path, help="pipeline config to run")
+    parser.add_argument("--from-run", type=Path, help="record an existing run folder's metrics.json instead of running")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--stage1-from", type=Path, help="reuse a trained stage 1 checkpoint")
     parser.add_argument("--stage2-from", type=Path, help="reuse a trained stage 2 checkpoint")
@@ -36,18 +40,30 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    config = load_config(args.config, args.overrides)
-    output = args.output or Path(tempfile.mkdtemp(prefix="twostage-bench-")) / config.run.name
-    started = time.strftime("%Y-%m-%d %H:%M")
-    wall = time.perf_counter()
-    metrics = run_pipeline(config, output, progress=False, stage1_checkpoint=args.stage1_from,
-                           stage2_checkpoint=args.stage2_from).metrics
-    wall = time.perf_counter() - wall
-    reused = " ".join(f"{name}={path}" for name, path in (("stage1", args.stage1_from), ("stage2", args.stage2_from)) if path)
+    if (args.config is None) == (args.from_run is None):
+        parser.error("give either --config (run the pipeline) or --from-run (record a finished run)")
+    if args.from_run is not None:
+        output = args.from_run
+        config = load_run_config(output)
+        metrics = read_json(output / "metrics.json")
+        started = time.strftime("%Y-%m-%d %H:%M", time.localtime((output / "metrics.json").stat().st_mtime))
+        wall = metrics["seconds"]["total"]
+        reused = " ".join(f"{k}: {v}" for k, v in metrics["notes"].items() if k.endswith(".reused"))
+        config_name = f"run {output.name}"
+    else:
+        config = load_config(args.config, args.overrides)
+        output = args.output or Path(tempfile.mkdtemp(prefix="twostage-bench-")) / config.run.name
+        started = time.strftime("%Y-%m-%d %H:%M")
+        wall = time.perf_counter()
+        metrics = run_pipeline(config, output, progress=False, stage1_checkpoint=args.stage1_from,
+                               stage2_checkpoint=args.stage2_from).metrics
+        wall = time.perf_counter() - wall
+        reused = " ".join(f"{name}={path}" for name, path in (("stage1", args.stage1_from), ("stage2", args.stage2_from)) if path)
+        config_name = args.config.name
     row = {
         "date": started,
         "commit": git_commit(),
-        "config": args.config.name,
+        "config": config_name,
         "category": config.data.category or "",
         "overrides": " ".join(args.overrides),
         "reused": reused,
