@@ -15,4 +15,5 @@ size = sys.argv[3] if len(sys.argv) > 3 else "128"
 config = load_config(None, [f"data.source={layout}", f"data.path={root}", f"data.image_size={size}", "run.name=folder"])
 result = run_pipeline(config)
 print(f"run folder: {result.run_dir}")
-print("stage-1 image AUROC:", result.metrics["image_auroc"]["stage1"], "pixel AUROC:", result.metrics["pixel_auroc"]["stage1"])
+print("image AUROC:", result.metrics["image_auroc"])
+print("pixel AUROC:", result.metrics["pixel_auroc"], "PRO:", result.metrics["pro"])

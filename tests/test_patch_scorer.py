@@ -14,7 +14,7 @@ from conftest import textured
 def fitted():
     rng = np.random.default_rng(0)
     images = np.stack([textured(rng, size=32)[..., None] for _ in range(16)])
-    stage = PatchScorerStage(Stage2Config(epochs=2, width_divisor=16, batch_size=4), image_size=32, channels=1, device="cpu")
+    stage = PatchScorerStage(Stage2Config(epochs=2, width_divisor=16, batch_size=4, guidance="none"), image_size=32, channels=1, device="cpu")
     stage.fit(images[:12], progress=False).fit_normalisation(images[12:])
     return stage, images
 
@@ -67,7 +67,7 @@ def test_topk_reduction_is_between_mean_and_max(fitted):
     stage, images = fitted
     top = PatchScorerStage.__new__(PatchScorerStage)
     top.__dict__.update(stage.__dict__)
-    top.config = Stage2Config(width_divisor=16, score_reduction="topk", score_topk=0.1)
+    top.config = Stage2Config(width_divisor=16, score_reduction="topk", score_topk=0.1, guidance="none")
     result_top, result_max = top.score(images[12:], progress=False), stage.score(images[12:], progress=False)
     assert (result_top.scores <= result_max.scores + 1e-6).all()
     assert (result_top.scores >= result_max.maps.reshape(4, -1).mean(axis=1)).all()

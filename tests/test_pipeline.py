@@ -14,6 +14,8 @@ from twostage_ad.pipeline import main
 from twostage_ad.runs import RunExistsError, load_checkpoint
 from twostage_ad.workflow import calibrate_run, run_pipeline
 
+from conftest import REPO
+
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
@@ -28,7 +30,7 @@ def test_run_writes_the_contract_files(tiny_run):
                  "checkpoints/stage1.pt", "checkpoints/stage2.pt", "plots/stage1_loss_distribution.png",
                  "plots/stage1_overlays.png", "plots/stage1_training.png", "plots/stage2_training.png",
                  "plots/stage2_score_distribution.png", "plots/cascade_score_distribution.png",
-                 "plots/stage2_overlays_flagged.png", "maps/test_maps.npz"):
+                 "plots/stage2_overlays_flagged.png", "plots/roc.png", "maps/test_maps.npz", "history.json"):
         assert (run_dir / name).is_file(), name
     scores = pd.read_csv(run_dir / "scores.csv")
     for column in ("image", "label", "split", "category", "stage1_loss", "stage1_recon", "stage1_latent",
@@ -49,7 +51,8 @@ def test_run_writes_the_contract_files(tiny_run):
     assert metrics["thresholds"] == {"stage1": thresholds["stage1"]["value"], "stage2": thresholds["stage2"]["value"]}
     assert (scores["flagged"] == (scores["stage1_loss"] > thresholds["stage1"]["value"])).all()
     flagged = scores[scores["flagged"]]
-    assert (flagged["decision"] == (flagged["stage2_score"] > thresholds["stage2"]["value"]).astype(int)).all()
+    assert (flagged["decision"] == (flagged["stage2_decision_score"] > thresholds["stage2"]["value"]).astype(int)).all()
+    assert scores.loc[~scores["flagged"], "stage2_decision_score"].isna().all()
     assert (scores.loc[~scores["flagged"], "decision"] == 0).all()
     for key in ("train_stage1", "train_stage2", "score", "total"):
         assert metrics["seconds"][key] > 0
@@ -62,6 +65,24 @@ def test_html_report_references_only_existing_files(tiny_run):
     page = (tiny_run.run_dir / "report.html").read_text()
     refs = re.findall(r'(?:src|href)="([^"]+)"', page)
     assert refs and all((tiny_run.run_dir / ref).is_file() for ref in refs)
+    assert "plots/roc.png" in refs and "scores.csv" in refs
+
+
+def test_report_rebuilds_every_plot_from_saved_files(tiny_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir, run_dir)
+    shutil.rmtree(run_dir / "checkpoints")  # no model needed
+    shutil.rmtree(run_dir / "plots")
+    (run_dir / "report.html").unlink()
+    assert main(["-q", "report", str(run_dir), "--log-scale", "--examples", "3"]) == 0
+    page = (run_dir / "report.html").read_text()
+    images = re.findall(r'src="([^"]+)"', page)
+    expected = {"plots/roc.png", "plots/stage1_loss_distribution.png", "plots/stage2_score_distribution.png",
+                "plots/cascade_score_distribution.png", "plots/stage1_training.png", "plots/stage2_training.png",
+                "plots/stage1_overlays.png", "plots/stage2_overlays_flagged.png"}
+    assert expected <= set(images) and all((run_dir / ref).is_file() for ref in images)
+    assert "anomalous, missed" in page  # the confusion table
+    assert main(["-q", "report", str(tmp_path / "nope")]) == 2
 
 
 def test_existing_run_folder_is_never_silently_overwritten(tiny_run):
@@ -112,7 +133,7 @@ def test_calibrate_changes_the_threshold_and_keeps_history(tiny_run, tmp_path, c
     assert main(["-q", "calibrate", str(run_dir), "--k", "2.5"]) == 0
     current = json.loads((run_dir / "thresholds.json").read_text())["stage1"]
     assert current["method"] == "meanstd" and current["params"] == {"k": 2.5}
-    assert f"<td>thresholds.stage1</td><td>{current['value']:.4f}</td>" in (run_dir / "report.html").read_text()
+    assert f"<tr><td>threshold</td><td>{current['value']:.4f}</td>" in (run_dir / "report.html").read_text()
 
 
 def test_calibrating_one_stage_keeps_the_other_and_updates_the_cascade(tiny_run, tmp_path):
@@ -165,3 +186,13 @@ def test_cli_reports_config_errors_without_a_traceback(tmp_path):
     assert proc.returncode == 2
     assert "stage1.epochs must be an integer >= 1, got 0" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_recalibrate_example_runs_on_a_finished_run(tiny_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir, run_dir)
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "recalibrate.py"), str(run_dir)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("τ₁") == 3
+    assert json.loads((run_dir / "thresholds.json").read_text())["stage1"]["method"] == "quantile"

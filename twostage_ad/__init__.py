@@ -1,3 +1,28 @@
-"""twostage_ad: two-stage visual anomaly detection (attention-network screen, GANomaly2D scorer)."""
+"""twostage_ad: two-stage visual anomaly detection (attention-network screen, GANomaly2D scorer).
+
+Public API (imported lazily, so ``python -m twostage_ad.pipeline --help`` does not load torch):
+``TwoStageDetector`` (a finished run: ``TwoStageDetector.from_run(run_dir).predict(images)``),
+``load_config``, ``run_pipeline`` (train from a config object) and ``calibrate_run``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
+__all__ = ["TwoStageDetector", "load_config", "run_pipeline", "calibrate_run"]
+
+_LOCATIONS = {
+    "TwoStageDetector": "twostage_ad.detector",
+    "load_config": "twostage_ad.config",
+    "run_pipeline": "twostage_ad.workflow",
+    "calibrate_run": "twostage_ad.workflow",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LOCATIONS:
+        import importlib
+
+        return getattr(importlib.import_module(_LOCATIONS[name]), name)
+    raise AttributeError(f"module 'twostage_ad' has no attribute {name!r}")

@@ -86,6 +86,19 @@ class Cascade:
         out["stage2"] = self.stage2.to_dict()
         return out
 
+    @classmethod
+    def from_dict(cls, thresholds: dict[str, Any]) -> "Cascade":
+        """From ``thresholds.json``: ``stage1`` and ``stage2`` thresholds and the ``cascade`` statistics."""
+        try:
+            stats = thresholds["cascade"]
+            return cls(
+                stage1=Threshold.from_dict(thresholds["stage1"]),
+                stage2=Threshold.from_dict(thresholds["stage2"]),
+                **{k: stats[k] for k in ("fusion", "stage1_mean", "stage1_std", "stage2_mean", "stage2_std", "second_std")},
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"thresholds lack the cascade entry {exc}; re-run calibrate on this run") from exc
+
 
 def second_stage_score(
     fusion: str,

@@ -1,4 +1,4 @@
-"""Command line: ``python -m twostage_ad.pipeline {run,calibrate} ...`` — thin over :mod:`twostage_ad.workflow`."""
+"""Command line: ``python -m twostage_ad.pipeline {run,calibrate,report,predict} ...`` — thin over :mod:`twostage_ad.workflow`."""
 
 from __future__ import annotations
 
@@ -42,6 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--k", type=float, help="k for --method meanstd (mean + k·std)")
     cal.add_argument("--fpr", type=float, help="target false-positive rate for --method fpr")
     cal.add_argument("--recall", type=float, help="target recall for --method recall")
+
+    rep = sub.add_parser("report", help="redraw every plot and report.html from a run's saved files (no model)")
+    rep.add_argument("run_dir", type=Path)
+    rep.add_argument("--log-scale", action="store_true", help="log-scale score axes (where every score is > 0)")
+    rep.add_argument("--examples", type=int, metavar="N", help="images per overlay / worst-case plot (default run.overlays)")
+
+    pred = sub.add_parser("predict", help="score new images with a finished run")
+    pred.add_argument("run_dir", type=Path)
+    pred.add_argument("paths", nargs="+", help="image files, folders and glob patterns (quote globs)")
+    pred.add_argument("--output", type=Path, default=Path("predictions.csv"), help="CSV to write (default predictions.csv)")
+    pred.add_argument("--maps", type=Path, metavar="NPZ", help="also save the anomaly maps to this .npz file")
+    pred.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    pred.add_argument("--all-stages", action="store_true", help="run stage 2 on every image, not only flagged ones")
+    pred.add_argument("--batch-size", type=int, help="images per batch (default: the run's score_batch_size)")
+    pred.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     return parser
 
 
@@ -88,6 +103,18 @@ def main(argv: list[str] | None = None) -> int:
             current = workflow.current_calibration(args.run_dir, stages[0])
             cascade = workflow.calibrate_run(args.run_dir, _calibration_from_args(current, args), stages=stages)
             print(json.dumps({"stage1": cascade.stage1.to_dict(), "stage2": cascade.stage2.to_dict()}, indent=2))
+        elif args.command == "report":
+            if args.examples is not None and args.examples < 0:
+                raise ConfigError(f"--examples must be >= 0, got {args.examples}")
+            print(workflow.build_report(args.run_dir, log_scale=args.log_scale, examples=args.examples))
+        elif args.command == "predict":
+            if args.batch_size is not None and args.batch_size < 1:
+                raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+            summary = workflow.predict_files(
+                args.run_dir, args.paths, args.output, maps_path=args.maps, overwrite=args.overwrite,
+                all_stages=args.all_stages, batch_size=args.batch_size, device=args.device, progress=not args.quiet,
+            )
+            print(json.dumps(summary, indent=2))
     except (ValueError, RuntimeError, FileExistsError, FileNotFoundError) as exc:
         # ConfigError, DataError and CalibrationError are ValueErrors; all carry a message
         # naming the field or file and the fix. Anything else is a bug and keeps its traceback.

@@ -1,8 +1,9 @@
 """Plots and the HTML summary of a run, drawn from saved outputs (no model needed).
 
-- loss distribution: seaborn ``histplot`` + ``kdeplot`` of the test screening loss, hue = label,
-  with the calibrated threshold drawn;
-- training curves of stage 1;
+- score distributions: seaborn ``histplot`` + ``kdeplot`` of a test score, hue = label (or the
+  defect category), with the calibrated threshold drawn; a log-scale option;
+- ROC curves of stage 1, stage 2 and the cascade with their AUROC in the legend;
+- training curves of both stages;
 - overlays: test anomalies with their ground truth outlined and the anomaly map on one global
   colour scale (``1 − A`` in [0, 1], fixed, never per image), a colour bar and the 0.5 contour.
 """
@@ -17,10 +18,19 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from twostage_ad.runs import write_atomic, write_text_atomic
 
-__all__ = ["plot_loss_distribution", "plot_training_curves", "plot_overlays", "write_html_report"]
+__all__ = [
+    "plot_loss_distribution",
+    "plot_category_distribution",
+    "plot_roc_curves",
+    "plot_training_curves",
+    "plot_overlays",
+    "plot_map_pairs",
+    "write_html_report",
+]
 
 LABEL_NAMES = {0: "normal", 1: "anomalous"}
 PALETTE = {"normal": "#4C72B0", "anomalous": "#DD5246"}
@@ -41,18 +51,39 @@ def plot_loss_distribution(
     table: pd.DataFrame, score_column: str, threshold: float | None, path: Path, *, title: str, log_scale: bool = False
 ) -> Path:
     """Histogram + KDE of ``score_column`` on the test rows, normal vs anomalous, threshold line."""
-    test = table[table["split"] == "test"].copy()
+    test = table[(table["split"] == "test") & table[score_column].notna()].copy()
     test["label"] = test["label"].map(LABEL_NAMES)
+    return _distribution(test, score_column, "label", PALETTE, threshold, path, title=title, log_scale=log_scale)
+
+
+def plot_category_distribution(
+    table: pd.DataFrame, score_column: str, threshold: float | None, path: Path, *, title: str, log_scale: bool = False
+) -> Path:
+    """Like :func:`plot_loss_distribution`, one colour per defect category (normals in grey)."""
+    test = table[(table["split"] == "test") & table[score_column].notna()].copy()
+    test["group"] = np.where(test["label"] == 0, "normal", test["category"].astype(str))
+    groups = sorted(set(test["group"]) - {"normal"})
+    palette = {"normal": "#7f7f7f", **dict(zip(groups, sns.color_palette("tab10", len(groups)).as_hex()))}
+    return _distribution(test, score_column, "group", palette, threshold, path, title=title, log_scale=log_scale)
+
+
+def _distribution(
+    test: pd.DataFrame, score_column: str, hue: str, palette: dict[str, str], threshold: float | None, path: Path,
+    *, title: str, log_scale: bool,
+) -> Path:
     fig, axes = _subplots()
     ax = axes[0, 0]
+    if log_scale and len(test) and (test[score_column] <= 0).any():
+        log_scale = False  # a log axis cannot show scores <= 0 (standardised stage-2 scores)
+        title += " (linear: scores <= 0)"
     if len(test):
         sns.histplot(
-            data=test, x=score_column, hue="label", palette=PALETTE, stat="density", common_norm=False,
+            data=test, x=score_column, hue=hue, palette=palette, stat="density", common_norm=False,
             element="step", alpha=0.3, log_scale=log_scale, ax=ax,
         )
-        if test[score_column].nunique() > 1 and all(len(g) > 1 for _, g in test.groupby("label")):
+        if test[score_column].nunique() > 1 and all(len(g) > 1 for _, g in test.groupby(hue)):
             sns.kdeplot(
-                data=test, x=score_column, hue="label", palette=PALETTE, common_norm=False,
+                data=test, x=score_column, hue=hue, palette=palette, common_norm=False,
                 log_scale=log_scale, ax=ax, legend=False, warn_singular=False, cut=0,
             )
     if threshold is not None:
@@ -61,6 +92,27 @@ def plot_loss_distribution(
                     xytext=(4, -12), textcoords="offset points", fontsize=8)
     ax.set_title(title)
     ax.set_xlabel(score_column)
+    return _save(fig, path)
+
+
+def plot_roc_curves(table: pd.DataFrame, columns: dict[str, str], path: Path, *, title: str = "ROC, test split") -> Path:
+    """ROC curve of each ``{legend name: score column}`` on the test rows, AUROC in the legend."""
+    test = table[table["split"] == "test"]
+    fig, axes = _subplots(figsize=(5.5, 5))
+    ax = axes[0, 0]
+    labels = test["label"].to_numpy()
+    if len(np.unique(labels)) == 2:
+        for name, column in columns.items():
+            scores = test[column].to_numpy(dtype=float)
+            if not np.all(np.isfinite(scores)):
+                continue
+            fpr, tpr, _ = roc_curve(labels, scores)
+            ax.plot(fpr, tpr, label=f"{name} (AUROC {roc_auc_score(labels, scores):.3f})", linewidth=1.5)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("false-positive rate")
+    ax.set_ylabel("true-positive rate")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
     return _save(fig, path)
 
 
@@ -116,6 +168,45 @@ def plot_overlays(
     return _save(fig, path)
 
 
+def plot_map_pairs(
+    images: np.ndarray,
+    stage1_maps: np.ndarray,
+    stage2_maps: np.ndarray,
+    masks: np.ndarray,
+    titles: list[str],
+    path: Path,
+    *,
+    stage2_max: float,
+    stage2_level: float,
+) -> Path:
+    """Rows of (image + ground truth, stage-1 map on [0, 1], stage-2 map on [0, ``stage2_max``])."""
+    n = len(images)
+    fig, axes = _subplots(max(n, 1), 3, figsize=(8.5, 2.8 * max(n, 1)))
+    shown = [None, None]
+    for row in range(n):
+        image = images[row]
+        for ax in axes[row]:
+            if image.shape[-1] == 1:
+                ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255)
+            else:
+                ax.imshow(image)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if masks[row].any():
+                ax.contour(masks[row], levels=[0.5], colors="lime", linewidths=0.8)
+        axes[row, 0].set_title(titles[row], fontsize=8)
+        shown[0] = axes[row, 1].imshow(stage1_maps[row], cmap="inferno", vmin=0.0, vmax=1.0, alpha=0.6)
+        axes[row, 1].set_title(f"stage 1, max {stage1_maps[row].max():.2f}", fontsize=8)
+        shown[1] = axes[row, 2].imshow(stage2_maps[row], cmap="inferno", vmin=0.0, vmax=stage2_max, alpha=0.6)
+        if stage2_maps[row].max() > stage2_level:
+            axes[row, 2].contour(stage2_maps[row], levels=[stage2_level], colors="cyan", linewidths=0.8)
+        axes[row, 2].set_title(f"stage 2, max {stage2_maps[row].max():.2f}", fontsize=8)
+    if n:
+        fig.colorbar(shown[0], ax=axes[:, 1].tolist(), shrink=0.5, label="stage 1 (1 − A)")
+        fig.colorbar(shown[1], ax=axes[:, 2].tolist(), shrink=0.5, label="stage 2 (validation-normal σ)")
+    return _save(fig, path)
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "—"
@@ -124,34 +215,82 @@ def _fmt(value: Any) -> str:
     return html.escape(str(value))
 
 
-def write_html_report(run_dir: Path, metrics: dict[str, Any], title: str) -> Path:
-    """A small page beside the run's files: headline metrics and every plot in ``plots/``."""
-    plots = sorted(str(p.relative_to(run_dir)) for p in (run_dir / "plots").glob("*.png"))
-    rows = []
-    for group in ("image_auroc", "pixel_auroc", "pro", "thresholds", "images_per_s", "seconds"):
+PLOT_CAPTIONS = {
+    "roc.png": "ROC curves on the test split: stage 1 alone, stage 2 alone (scored on every image), the cascade.",
+    "stage1_loss_distribution.png": "Stage-1 screening loss of test images; the dashed line is τ₁ (above it: flagged).",
+    "stage1_loss_by_category.png": "Stage-1 screening loss by defect category.",
+    "stage2_score_distribution.png": "Stage-2 image score of every test image (for analysis; the cascade only runs it on flagged ones).",
+    "stage2_score_by_category.png": "Stage-2 image score by defect category.",
+    "cascade_score_distribution.png": "Cascade score: (0, 0.5] unflagged, (1, 2) flagged; above 1.5 decided anomalous.",
+    "cascade_score_by_category.png": "Cascade score by defect category.",
+    "worst_false_negatives.png": "Anomalies the cascade let through, lowest cascade score first, with both maps.",
+    "worst_false_positives.png": "Normal images the cascade rejected, highest cascade score first, with both maps.",
+    "stage1_overlays.png": "Stage-1 anomaly map (1 − A) on test anomalies; ground truth in green; one fixed colour scale.",
+    "stage2_overlays_flagged.png": "Stage-2 map on flagged test images, in σ of validation-normal cells; cyan contour at the decision level.",
+    "stage1_training.png": "Stage-1 training losses per epoch.",
+    "stage2_training.png": "Stage-2 training losses per epoch.",
+}
+
+
+def _stage_table(metrics: dict[str, Any]) -> str:
+    """Rows = metrics, columns = stage 1 / stage 2 / cascade (fused maps for pixel metrics)."""
+    rows = [("image AUROC", "image_auroc", ("stage1", "stage2", "cascade")),
+            ("pixel AUROC", "pixel_auroc", ("stage1", "stage2", "fused")),
+            ("PRO (FPR ≤ 0.3)", "pro", ("stage1", "stage2", "fused")),
+            ("threshold", "thresholds", ("stage1", "stage2", None)),
+            ("images/s", "images_per_s", ("stage1", "stage2", "cascade"))]
+    out = ["<tr><th></th><th>stage 1</th><th>stage 2</th><th>cascade (fused maps)</th></tr>"]
+    for name, group, keys in rows:
         values = metrics.get(group)
-        if not isinstance(values, dict):
-            rows.append(f"<tr><td>{group}</td><td>{_fmt(values)}</td></tr>")
-            continue
-        for key, value in values.items():
-            rows.append(f"<tr><td>{group}.{html.escape(key)}</td><td>{_fmt(value)}</td></tr>")
-    for key in ("flagged_fraction", "stage1_recall_at_threshold", "cascade_recall", "cascade_false_positive_rate"):
-        rows.append(f"<tr><td>{key}</td><td>{_fmt(metrics.get(key))}</td></tr>")
+        cells = [_fmt(values.get(k)) if isinstance(values, dict) and k else "—" for k in keys]
+        out.append(f"<tr><td>{name}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return "<table>" + "".join(out) + "</table>"
+
+
+def _confusion_table(confusion: dict[str, dict[str, int]]) -> str:
+    out = ["<tr><th></th><th>anomalous, caught</th><th>anomalous, missed</th><th>normal, passed</th><th>normal, rejected</th></tr>"]
+    for name, counts in confusion.items():
+        cells = [counts.get(k) for k in ("true_positive", "false_negative", "true_negative", "false_positive")]
+        out.append(f"<tr><td>{html.escape(name.replace('_', ' '))}</td>" + "".join(f"<td>{_fmt(c)}</td>" for c in cells) + "</tr>")
+    return "<table>" + "".join(out) + "</table>"
+
+
+def write_html_report(run_dir: Path, metrics: dict[str, Any], title: str) -> Path:
+    """One page beside the run's files: headline metrics, confusion counts, notes and every plot."""
+    present = {p.name for p in (run_dir / "plots").glob("*.png")}
+    ordered = [name for name in PLOT_CAPTIONS if name in present] + sorted(present - set(PLOT_CAPTIONS))
+    rows = []
+    for key in ("flagged_fraction", "stage1_recall_at_threshold", "stage1_false_positive_rate", "cascade_recall",
+                "cascade_false_positive_rate"):
+        rows.append(f"<tr><td>{key.replace('_', ' ')}</td><td>{_fmt(metrics.get(key))}</td></tr>")
+    for key, value in (metrics.get("seconds") or {}).items():
+        rows.append(f"<tr><td>seconds {html.escape(key.replace('_', ' '))}</td><td>{_fmt(value)}</td></tr>")
+    counts = ", ".join(f"{html.escape(k.replace('_', ' '))} {v}" for k, v in (metrics.get("counts") or {}).items())
     notes = "".join(f"<li>{html.escape(k)}: {html.escape(str(v))}</li>" for k, v in (metrics.get("notes") or {}).items())
+    unreadable = "".join(f"<li>{html.escape(u['image'])}: {html.escape(u['reason'])}</li>" for u in metrics.get("unreadable_images", []))
     figures = "".join(
-        f'<figure><img src="{html.escape(p)}" alt="{html.escape(p)}"><figcaption>{html.escape(p)}</figcaption></figure>'
-        for p in plots
+        f'<figure><img src="plots/{html.escape(name)}" alt="{html.escape(name)}">'
+        f"<figcaption>{html.escape(PLOT_CAPTIONS.get(name, name))}</figcaption></figure>"
+        for name in ordered
     )
+    confusion = metrics.get("confusion")
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse}}td{{border:1px solid #ccc;padding:3px 10px}}
-img{{max-width:100%;border:1px solid #ddd}}figure{{margin:1.5em 0}}</style></head>
+table{{border-collapse:collapse;margin:0.5em 0}}td,th{{border:1px solid #ccc;padding:3px 10px;text-align:right}}
+td:first-child{{text-align:left}}img{{max-width:100%;border:1px solid #ddd}}figure{{margin:1.5em 0}}
+figcaption{{color:#555;font-size:0.9em}}</style></head>
 <body><h1>{html.escape(title)}</h1>
-<h2>Metrics (test split)</h2><table>{''.join(rows)}</table>
+<p>Test split: {counts}.</p>
+<h2>Accuracy and speed</h2>{_stage_table(metrics)}
+<h2>Decisions at the calibrated thresholds (test split)</h2>{_confusion_table(confusion) if confusion else '<p>—</p>'}
+<table>{''.join(rows)}</table>
 {f'<h3>Notes</h3><ul>{notes}</ul>' if notes else ''}
+{f'<h3>Unreadable images (skipped)</h3><ul>{unreadable}</ul>' if unreadable else ''}
 <h2>Plots</h2>{figures}
-<p>Per-image decisions: <a href="scores.csv">scores.csv</a>; thresholds: <a href="thresholds.json">thresholds.json</a>.</p>
+<p>Per-image scores and decisions: <a href="scores.csv">scores.csv</a>; thresholds and their history:
+<a href="thresholds.json">thresholds.json</a>; all numbers: <a href="metrics.json">metrics.json</a>;
+configuration: <a href="config.yaml">config.yaml</a>.</p>
 </body></html>
 """
     path = run_dir / "report.html"

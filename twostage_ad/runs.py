@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import tempfile
 import time
 from pathlib import Path
@@ -156,4 +157,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise ValueError(
+            f"checkpoint {str(path)!r} cannot be loaded safely: it is truncated, corrupt or holds objects that would "
+            f"run code (only tensors and plain values are accepted): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from exc

@@ -28,12 +28,20 @@ from twostage_ad.config import CalibrationConfig, Config, ConfigError, config_fr
 from twostage_ad.data.images import DecodedImages, decode_records, infer_channels
 from twostage_ad.data.records import DataError, load_records, split_records
 from twostage_ad.metrics import image_auroc, pixel_auroc, pro_score, recall_at_threshold
-from twostage_ad.report import plot_loss_distribution, plot_overlays, plot_training_curves, write_html_report
+from twostage_ad.report import (
+    plot_category_distribution,
+    plot_loss_distribution,
+    plot_map_pairs,
+    plot_overlays,
+    plot_roc_curves,
+    plot_training_curves,
+    write_html_report,
+)
 from twostage_ad.runs import RUN_FILES, create_run_dir, default_run_dir, read_json, write_atomic, write_json
 from twostage_ad.stages.attention import SCREENING_COMPONENTS, AttentionStage, ScreeningResult, resolve_device
 from twostage_ad.stages.patch_scorer import PatchScorerStage
 
-__all__ = ["RunResult", "run_pipeline", "calibrate_run", "current_calibration", "load_run_config"]
+__all__ = ["RunResult", "run_pipeline", "calibrate_run", "current_calibration", "load_run_config", "build_report", "predict_files"]
 
 log = logging.getLogger(__name__)
 
@@ -168,18 +176,22 @@ def _apply_cascade(run_dir: Path, table: pd.DataFrame, cascade: Cascade, metrics
         "stage2": {"method": cascade.stage2.method, "params": cascade.stage2.params},
         "fusion": cascade.fusion,
     }
+    metrics["confusion"] = {"stage1_flag": _confusion(test, "flagged"), "cascade_decision": _confusion(test, "decision")}
     write_json(run_dir / RUN_FILES["metrics"], metrics)
-    plots = run_dir / RUN_FILES["plots"]
-    auroc = metrics["image_auroc"]
-    plot_loss_distribution(table, "stage1_loss", cascade.stage1.value, plots / "stage1_loss_distribution.png",
-                           title=f"stage 1 screening loss (test), AUROC {_auroc_text(auroc.get('stage1'))}")
-    plot_loss_distribution(table, "stage2_score", cascade.stage2.value if cascade.fusion == "stage2" else None,
-                           plots / "stage2_score_distribution.png",
-                           title=f"stage 2 image score (all test images), AUROC {_auroc_text(auroc.get('stage2'))}")
-    plot_loss_distribution(table, "cascade_score", 1.5, plots / "cascade_score_distribution.png",
-                           title=f"cascade score (test; > 1 flagged, > 1.5 anomalous), AUROC {_auroc_text(auroc.get('cascade'))}")
-    write_html_report(run_dir, metrics, title=f"twostage_ad run {run_dir.name}")
+    build_report(run_dir)
     return metrics
+
+
+def _confusion(test: pd.DataFrame, column: str) -> dict[str, int]:
+    """Counts on the test split; positive = predicted anomalous, truth = label 1."""
+    predicted = test[column].astype(bool).to_numpy()
+    truth = test["label"].to_numpy() == 1
+    return {
+        "true_positive": int((predicted & truth).sum()),
+        "false_positive": int((predicted & ~truth).sum()),
+        "true_negative": int((~predicted & ~truth).sum()),
+        "false_negative": int((~predicted & truth).sum()),
+    }
 
 
 def _auroc_text(value: float | None) -> str:
@@ -196,25 +208,97 @@ def _check_calibration_feasible(records_val_labels: list[int], calibration: Cali
 
 
 # --------------------------------------------------------------------------------------------
-# plots of maps
+# the report: every plot and report.html, from the saved files alone
 
 
-def _draw_overlays(
-    run_dir: Path, decoded: DecodedImages, maps: np.ndarray, chosen: np.ndarray, name: str, titles: list[str], **kwargs: Any
-) -> None:
-    if len(chosen) == 0:
+def _read_scores(run_dir: Path) -> pd.DataFrame:
+    path = run_dir / RUN_FILES["scores"]
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} has no {RUN_FILES['scores']}: run the pipeline first")
+    return pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"image": str, "category": str})
+
+
+def build_report(run_dir: str | Path, *, log_scale: bool = False, examples: int | None = None) -> Path:
+    """Draw every plot and write ``report.html`` from a run folder's files; no model is loaded.
+
+    Score distributions (by label and by defect category, threshold lines, optional log scale),
+    ROC curves of both stages and the cascade, training curves, heat-map overlays (stage 1 on test
+    anomalies, stage 2 on flagged test images) and the worst false negatives and false positives
+    of the cascade with both maps, all on colour scales fixed from validation normals.
+    """
+    run_dir = Path(run_dir)
+    table = _read_scores(run_dir)
+    metrics = read_json(run_dir / RUN_FILES["metrics"])
+    cascade = Cascade.from_dict(read_json(run_dir / RUN_FILES["thresholds"]))
+    config = load_run_config(run_dir)
+    count = config.run.overlays if examples is None else examples
+    plots = run_dir / RUN_FILES["plots"]
+    auroc = metrics.get("image_auroc", {})
+    test = table[table["split"] == "test"].reset_index(drop=True)
+    tau2 = cascade.stage2.value if cascade.fusion == "stage2" else None
+    distributions = (("stage1_loss", cascade.stage1.value, "stage 1 screening loss", "stage1"),
+                     ("stage2_score", tau2, "stage 2 image score (every test image)", "stage2"),
+                     ("cascade_score", 1.5, "cascade score (> 1 flagged, > 1.5 anomalous)", "cascade"))
+    for column, threshold, name, key in distributions:
+        title = f"{name}, AUROC {_auroc_text(auroc.get(key))}"
+        plot_loss_distribution(table, column, threshold, plots / f"{column}_distribution.png", title=title, log_scale=log_scale)
+        if test.loc[test["label"] == 1, "category"].nunique() > 1:
+            plot_category_distribution(table, column, threshold, plots / f"{column}_by_category.png", title=title, log_scale=log_scale)
+    plot_roc_curves(table, {"stage 1": "stage1_loss", "stage 2": "stage2_score", "cascade": "cascade_score"}, plots / "roc.png")
+    history = read_json(run_dir / "history.json") if (run_dir / "history.json").is_file() else {}
+    for stage, rows in history.items():
+        plot_training_curves([{k: v for k, v in h.items() if k != "discriminator_resets"} for h in rows],
+                             plots / f"{stage}_training.png", title=f"{stage.replace('stage', 'stage ')} training")
+    maps_path = run_dir / RUN_FILES["maps"] / "test_maps.npz"
+    if maps_path.is_file() and count > 0:
+        _draw_maps(run_dir, maps_path, test, table, cascade, count, config.run.seed)
+    return write_html_report(run_dir, metrics, title=f"twostage_ad run {run_dir.name}")
+
+
+def _draw_maps(run_dir: Path, maps_path: Path, test: pd.DataFrame, table: pd.DataFrame, cascade: Cascade, count: int, seed: int) -> None:
+    with np.load(maps_path) as saved:
+        names, images, masks = saved["names"], saved["images"], saved["masks"]
+        stage1 = saved["stage1"].astype(np.float32) / 255.0
+        stage2 = saved["stage2"].astype(np.float32)
+    if list(names) != test["image"].tolist():
+        log.warning("%s does not match scores.csv; heat maps left out of the report", maps_path)
         return
-    plot_overlays(decoded.images[chosen], maps[chosen], decoded.masks[chosen], titles, run_dir / RUN_FILES["plots"] / name, **kwargs)
+    labels = test["label"].to_numpy()
+    # stage-2 colour scale fixed from validation normals: the contour at the image-score level a
+    # normal image reaches at most (τ₂ itself when stage 2 decides alone)
+    val_normal = table[(table["split"] == "val") & (table["label"] == 0)]["stage2_score"]
+    level = cascade.stage2.value if cascade.fusion == "stage2" else float(val_normal.max())
+    level = level if np.isfinite(level) and level > 0 else 1.0
+    plots = run_dir / RUN_FILES["plots"]
+
+    def title(i: int) -> str:
+        return f"{test['category'][i]}: {Path(test['image'][i]).name} ({'anomalous' if labels[i] else 'normal'})"
+
+    chosen = _pick(np.flatnonzero(labels == 1), count, seed)
+    if len(chosen):
+        plot_overlays(images[chosen], stage1[chosen], masks[chosen], [title(i) for i in chosen], plots / "stage1_overlays.png")
+    chosen = _pick(np.flatnonzero(test["flagged"].to_numpy(bool)), count, seed)
+    if len(chosen):
+        plot_overlays(images[chosen], stage2[chosen], masks[chosen], [title(i) for i in chosen], plots / "stage2_overlays_flagged.png",
+                      vmax=2 * level, contour=level, map_label="stage 2 (validation-normal σ)")
+    decision, score = test["decision"].to_numpy(int), test["cascade_score"].to_numpy(float)
+    worst = {
+        "worst_false_negatives.png": np.flatnonzero((labels == 1) & (decision == 0)),
+        "worst_false_positives.png": np.flatnonzero((labels == 0) & (decision == 1)),
+    }
+    for name, candidates in worst.items():
+        ordered = candidates[np.argsort(score[candidates])]
+        ordered = ordered[: min(count, 6)] if "negatives" in name else ordered[::-1][: min(count, 6)]
+        if len(ordered):
+            titles = [f"{title(i)}, cascade {score[i]:.3f}" for i in ordered]
+            plot_map_pairs(images[ordered], stage1[ordered], stage2[ordered], masks[ordered], titles, plots / name,
+                           stage2_max=2 * level, stage2_level=level)
 
 
 def _pick(candidates: np.ndarray, count: int, seed: int) -> np.ndarray:
     if count == 0 or len(candidates) == 0:
         return np.zeros(0, dtype=int)
     return np.sort(np.random.default_rng(seed).choice(candidates, size=min(count, len(candidates)), replace=False))
-
-
-def _title(decoded: DecodedImages, i: int) -> str:
-    return f"{decoded.records[i].category}: {Path(decoded.records[i].name).name}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,25 +463,11 @@ def run_pipeline(
             stage2=np.clip(test2.maps, -6e4, 6e4).astype(np.float16),  # standardised with validation normals
             masks=masks,
             has_mask=has_mask,
-            images=np.array([r.name for r in decoded["test"].records]),
+            images=decoded["test"].images,  # uint8 N×H×W×C, as the models saw them
+            names=np.array([r.name for r in decoded["test"].records]),
         ),
     )
-
-    # plots of maps: stage 1 on test anomalies, stage 2 on flagged test images
-    plots_dir = run_dir / RUN_FILES["plots"]
-    plot_training_curves(stage1.history_, plots_dir / "stage1_training.png")
-    plot_training_curves([{k: v for k, v in h.items() if k != "discriminator_resets"} for h in stage2.history_],
-                         plots_dir / "stage2_training.png", title="stage 2 training")
-    seed = config.run.seed
-    chosen = _pick(np.flatnonzero(labels == 1), config.run.overlays, seed)
-    _draw_overlays(run_dir, decoded["test"], test1.anomaly_maps, chosen, "stage1_overlays.png",
-                   [_title(decoded["test"], i) for i in chosen])
-    level = cascade.stage2.value if cascade.fusion == "stage2" else float(np.max(val2.scores[val_normal]))
-    level = level if level > 0 else 1.0
-    chosen = _pick(flagged_test, config.run.overlays, seed)
-    _draw_overlays(run_dir, decoded["test"], test2.maps, chosen, "stage2_overlays_flagged.png",
-                   [f"{_title(decoded['test'], i)} ({'anomalous' if labels[i] else 'normal'})" for i in chosen],
-                   vmax=2 * level, contour=level, map_label="stage 2 (validation-normal σ)")
+    write_json(run_dir / "history.json", {"stage1": stage1.history_, "stage2": stage2.history_})
 
     notes = {f"image_auroc.{k}": m.reason for k, m in image.items() if m.reason}
     notes.update({f"pixel_auroc.{k}": m.reason for k, m in pixel.items() if m.reason})
@@ -508,3 +578,67 @@ def calibrate_run(
              cascade.stage1.value, cascade.stage1.method, cascade.stage1.params, cascade.stage2.value, cascade.stage2.method,
              cascade.stage2.params, 100 * (metrics.get("flagged_fraction") or 0.0), _auroc_text(metrics["image_auroc"].get("cascade")))
     return cascade
+
+
+# --------------------------------------------------------------------------------------------
+# scoring new images with a finished run
+
+
+def predict_files(
+    run_dir: str | Path,
+    inputs: list[str | Path],
+    output: str | Path,
+    *,
+    maps_path: str | Path | None = None,
+    overwrite: bool = False,
+    all_stages: bool = False,
+    batch_size: int | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score files, folders and globs with a run's detector; write a CSV (and maps); return a summary.
+
+    The CSV has one row per input file: the columns of ``scores.csv`` that need no label, and
+    ``error`` for files that could not be read (their scores are empty).
+    """
+    from twostage_ad.detector import TwoStageDetector, expand_image_paths
+
+    output = Path(output)
+    for path in (output, maps_path):
+        if path is not None and Path(path).exists() and not overwrite:
+            raise FileExistsError(f"{str(path)!r} exists; pass --overwrite (overwrite=True) to replace it")
+    paths = expand_image_paths(inputs)
+    detector = TwoStageDetector.from_run(run_dir, device=device)
+    result = detector.predict(paths, batch_size=batch_size, all_stages=all_stages, maps=maps_path is not None, progress=progress)
+    table = result.to_frame()
+    table["error"] = ""
+    if result.failed:
+        table = pd.concat([table, pd.DataFrame({"image": [n for n, _ in result.failed], "error": [r for _, r in result.failed]})],
+                          ignore_index=True)
+    write_atomic(output, lambda tmp: table.to_csv(tmp, index=False, float_format="%.9g"))
+    if maps_path is not None:
+        size = detector.image_size
+        stage2 = np.full((len(result), size, size), np.nan, np.float16)
+        for i, p in enumerate(result.images):
+            if p.stage2_map is not None:
+                stage2[i] = np.clip(p.stage2_map, -6e4, 6e4)
+        write_atomic(Path(maps_path), lambda tmp: np.savez_compressed(
+            tmp,
+            images=np.array([p.image for p in result.images]),
+            stage1=np.array([p.stage1_map for p in result.images], dtype=np.float32).reshape(-1, size, size),
+            stage2=stage2,  # NaN where stage 2 did not run
+        ))
+    summary = {
+        "run_dir": str(run_dir),
+        "output": str(output),
+        "images": len(result),
+        "flagged": int(sum(p.flagged for p in result.images)),
+        "anomalous": int(sum(p.decision for p in result.images)),
+        "unreadable": [{"image": n, "reason": r} for n, r in result.failed],
+        "seconds": result.seconds,
+        "images_per_s": result.images_per_s,
+    }
+    log.info("%d images scored in %.2f s (%.1f images/s): %d flagged, %d anomalous, %d unreadable -> %s",
+             summary["images"], result.seconds, result.images_per_s, summary["flagged"], summary["anomalous"],
+             len(result.failed), output)
+    return summary

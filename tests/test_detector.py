@@ -1,0 +1,111 @@
+"""The Python API on a finished run, and the predict CLI: same numbers as the run, same as each other."""
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+import twostage_ad
+from twostage_ad.config import load_config
+from twostage_ad.data.images import decode_records
+from twostage_ad.data.records import DataError, load_records, split_records
+from twostage_ad.detector import TwoStageDetector, expand_image_paths
+from twostage_ad.pipeline import main
+from twostage_ad.workflow import run_pipeline
+
+TINY = ["stage1.epochs=2", "stage1.base_width=8", "stage1.max_width=32", "stage2.epochs=2",
+        "stage2.width_divisor=16", "run.overlays=0"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    config = load_config(None, TINY)
+    result = run_pipeline(config, tmp_path_factory.mktemp("runs") / "digits", progress=False)
+    test = decode_records(split_records(load_records(config.data, seed=config.run.seed))["test"], 32, 1, progress=False)
+    return result, test
+
+
+@pytest.fixture(scope="module")
+def folder(run, tmp_path_factory):
+    """The first 40 test digits as PNG files, plus one file that is not an image."""
+    _, test = run
+    root = tmp_path_factory.mktemp("images")
+    for i in range(40):
+        Image.fromarray(test.images[i, :, :, 0]).save(root / f"img_{i:03d}.png")
+    (root / "broken.png").write_bytes(b"not a png at all")
+    return root
+
+
+def test_api_reproduces_the_run_scores(run):
+    result, test = run
+    detector = twostage_ad.TwoStageDetector.from_run(result.run_dir, device="cpu")
+    predictions = detector.predict(test.images, progress=False)
+    frame = predictions.to_frame()
+    saved = result.scores[result.scores["split"] == "test"].reset_index(drop=True)
+    for column in ("stage1_loss", "cascade_score"):
+        np.testing.assert_allclose(frame[column], saved[column], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(frame["flagged"], saved["flagged"])
+    np.testing.assert_array_equal(frame["decision"], saved["decision"])
+    flagged = frame["flagged"].to_numpy()
+    np.testing.assert_allclose(frame.loc[flagged, "stage2_score"], saved.loc[flagged, "stage2_score"], rtol=1e-5)
+    assert frame.loc[~flagged, "stage2_score"].isna().all()  # stage 2 ran on flagged images only
+    first = predictions.images[0]
+    assert first.stage1_map.shape == (32, 32) and predictions.images_per_s > 0
+    assert (first.stage2_map is None) == (not first.flagged)
+
+
+def test_all_stages_scores_every_image_with_the_same_decisions(run):
+    result, test = run
+    detector = TwoStageDetector.from_run(result.run_dir, device="cpu")
+    everything = detector.predict(test.images[:30], all_stages=True, progress=False, maps=False).to_frame()
+    deployed = detector.predict(test.images[:30], progress=False, maps=False).to_frame()
+    assert everything["stage2_score"].notna().all()
+    np.testing.assert_array_equal(everything["decision"], deployed["decision"])
+
+
+def test_cli_and_api_give_the_same_numbers_and_skip_unreadable_files(run, folder, tmp_path, capsys):
+    result, _ = run
+    out = tmp_path / "predictions.csv"
+    assert main(["-q", "predict", str(result.run_dir), str(folder), "--output", str(out), "--maps", str(tmp_path / "maps.npz")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["images"] == 40 and summary["images_per_s"] > 0
+    assert [u["image"] for u in summary["unreadable"]] == [str(folder / "broken.png")]
+    cli = pd.read_csv(out)
+    assert cli.loc[cli["error"].notna(), "image"].tolist() == [str(folder / "broken.png")]
+    api = TwoStageDetector.from_run(result.run_dir).predict(sorted(folder.glob("img_*.png")), progress=False).to_frame()
+    cli = cli[cli["error"].isna()].reset_index(drop=True)
+    assert cli["image"].tolist() == api["image"].tolist()
+    for column in ("stage1_loss", "stage2_score", "cascade_score", "decision"):
+        np.testing.assert_allclose(cli[column].to_numpy(float), api[column].to_numpy(float), rtol=1e-6)
+    maps = np.load(tmp_path / "maps.npz")
+    assert maps["stage1"].shape == (40, 32, 32)
+    # an existing output is never overwritten silently
+    assert main(["-q", "predict", str(result.run_dir), str(folder), "--output", str(out)]) == 2
+    assert main(["-q", "predict", str(result.run_dir), str(folder / "img_00*.png"), "--output", str(out), "--overwrite"]) == 0
+    assert len(pd.read_csv(out)) == 10
+
+
+def test_inputs_that_match_nothing_are_refused(tmp_path):
+    with pytest.raises(DataError, match="neither a file, a folder nor a glob"):
+        expand_image_paths([tmp_path / "missing.png"])
+    with pytest.raises(DataError, match="matches no image file"):
+        expand_image_paths([str(tmp_path / "*.png")])
+
+
+def test_array_input_must_have_the_run_size(run):
+    result, _ = run
+    detector = TwoStageDetector.from_run(result.run_dir, device="cpu")
+    with pytest.raises(ValueError, match=r"uint8 N×32×32×1 .* got uint8 \(2, 64, 64, 1\)"):
+        detector.predict(np.zeros((2, 64, 64, 1), np.uint8))
+
+
+def test_unfinished_run_is_refused(run, tmp_path):
+    result, _ = run
+    partial = tmp_path / "partial"
+    shutil.copytree(result.run_dir, partial)
+    (partial / "thresholds.json").unlink()
+    with pytest.raises(FileNotFoundError, match="thresholds.json is missing"):
+        TwoStageDetector.from_run(partial)
