@@ -64,28 +64,30 @@ def plot_category_distribution(
     test["group"] = np.where(test["label"] == 0, "normal", test["category"].astype(str))
     groups = sorted(set(test["group"]) - {"normal"})
     palette = {"normal": "#7f7f7f", **dict(zip(groups, sns.color_palette("tab10", len(groups)).as_hex()))}
-    return _distribution(test, score_column, "group", palette, threshold, path, title=title, log_scale=log_scale)
+    return _distribution(test, score_column, "group", palette, threshold, path, title=title, log_scale=log_scale, histogram=False)
 
 
 def _distribution(
     test: pd.DataFrame, score_column: str, hue: str, palette: dict[str, str], threshold: float | None, path: Path,
-    *, title: str, log_scale: bool,
+    *, title: str, log_scale: bool, histogram: bool = True,
 ) -> Path:
+    """Histogram (optional) + KDE per ``hue`` group; one KDE line per group reads better for many groups."""
     fig, axes = _subplots()
     ax = axes[0, 0]
     if log_scale and len(test) and (test[score_column] <= 0).any():
         log_scale = False  # a log axis cannot show scores <= 0 (standardised stage-2 scores)
         title += " (linear: scores <= 0)"
-    if len(test):
+    can_kde = len(test) and test[score_column].nunique() > 1 and all(len(g) > 1 for _, g in test.groupby(hue))
+    if len(test) and (histogram or not can_kde):
         sns.histplot(
             data=test, x=score_column, hue=hue, palette=palette, stat="density", common_norm=False,
             element="step", alpha=0.3, log_scale=log_scale, ax=ax,
         )
-        if test[score_column].nunique() > 1 and all(len(g) > 1 for _, g in test.groupby(hue)):
-            sns.kdeplot(
-                data=test, x=score_column, hue=hue, palette=palette, common_norm=False,
-                log_scale=log_scale, ax=ax, legend=False, warn_singular=False, cut=0,
-            )
+    if can_kde:
+        sns.kdeplot(
+            data=test, x=score_column, hue=hue, palette=palette, common_norm=False,
+            log_scale=log_scale, ax=ax, legend=not histogram, warn_singular=False, cut=0, linewidth=1.6,
+        )
     if threshold is not None:
         ax.axvline(threshold, color="black", linestyle="--", linewidth=1.2)
         ax.annotate(f"threshold {threshold:.4g}", xy=(threshold, 1.0), xycoords=("data", "axes fraction"),
@@ -181,7 +183,11 @@ def plot_map_pairs(
 ) -> Path:
     """Rows of (image + ground truth, stage-1 map on [0, 1], stage-2 map on [0, ``stage2_max``])."""
     n = len(images)
-    fig, axes = _subplots(max(n, 1), 3, figsize=(8.5, 2.8 * max(n, 1)))
+    fig = Figure(figsize=(8.5, 2.8 * max(n, 1) + 0.6))
+    # one extra thin row holds the colour bars, so they never cover or shift an image
+    grid = fig.subplots(max(n, 1) + 1, 3, squeeze=False, gridspec_kw={"height_ratios": [1.0] * max(n, 1) + [0.06]})
+    axes, bars = grid[:-1], grid[-1]
+    bars[0].axis("off")
     shown = [None, None]
     for row in range(n):
         image = images[row]
@@ -202,8 +208,8 @@ def plot_map_pairs(
             axes[row, 2].contour(stage2_maps[row], levels=[stage2_level], colors="cyan", linewidths=0.8)
         axes[row, 2].set_title(f"stage 2, max {stage2_maps[row].max():.2f}", fontsize=8)
     if n:
-        fig.colorbar(shown[0], ax=axes[:, 1].tolist(), shrink=0.5, label="stage 1 (1 − A)")
-        fig.colorbar(shown[1], ax=axes[:, 2].tolist(), shrink=0.5, label="stage 2 (validation-normal σ)")
+        fig.colorbar(shown[0], cax=bars[1], orientation="horizontal", label="stage 1 (1 − A)")
+        fig.colorbar(shown[1], cax=bars[2], orientation="horizontal", label="stage 2 (validation-normal σ)")
     return _save(fig, path)
 
 
@@ -237,7 +243,7 @@ def _stage_table(metrics: dict[str, Any]) -> str:
     rows = [("image AUROC", "image_auroc", ("stage1", "stage2", "cascade")),
             ("pixel AUROC", "pixel_auroc", ("stage1", "stage2", "fused")),
             ("PRO (FPR ≤ 0.3)", "pro", ("stage1", "stage2", "fused")),
-            ("threshold", "thresholds", ("stage1", "stage2", None)),
+            ("threshold (τ₁; τ₂ on the second-stage score)", "thresholds", ("stage1", "stage2", None)),
             ("images/s", "images_per_s", ("stage1", "stage2", "cascade"))]
     out = ["<tr><th></th><th>stage 1</th><th>stage 2</th><th>cascade (fused maps)</th></tr>"]
     for name, group, keys in rows:
@@ -281,7 +287,7 @@ table{{border-collapse:collapse;margin:0.5em 0}}td,th{{border:1px solid #ccc;pad
 td:first-child{{text-align:left}}img{{max-width:100%;border:1px solid #ddd}}figure{{margin:1.5em 0}}
 figcaption{{color:#555;font-size:0.9em}}</style></head>
 <body><h1>{html.escape(title)}</h1>
-<p>Test split: {counts}.</p>
+<p>Images: {counts}.</p>
 <h2>Accuracy and speed</h2>{_stage_table(metrics)}
 <h2>Decisions at the calibrated thresholds (test split)</h2>{_confusion_table(confusion) if confusion else '<p>—</p>'}
 <table>{''.join(rows)}</table>

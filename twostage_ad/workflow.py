@@ -264,8 +264,8 @@ def _draw_maps(run_dir: Path, maps_path: Path, test: pd.DataFrame, table: pd.Dat
         log.warning("%s does not match scores.csv; heat maps left out of the report", maps_path)
         return
     labels = test["label"].to_numpy()
-    # stage-2 colour scale fixed from validation normals: the contour at the image-score level a
-    # normal image reaches at most (τ₂ itself when stage 2 decides alone)
+    # stage-2 colour scale fixed from validation normals: it ends, and the contour is drawn, at the
+    # highest image score a validation normal reached (τ₂ itself when stage 2 decides alone)
     val_normal = table[(table["split"] == "val") & (table["label"] == 0)]["stage2_score"]
     level = cascade.stage2.value if cascade.fusion == "stage2" else float(val_normal.max())
     level = level if np.isfinite(level) and level > 0 else 1.0
@@ -280,7 +280,7 @@ def _draw_maps(run_dir: Path, maps_path: Path, test: pd.DataFrame, table: pd.Dat
     chosen = _pick(np.flatnonzero(test["flagged"].to_numpy(bool)), count, seed)
     if len(chosen):
         plot_overlays(images[chosen], stage2[chosen], masks[chosen], [title(i) for i in chosen], plots / "stage2_overlays_flagged.png",
-                      vmax=2 * level, contour=level, map_label="stage 2 (validation-normal σ)")
+                      vmax=level, contour=level * 0.999, map_label="stage 2 (validation-normal σ)")
     decision, score = test["decision"].to_numpy(int), test["cascade_score"].to_numpy(float)
     worst = {
         "worst_false_negatives.png": np.flatnonzero((labels == 1) & (decision == 0)),
@@ -292,7 +292,7 @@ def _draw_maps(run_dir: Path, maps_path: Path, test: pd.DataFrame, table: pd.Dat
         if len(ordered):
             titles = [f"{title(i)}, cascade {score[i]:.3f}" for i in ordered]
             plot_map_pairs(images[ordered], stage1[ordered], stage2[ordered], masks[ordered], titles, plots / name,
-                           stage2_max=2 * level, stage2_level=level)
+                           stage2_max=level, stage2_level=level * 0.999)
 
 
 def _pick(candidates: np.ndarray, count: int, seed: int) -> np.ndarray:
