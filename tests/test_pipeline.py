@@ -133,7 +133,7 @@ def test_calibrate_changes_the_threshold_and_keeps_history(tiny_run, tmp_path, c
     assert main(["-q", "calibrate", str(run_dir), "--k", "2.5"]) == 0
     current = json.loads((run_dir / "thresholds.json").read_text())["stage1"]
     assert current["method"] == "meanstd" and current["params"] == {"k": 2.5}
-    assert f"<tr><td>threshold</td><td>{current['value']:.4f}</td>" in (run_dir / "report.html").read_text()
+    assert f"<tr><td>threshold (τ₁; τ₂ on the second-stage score)</td><td>{current['value']:.4f}</td>" in (run_dir / "report.html").read_text()
 
 
 def test_calibrating_one_stage_keeps_the_other_and_updates_the_cascade(tiny_run, tmp_path):
