@@ -1,4 +1,4 @@
-"""Command line: ``python -m twostage_ad.pipeline {run,calibrate,report,predict} ...`` — thin over :mod:`twostage_ad.workflow`."""
+"""Command line: ``python -m twostage_ad.pipeline {run,calibrate,report,predict,export} ...`` — thin over :mod:`twostage_ad.workflow`."""
 
 from __future__ import annotations
 
@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dir", type=Path)
     rep.add_argument("--log-scale", action="store_true", help="log-scale score axes (where every score is > 0)")
     rep.add_argument("--examples", type=int, metavar="N", help="images per overlay / worst-case plot (default run.overlays)")
+
+    exp = sub.add_parser("export", help="export both stages of a finished run (TorchScript; ONNX if onnx is installed)")
+    exp.add_argument("run_dir", type=Path)
+    exp.add_argument("--output", type=Path, help="folder (default RUN_DIR/export)")
+    exp.add_argument("--format", dest="formats", action="append", choices=("torchscript", "onnx"),
+                     help="repeatable; default both")
 
     pred = sub.add_parser("predict", help="score new images with a finished run")
     pred.add_argument("run_dir", type=Path)
@@ -107,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.examples is not None and args.examples < 0:
                 raise ConfigError(f"--examples must be >= 0, got {args.examples}")
             print(workflow.build_report(args.run_dir, log_scale=args.log_scale, examples=args.examples))
+        elif args.command == "export":
+            from twostage_ad.export import export_run
+
+            written = export_run(args.run_dir, args.output, tuple(args.formats or ("torchscript", "onnx")))
+            print(json.dumps(written, indent=2))
         elif args.command == "predict":
             if args.batch_size is not None and args.batch_size < 1:
                 raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")

@@ -41,6 +41,7 @@ __all__ = [
     "resolve_device",
     "DefectDataset",
     "ScreeningResult",
+    "screening_batch",
     "screening_scores",
     "AttentionStage",
 ]
@@ -124,13 +125,14 @@ class ScreeningResult:
         return len(self.loss) / self.seconds if self.seconds > 0 else float("nan")
 
 
-def _screening_batch(model: AttentionNet, x: torch.Tensor, config: Stage1Config) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def screening_batch(model: AttentionNet, x: torch.Tensor, config: Stage1Config) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Screening components (each ``B``) and the anomaly map ``1 − A`` (``B×H×W``) of a batch ``x``."""
     out = model(x)
     recon = (out.reconstruction - x).abs().mean(dim=(1, 2, 3))
     latent = (out.latent - out.latent_reconstructed).pow(2).mean(dim=(1, 2, 3))
     pixel_bce = F.softplus(-out.attention_logits.float())  # BCE-with-logits against "normal" (1)
     smoothed = F.avg_pool2d(pixel_bce, kernel_size=3, stride=1, padding=1, count_include_pad=False)
-    k = max(1, int(round(config.screen_topk * smoothed[0].numel())))
+    k = max(1, int(round(config.screen_topk * math.prod(int(d) for d in smoothed.shape[1:]))))  # ints also when traced
     topk = smoothed.flatten(1).topk(k, dim=1).values.mean(dim=1)
     components = {
         "stage1_recon": recon.float(),
@@ -169,7 +171,7 @@ def screening_scores(
     with torch.inference_mode():
         for first in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
             x = to_tensor(images[first : first + batch_size]).to(device)
-            components, anomaly = _screening_batch(model, x, config)
+            components, anomaly = screening_batch(model, x, config)
             for name, value in components.items():
                 parts[name].append(value.cpu().numpy())
             maps.append(anomaly.cpu().numpy())

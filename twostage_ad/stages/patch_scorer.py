@@ -37,7 +37,16 @@ from twostage_ad.models.ganomaly2d import GANomaly2D, PatchDiscriminator
 from twostage_ad.runs import load_checkpoint, save_checkpoint
 from twostage_ad.stages.attention import resolve_device
 
-__all__ = ["PatchScoreResult", "generator_loss", "discriminator_loss", "guide", "patch_scores", "PatchScorerStage"]
+__all__ = [
+    "PatchScoreResult",
+    "generator_loss",
+    "discriminator_loss",
+    "guide",
+    "raw_maps",
+    "image_scores",
+    "patch_scores",
+    "PatchScorerStage",
+]
 
 log = logging.getLogger(__name__)
 
@@ -105,17 +114,19 @@ def guide(raw_map: torch.Tensor, stage1_anomaly: torch.Tensor, floor: float) -> 
     return raw_map * (floor + (1.0 - floor) * weight)
 
 
-def _image_scores(maps: torch.Tensor, config: Stage2Config) -> torch.Tensor:
+def image_scores(maps: torch.Tensor, config: Stage2Config) -> torch.Tensor:
+    """``B×H×W`` maps -> ``B`` image scores: max, or the mean of the top ``score_topk`` share."""
     flat = maps.flatten(1)
     if config.score_reduction == "max":
         return flat.amax(dim=1)
-    k = max(1, int(round(config.score_topk * flat.shape[1])))
+    k = max(1, int(round(config.score_topk * int(flat.shape[1]))))
     return flat.topk(k, dim=1).values.mean(dim=1)
 
 
-def _raw_maps(
+def raw_maps(
     model: GANomaly2D, x: torch.Tensor, stage1_anomaly: torch.Tensor | None, config: Stage2Config
 ) -> torch.Tensor:
+    """Raw ``B×1×h×w`` cell maps ``mean_c (z − ẑ)²``, weighted by stage 1 when guided."""
     raw = model(x).score_map.float()
     if config.guidance == "attention":
         if stage1_anomaly is None:
@@ -150,10 +161,10 @@ def patch_scores(
         for first in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
             x = to_tensor(images[first : first + batch_size]).to(device)
             guidance = None if stage1_maps is None else torch.as_tensor(stage1_maps[first : first + batch_size]).to(device)
-            raw = _raw_maps(model, x, guidance, config)
+            raw = raw_maps(model, x, guidance, config)
             standardised = (raw - map_mean) / map_std
             full = F.interpolate(standardised, size=(height, width), mode="bilinear", align_corners=False)[:, 0]
-            scores.append(_image_scores(full, config).cpu().numpy())
+            scores.append(image_scores(full, config).cpu().numpy())
             maps.append(full.cpu().numpy())
     seconds = time.perf_counter() - start
     return PatchScoreResult(
@@ -296,7 +307,7 @@ class PatchScorerStage:
             for first in range(0, len(images), batch_size):
                 x = to_tensor(images[first : first + batch_size]).to(self.device_)
                 guidance = None if stage1_maps is None else torch.as_tensor(stage1_maps[first : first + batch_size]).to(self.device_)
-                out.append(_raw_maps(self.model_, x, guidance, self.config).cpu().numpy())
+                out.append(raw_maps(self.model_, x, guidance, self.config).cpu().numpy())
         return np.concatenate(out)
 
     def _require_fitted(self) -> None:

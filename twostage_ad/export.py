@@ -1,0 +1,134 @@
+"""Export both stages of a finished run for deployment: TorchScript, and ONNX when ``onnx`` is installed.
+
+Each stage is wrapped so the exported graph computes exactly what :meth:`AttentionStage.score`
+and :meth:`PatchScorerStage.score` compute, with the run's weights and constants baked in:
+
+- ``stage1``: ``x`` (``B×C×S×S`` in [-1, 1]) -> ``(screening loss B, anomaly map 1 − A B×S×S)``
+- ``stage2``: ``(x, stage-1 anomaly map)`` -> ``(image score B, standardised map B×S×S)``; with
+  ``stage2.guidance: none`` the map input is unused (ONNX drops it from the graph)
+
+The cascade itself (τ₁, τ₂, the fusion statistics) is plain arithmetic on these outputs; its
+constants are written next to the models as ``cascade.json``. Inputs are images scaled as
+``pixel / 127.5 − 1`` (``twostage_ad.data.images.to_tensor``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from twostage_ad.detector import TwoStageDetector
+from twostage_ad.runs import read_json, write_atomic, write_json
+from twostage_ad.stages.attention import screening_batch
+from twostage_ad.stages.patch_scorer import image_scores, raw_maps
+
+__all__ = ["Stage1Scorer", "Stage2Scorer", "export_run", "EXPORT_FORMATS"]
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMATS = ("torchscript", "onnx")
+
+
+class Stage1Scorer(nn.Module):
+    """Stage 1's screening loss and map as one module (eval mode, constants from the config)."""
+
+    def __init__(self, detector: TwoStageDetector):
+        super().__init__()
+        self.model = detector.stage1.model_.eval()
+        self.config = detector.stage1.config
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        components, anomaly = screening_batch(self.model, x, self.config)
+        c = self.config
+        loss = c.screen_con * components["stage1_recon"] + c.screen_enc * components["stage1_latent"] + c.screen_att * components["stage1_att_topk"]
+        return loss, anomaly
+
+
+class Stage2Scorer(nn.Module):
+    """Stage 2's image score and standardised, upsampled map as one module."""
+
+    def __init__(self, detector: TwoStageDetector):
+        super().__init__()
+        stage = detector.stage2
+        self.model = stage.model_.eval()
+        self.config = stage.config
+        self.map_mean = float(stage.map_mean_)
+        self.map_std = float(stage.map_std_)
+
+    def forward(self, x: torch.Tensor, stage1_anomaly: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raw = raw_maps(self.model, x, stage1_anomaly, self.config)
+        standardised = (raw - self.map_mean) / self.map_std
+        full = nn.functional.interpolate(standardised, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        return image_scores(full, self.config), full
+
+
+def _example(detector: TwoStageDetector, batch: int = 2) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    size, channels = detector.image_size, detector.channels
+    return torch.rand(batch, channels, size, size, generator=generator) * 2 - 1
+
+
+def export_run(
+    run_dir: str | Path, output_dir: str | Path | None = None, formats: tuple[str, ...] = ("torchscript", "onnx")
+) -> dict[str, list[str]]:
+    """Write ``stage{1,2}.ts`` (TorchScript) and / or ``stage{1,2}.onnx`` plus ``cascade.json``.
+
+    ``output_dir`` defaults to ``RUN_DIR/export``. ONNX is skipped, with a warning, when the
+    ``onnx`` package is not installed (``pip install twostage_ad[export]``). Returns the written
+    files per format.
+    """
+    unknown = set(formats) - set(EXPORT_FORMATS)
+    if unknown or not formats:
+        raise ValueError(f"formats must be drawn from {EXPORT_FORMATS}, got {formats!r}")
+    run_dir = Path(run_dir)
+    output_dir = Path(output_dir) if output_dir is not None else run_dir / "export"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    detector = TwoStageDetector.from_run(run_dir, device="cpu")
+    stage1, stage2 = Stage1Scorer(detector), Stage2Scorer(detector)
+    x = _example(detector)
+    with torch.inference_mode():
+        _, anomaly = stage1(x)
+    written: dict[str, list[str]] = {}
+    if "torchscript" in formats:
+        written["torchscript"] = []
+        for name, module, args in (("stage1", stage1, (x,)), ("stage2", stage2, (x, anomaly))):
+            path = output_dir / f"{name}.ts"
+            with torch.no_grad(), warnings.catch_warnings():
+                # TorchScript is deprecated upstream in favour of torch.export, but still what
+                # most C++ / mobile runtimes load; the models' shape checks trace as constants
+                warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
+                warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+                traced = torch.jit.trace(module, args, check_trace=False)
+                write_atomic(path, lambda tmp, traced=traced: torch.jit.save(traced, tmp))
+            written["torchscript"].append(str(path))
+    if "onnx" in formats:
+        if importlib.util.find_spec("onnx") is None:
+            log.warning("ONNX export skipped: the onnx package is not installed (pip install 'twostage_ad[export]')")
+        else:
+            written["onnx"] = []
+            for name, module, args, inputs, outputs in (
+                ("stage1", stage1, (x,), ["image"], ["screening_loss", "anomaly_map"]),
+                ("stage2", stage2, (x, anomaly), ["image", "stage1_anomaly_map"], ["score", "anomaly_map"]),
+            ):
+                path = output_dir / f"{name}.onnx"
+                axes = {n: {0: "batch"} for n in inputs + outputs}
+                with torch.no_grad(), warnings.catch_warnings():
+                    # the TorchScript-based exporter (needs only `onnx`); its tracer warnings are about
+                    # the models' shape checks, which hold for the fixed image size
+                    warnings.simplefilter("ignore")
+                    write_atomic(path, lambda tmp, m=module, a=args, i=inputs, o=outputs, d=axes: torch.onnx.export(
+                        m, a, tmp, input_names=i, output_names=o, dynamic_axes=d, dynamo=False, opset_version=17))
+                written["onnx"].append(str(path))
+    write_json(output_dir / "cascade.json", {
+        "thresholds": read_json(run_dir / "thresholds.json"),
+        "image_size": detector.image_size,
+        "channels": detector.channels,
+        "input_scaling": "pixel / 127.5 - 1, N×C×H×W float32",
+        "stage2_guidance": detector.stage2.config.guidance,
+    })
+    return written
