@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                      help="override a config field, e.g. --set stage1.epochs=5 (repeatable)")
     run.add_argument("--overwrite", action="store_true", help="write into an existing, non-empty run folder")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the interrupted run in --output from each stage's last complete epoch")
     run.add_argument("--stage1-from", type=Path, metavar="CHECKPOINT",
                      help="reuse a trained stage 1 (e.g. OLD_RUN/checkpoints/stage1.pt) instead of training it")
     run.add_argument("--stage2-from", type=Path, metavar="CHECKPOINT",
@@ -96,10 +98,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "run":
-            config = load_config(args.config, args.overrides)
+            given = args.config is not None or bool(args.overrides)
+            config = load_config(args.config, args.overrides) if given or not args.resume else None
             result = workflow.run_pipeline(
                 config, args.output, overwrite=args.overwrite, progress=not args.quiet,
-                stage1_checkpoint=args.stage1_from, stage2_checkpoint=args.stage2_from,
+                stage1_checkpoint=args.stage1_from, stage2_checkpoint=args.stage2_from, resume=args.resume,
             )
             keys = ("image_auroc", "pixel_auroc", "pro", "flagged_fraction", "stage1_recall_at_threshold",
                     "cascade_recall", "cascade_false_positive_rate", "images_per_s", "seconds")

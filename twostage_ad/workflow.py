@@ -24,7 +24,7 @@ import yaml
 
 from twostage_ad.calibration import NORMAL_ONLY_METHODS, CalibrationError
 from twostage_ad.cascade import Cascade, fit_cascade, fused_anomaly_map
-from twostage_ad.config import CalibrationConfig, Config, ConfigError, config_from_dict, save_config
+from twostage_ad.config import CalibrationConfig, Config, ConfigError, config_from_dict, config_to_dict, save_config
 from twostage_ad.data.images import DecodedImages, decode_records, infer_channels
 from twostage_ad.data.records import DataError, load_records, split_records
 from twostage_ad.metrics import image_auroc, pixel_auroc, pro_score, recall_at_threshold
@@ -305,14 +305,16 @@ def _pick(candidates: np.ndarray, count: int, seed: int) -> np.ndarray:
 # stages: train or reuse a checkpoint
 
 
-def _stage1(config: Config, images: np.ndarray, run_dir: Path, device: torch.device, checkpoint: Path | None, progress: bool) -> AttentionStage:
+def _stage1(
+    config: Config, images: np.ndarray, run_dir: Path, device: torch.device, checkpoint: Path | None, progress: bool, resume: bool
+) -> AttentionStage:
     path = run_dir / RUN_FILES["checkpoints"] / "stage1.pt"
     if checkpoint is None:
         stage = AttentionStage(
             config=config.stage1, augment=config.augment, image_size=config.data.image_size, channels=config.data.channels,
             device=str(device), seed=config.run.seed, num_workers=config.run.num_workers,
         )
-        return stage.fit(images, checkpoint_path=path, progress=progress)
+        return stage.fit(images, checkpoint_path=path, progress=progress, resume=resume)
     stage = AttentionStage.load(checkpoint, device=str(device))
     _check_reused(checkpoint, stage.image_size, stage.channels, config)
     stage.config = replace(stage.config, **{f: getattr(config.stage1, f) for f in STAGE1_SCORING_FIELDS})
@@ -322,13 +324,15 @@ def _stage1(config: Config, images: np.ndarray, run_dir: Path, device: torch.dev
     return stage
 
 
-def _stage2(config: Config, images: np.ndarray, run_dir: Path, device: torch.device, checkpoint: Path | None, progress: bool) -> PatchScorerStage:
+def _stage2(
+    config: Config, images: np.ndarray, run_dir: Path, device: torch.device, checkpoint: Path | None, progress: bool, resume: bool
+) -> PatchScorerStage:
     path = run_dir / RUN_FILES["checkpoints"] / "stage2.pt"
     if checkpoint is None:
         stage = PatchScorerStage(config=config.stage2, image_size=config.data.image_size,
                                  channels=config.data.channels, device=str(device), seed=config.run.seed,
                                  num_workers=config.run.num_workers)
-        return stage.fit(images, checkpoint_path=path, progress=progress)
+        return stage.fit(images, checkpoint_path=path, progress=progress, resume=resume)
     stage = PatchScorerStage.load(checkpoint, device=str(device))
     _check_reused(checkpoint, stage.image_size, stage.channels, config)
     stage.config = replace(stage.config, **{f: getattr(config.stage2, f) for f in STAGE2_SCORING_FIELDS})
@@ -349,21 +353,49 @@ def _check_reused(checkpoint: Path, image_size: int, channels: int, config: Conf
 # the pipeline
 
 
+def _resume_config(run_dir: Path, config: Config | None) -> Config:
+    """The interrupted run's own config; a given ``config`` must agree with it."""
+    saved = load_run_config(run_dir)
+    if config is not None:
+        given = config_to_dict(replace(config, data=replace(config.data, channels=config.data.channels or saved.data.channels)))
+        for section, values in config_to_dict(saved).items():
+            for key, value in values.items():
+                if given[section][key] != value:
+                    raise ConfigError(
+                        f"cannot resume {str(run_dir)!r}: {section}.{key} is {given[section][key]!r} here but "
+                        f"{value!r} in the run's config.yaml; resume without --config / --set, or start a new run"
+                    )
+    return saved
+
+
 def run_pipeline(
-    config: Config,
+    config: Config | None,
     output: str | Path | None = None,
     *,
     overwrite: bool = False,
     progress: bool = True,
     stage1_checkpoint: str | Path | None = None,
     stage2_checkpoint: str | Path | None = None,
+    resume: bool = False,
 ) -> RunResult:
     """Train both stages, calibrate on validation images, score the test split, write the run folder.
 
     ``stage1_checkpoint`` / ``stage2_checkpoint``: reuse a trained stage instead of training it
     (its architecture and training settings come from the checkpoint, scoring settings from
     ``config``; the config written to the run folder says which).
+
+    ``resume``: continue the interrupted run in ``output`` (``config`` may be None: the run's
+    own ``config.yaml`` is used) from each stage's last complete epoch; everything after training
+    is recomputed, so the result equals an uninterrupted run (seeded, CPU, no loader workers).
     """
+    if resume:
+        if output is None:
+            raise ConfigError("resume needs the run folder to continue (--output RUN_DIR)")
+        if overwrite:
+            raise ConfigError("resume and overwrite exclude each other")
+        config = _resume_config(Path(output), config)
+    if config is None:
+        raise ConfigError("run_pipeline needs a config (or resume=True with an existing run folder)")
     config.validate()
     device = resolve_device(config.run.device)  # fail on a missing GPU before any work
     for checkpoint in (stage1_checkpoint, stage2_checkpoint):
@@ -372,7 +404,12 @@ def run_pipeline(
     records = load_records(config.data, seed=config.run.seed)
     splits = split_records(records)
     _check_calibration_feasible([r.label for r in splits["val"]], config.calibration)
-    run_dir = create_run_dir(output or default_run_dir(config.run.output_root, config.run.name), overwrite=overwrite)
+    if resume:
+        run_dir = Path(output)
+        for sub in ("checkpoints", "plots", "maps"):
+            (run_dir / RUN_FILES[sub]).mkdir(parents=True, exist_ok=True)
+    else:
+        run_dir = create_run_dir(output or default_run_dir(config.run.output_root, config.run.name), overwrite=overwrite)
     log.info("run folder: %s (device %s)", run_dir, device)
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
@@ -380,6 +417,8 @@ def run_pipeline(
 
     channels = config.data.channels or infer_channels(splits["train"][0])
     config = replace(config, data=replace(config.data, channels=channels))
+    if not resume:
+        save_config(config, run_dir / RUN_FILES["config"])  # first, so an interrupted run can be resumed
     size = config.data.image_size
     decoded = {
         name: decode_records(recs, size, channels, config.data.invert_masks, desc=f"decode {name}", progress=progress)
@@ -403,12 +442,12 @@ def run_pipeline(
     decode_seconds = time.perf_counter() - started
 
     # stage 1: train (or reuse), score validation and test images
-    stage1 = _stage1(config, decoded["train"].images, run_dir, device, stage1_checkpoint and Path(stage1_checkpoint), progress)
+    stage1 = _stage1(config, decoded["train"].images, run_dir, device, stage1_checkpoint and Path(stage1_checkpoint), progress, resume)
     val1 = stage1.score(decoded["val"].images, progress=progress, desc="stage 1 score val")
     test1 = stage1.score(decoded["test"].images, progress=progress, desc="stage 1 score test")
 
     # stage 2: train (or reuse), fix map statistics on validation normals, score everything
-    stage2 = _stage2(config, decoded["train"].images, run_dir, device, stage2_checkpoint and Path(stage2_checkpoint), progress)
+    stage2 = _stage2(config, decoded["train"].images, run_dir, device, stage2_checkpoint and Path(stage2_checkpoint), progress, resume)
     guided = stage2.config.guidance != "none"
     stage2.fit_normalisation(decoded["val"].images[val_normal], stage1_maps=val1.anomaly_maps[val_normal] if guided else None)
     stage2.save(run_dir / RUN_FILES["checkpoints"] / "stage2.pt")

@@ -84,6 +84,32 @@ class DefectDataset(Dataset):
         self.augmentation = build_defect_augmentation(self.augment_config, seed=seed)
         self.rng = np.random.default_rng(seed)
 
+    def _transforms(self) -> list[Any]:
+        """The Compose and every nested transform, depth first (each holds its own generators)."""
+        out, stack = [], [self.augmentation]
+        while stack:
+            transform = stack.pop(0)
+            out.append(transform)
+            stack[:0] = list(getattr(transform, "transforms", []))
+        return out
+
+    def get_state(self) -> dict[str, Any]:
+        """Every random state the items depend on (plain values, checkpoint-safe)."""
+        return {
+            "rng": self.rng.bit_generator.state,
+            "augment": [(t.random_generator.bit_generator.state, t.py_random.getstate()) for t in self._transforms()],
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`get_state` in place."""
+        self.rng.bit_generator.state = state["rng"]
+        transforms = self._transforms()
+        if len(transforms) != len(state["augment"]):
+            raise ValueError(f"saved augmentation state has {len(state['augment'])} transforms, this one {len(transforms)}")
+        for transform, (numpy_state, python_state) in zip(transforms, state["augment"]):
+            transform.random_generator.bit_generator.state = numpy_state
+            transform.py_random.setstate(_as_tuples(python_state))
+
     def __len__(self) -> int:
         return len(self.images)
 
@@ -97,6 +123,11 @@ class DefectDataset(Dataset):
         texture = self.images[other]
         defective, mask = apply_defect(self.augmentation, image, texture)
         return to_tensor(defective)[0], clean, torch.from_numpy(mask).float()[None], torch.tensor(True)
+
+
+def _as_tuples(value: Any) -> Any:
+    """``random.Random.setstate`` wants the nested tuples that a checkpoint may return as lists."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def _worker_init(worker_id: int) -> None:
@@ -250,8 +281,15 @@ class AttentionStage:
             else None
         )
 
-    def fit(self, images: np.ndarray, *, checkpoint_path: str | Path | None = None, progress: bool = True) -> "AttentionStage":
-        """Train on uint8 ``N×H×W×C`` normal images; checkpoint each epoch when a path is given."""
+    def fit(
+        self, images: np.ndarray, *, checkpoint_path: str | Path | None = None, progress: bool = True, resume: bool = False
+    ) -> "AttentionStage":
+        """Train on uint8 ``N×H×W×C`` normal images; checkpoint each epoch when a path is given.
+
+        ``resume``: continue from the last complete epoch in ``checkpoint_path`` (weights,
+        optimiser, scheduler and every random state), so the result equals an uninterrupted run
+        (CPU, ``run.num_workers: 0``; worker processes draw their own random streams).
+        """
         if images.ndim != 4 or images.shape[1:3] != (self.image_size, self.image_size) or images.shape[3] != self.channels:
             raise ValueError(
                 f"expected N×{self.image_size}×{self.image_size}×{self.channels} images, got shape {images.shape}"
@@ -286,8 +324,13 @@ class AttentionStage:
         ]
         use_amp = c.amp and self.device_.type == "cuda"
         self.history_: list[dict[str, float]] = []
-        start = time.perf_counter()
-        epochs = tqdm(range(1, c.epochs + 1), desc="stage 1 train", unit="epoch", disable=not progress)
+        first_epoch, earlier_seconds = 1, 0.0
+        if resume and checkpoint_path is not None and Path(checkpoint_path).is_file():
+            first_epoch = self._restore(Path(checkpoint_path), g_opt, d_opt, schedulers, generator, dataset)
+            earlier_seconds = self.history_[-1]["seconds"] if self.history_ else 0.0
+        start = time.perf_counter() - earlier_seconds
+        epochs = tqdm(range(first_epoch, c.epochs + 1), desc="stage 1 train", unit="epoch", disable=not progress,
+                      initial=first_epoch - 1, total=c.epochs)
         for epoch in epochs:
             self.model_.train()
             sums: dict[str, float] = {}
@@ -309,10 +352,50 @@ class AttentionStage:
             epochs.set_postfix(loss=f"{record['total']:.4f}", att=f"{record['attention']:.4f}")
             log.info("stage 1 epoch %d/%d: %s", epoch, c.epochs, {k: round(v, 5) for k, v in record.items() if k != "epoch"})
             if checkpoint_path is not None:
-                self.save(checkpoint_path, epoch=epoch)
+                state = {
+                    "g_opt": g_opt.state_dict(),
+                    "d_opt": d_opt.state_dict() if d_opt is not None else None,
+                    "schedulers": [s.state_dict() for s in schedulers],
+                    "loader_generator": generator.get_state(),
+                    "dataset": dataset.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                }
+                self.save(checkpoint_path, epoch=epoch, training_state=state)
         self.train_seconds_ = time.perf_counter() - start
         self.model_.eval()
         return self
+
+    def _restore(self, path: Path, g_opt, d_opt, schedulers, generator: torch.Generator, dataset: DefectDataset) -> int:
+        """Load a per-epoch checkpoint into the fresh training objects; returns the next epoch."""
+        payload = load_checkpoint(path)
+        expected = {"format": "twostage_ad.stage1/1", "config": asdict(self.config), "augment": asdict(self.augment),
+                    "image_size": self.image_size, "channels": self.channels, "seed": self.seed}
+        for key, value in expected.items():
+            if payload.get(key) != value:
+                raise ValueError(f"cannot resume from {str(path)!r}: its {key} differs from this run's ({payload.get(key)!r} vs {value!r})")
+        state = payload.get("training_state")
+        if int(payload["epoch"]) >= self.config.epochs:  # finished: only the weights are needed
+            self.model_.load_state_dict(payload["model"])
+            if self.discriminator_ is not None and "discriminator" in payload:
+                self.discriminator_.load_state_dict(payload["discriminator"])
+            self.history_ = list(payload.get("history", []))
+            log.info("%s already trained for %d epochs in %s", "stage 1", self.config.epochs, path)
+            return self.config.epochs + 1
+        if state is None:
+            raise ValueError(f"cannot resume from {str(path)!r}: it holds no training state (written by an older version)")
+        self.model_.load_state_dict(payload["model"])
+        if self.discriminator_ is not None:
+            self.discriminator_.load_state_dict(payload["discriminator"])
+            d_opt.load_state_dict(state["d_opt"])
+        g_opt.load_state_dict(state["g_opt"])
+        for scheduler, saved in zip(schedulers, state["schedulers"]):
+            scheduler.load_state_dict(saved)
+        generator.set_state(state["loader_generator"])
+        dataset.set_state(state["dataset"])
+        torch.set_rng_state(state["torch_rng"])
+        self.history_ = list(payload.get("history", []))
+        log.info("stage 1 resumes after epoch %d of %d from %s", payload["epoch"], self.config.epochs, path)
+        return int(payload["epoch"]) + 1
 
     def _train_step(
         self,
@@ -370,7 +453,8 @@ class AttentionStage:
             raise RuntimeError("AttentionStage is not fitted: call fit() or load() first")
         return screening_scores(self.model_, images, self.config, self.device_, batch_size=batch_size, progress=progress, desc=desc)
 
-    def save(self, path: str | Path, *, epoch: int | None = None) -> None:
+    def save(self, path: str | Path, *, epoch: int | None = None, training_state: dict[str, Any] | None = None) -> None:
+        """Weights, configs and history; ``training_state`` (optimisers, random states) lets ``fit`` resume."""
         payload: dict[str, Any] = {
             "format": "twostage_ad.stage1/1",
             "model": self.model_.state_dict(),
@@ -384,6 +468,8 @@ class AttentionStage:
         }
         if self.discriminator_ is not None:
             payload["discriminator"] = self.discriminator_.state_dict()
+        if training_state is not None:
+            payload["training_state"] = training_state
         save_checkpoint(path, payload)
 
     @classmethod

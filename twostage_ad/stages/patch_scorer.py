@@ -208,8 +208,14 @@ class PatchScorerStage:
         if images.ndim != 4 or images.shape[1:3] != (self.image_size, self.image_size) or images.shape[3] != self.channels:
             raise ValueError(f"expected N×{self.image_size}×{self.image_size}×{self.channels} images, got shape {images.shape}")
 
-    def fit(self, images: np.ndarray, *, checkpoint_path: str | Path | None = None, progress: bool = True) -> "PatchScorerStage":
-        """Train on uint8 ``N×H×W×C`` normal images; checkpoint each epoch when a path is given."""
+    def fit(
+        self, images: np.ndarray, *, checkpoint_path: str | Path | None = None, progress: bool = True, resume: bool = False
+    ) -> "PatchScorerStage":
+        """Train on uint8 ``N×H×W×C`` normal images; checkpoint each epoch when a path is given.
+
+        ``resume``: continue from the last complete epoch in ``checkpoint_path`` (weights,
+        optimisers, random states), ending where an uninterrupted run ends (CPU, no workers).
+        """
         self._check_images(images)
         if len(images) < 2:
             raise ValueError(f"stage 2 needs at least 2 normal training images, got {len(images)}")
@@ -217,23 +223,29 @@ class PatchScorerStage:
         self._build()
         c = self.config
         dataset = TensorDataset(to_tensor(images))  # decoded once, N×C×H×W in [-1, 1], on the CPU
+        generator = torch.Generator().manual_seed(self.seed)
         loader = DataLoader(
             dataset,
             batch_size=min(c.batch_size, len(dataset)),
             shuffle=True,
             drop_last=len(dataset) > c.batch_size,  # no ragged last batch (BatchNorm)
             num_workers=self.num_workers,
-            generator=torch.Generator().manual_seed(self.seed),
+            generator=generator,
             persistent_workers=self.num_workers > 0,
         )
         g_opt = torch.optim.Adam(self.model_.parameters(), lr=c.lr, betas=(0.5, 0.999))
         d_opt = torch.optim.Adam(self.discriminator_.parameters(), lr=c.lr, betas=(0.5, 0.999))
         use_amp = c.amp and self.device_.type == "cuda"
         self.history_: list[dict[str, float]] = []
+        first_epoch, earlier_seconds = 1, 0.0
+        if resume and checkpoint_path is not None and Path(checkpoint_path).is_file():
+            first_epoch = self._restore(Path(checkpoint_path), g_opt, d_opt, generator)
+            earlier_seconds = self.history_[-1]["seconds"] if self.history_ else 0.0
         self.model_.train()
         self.discriminator_.train()
-        start = time.perf_counter()
-        epochs = tqdm(range(1, c.epochs + 1), desc="stage 2 train", unit="epoch", disable=not progress)
+        start = time.perf_counter() - earlier_seconds
+        epochs = tqdm(range(first_epoch, c.epochs + 1), desc="stage 2 train", unit="epoch", disable=not progress,
+                      initial=first_epoch - 1, total=c.epochs)
         for epoch in epochs:
             sums: dict[str, float] = {}
             resets = steps = 0
@@ -258,10 +270,40 @@ class PatchScorerStage:
             epochs.set_postfix(loss=f"{record['total']:.4f}", recon=f"{record['recon']:.4f}")
             log.info("stage 2 epoch %d/%d: %s", epoch, c.epochs, {k: round(v, 5) for k, v in record.items() if k != "epoch"})
             if checkpoint_path is not None:
-                self.save(checkpoint_path, epoch=epoch)
+                state = {"g_opt": g_opt.state_dict(), "d_opt": d_opt.state_dict(),
+                         "loader_generator": generator.get_state(), "torch_rng": torch.get_rng_state()}
+                self.save(checkpoint_path, epoch=epoch, training_state=state)
         self.train_seconds_ = time.perf_counter() - start
         self.model_.eval()
         return self
+
+    def _restore(self, path: Path, g_opt: torch.optim.Optimizer, d_opt: torch.optim.Optimizer, generator: torch.Generator) -> int:
+        """Load a per-epoch checkpoint into the fresh training objects; returns the next epoch."""
+        payload = load_checkpoint(path)
+        expected = {"format": CHECKPOINT_FORMAT, "config": asdict(self.config), "image_size": self.image_size,
+                    "channels": self.channels, "seed": self.seed}
+        for key, value in expected.items():
+            if payload.get(key) != value:
+                raise ValueError(f"cannot resume from {str(path)!r}: its {key} differs from this run's ({payload.get(key)!r} vs {value!r})")
+        state = payload.get("training_state")
+        if int(payload["epoch"]) >= self.config.epochs:  # finished: only the weights are needed
+            self.model_.load_state_dict(payload["model"])
+            if self.discriminator_ is not None and "discriminator" in payload:
+                self.discriminator_.load_state_dict(payload["discriminator"])
+            self.history_ = list(payload.get("history", []))
+            log.info("%s already trained for %d epochs in %s", "stage 2", self.config.epochs, path)
+            return self.config.epochs + 1
+        if state is None:
+            raise ValueError(f"cannot resume from {str(path)!r}: it holds no training state")
+        self.model_.load_state_dict(payload["model"])
+        self.discriminator_.load_state_dict(payload["discriminator"])
+        g_opt.load_state_dict(state["g_opt"])
+        d_opt.load_state_dict(state["d_opt"])
+        generator.set_state(state["loader_generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.history_ = list(payload.get("history", []))
+        log.info("stage 2 resumes after epoch %d of %d from %s", payload["epoch"], self.config.epochs, path)
+        return int(payload["epoch"]) + 1
 
     def _train_step(self, x: torch.Tensor, g_opt: torch.optim.Optimizer, d_opt: torch.optim.Optimizer, use_amp: bool) -> dict[str, float]:
         """One generator and one discriminator update on a batch of normal images."""
@@ -327,7 +369,8 @@ class PatchScorerStage:
                             stage1_maps=stage1_maps, batch_size=batch_size, progress=progress, desc=desc)
 
     # -- persistence ----------------------------------------------------------------------------
-    def save(self, path: str | Path, *, epoch: int | None = None) -> None:
+    def save(self, path: str | Path, *, epoch: int | None = None, training_state: dict[str, Any] | None = None) -> None:
+        """Weights, config, history, map statistics; ``training_state`` lets ``fit`` resume."""
         payload: dict[str, Any] = {
             "format": CHECKPOINT_FORMAT,
             "model": self.model_.state_dict(),
@@ -342,6 +385,8 @@ class PatchScorerStage:
         if hasattr(self, "map_mean_"):
             payload["map_mean"] = self.map_mean_
             payload["map_std"] = self.map_std_
+        if training_state is not None:
+            payload["training_state"] = training_state
         save_checkpoint(path, payload)
 
     @classmethod

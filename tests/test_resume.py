@@ -1,0 +1,93 @@
+"""A run killed during training and resumed ends exactly where an uninterrupted run ends."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from twostage_ad.config import load_config
+from twostage_ad.pipeline import main
+from twostage_ad.runs import load_checkpoint
+from twostage_ad.stages.attention import AttentionStage
+from twostage_ad.workflow import run_pipeline
+
+from conftest import textured
+
+SETTINGS = ["stage1.epochs=12", "stage1.base_width=8", "stage1.max_width=16", "stage2.epochs=3",
+            "stage2.width_divisor=16", "run.overlays=0"]
+
+
+def _epoch(path):
+    try:
+        return load_checkpoint(path)["epoch"]
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+    reference = run_pipeline(load_config(None, SETTINGS), tmp_path / "reference", progress=False)
+    run_dir = tmp_path / "killed"
+    args = [sys.executable, "-m", "twostage_ad.pipeline", "-q", "run", "--output", str(run_dir)]
+    for item in SETTINGS:
+        args += ["--set", item]
+    # same thread count as this process: a different one changes float summation order, not a resume bug
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = run_dir / "checkpoints" / "stage1.pt"
+    deadline = time.time() + 120
+    while _epoch(checkpoint) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    killed_at = _epoch(checkpoint)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 2 <= killed_at < 12, f"the run was not caught mid-training (epoch {killed_at})"
+    assert not (run_dir / "scores.csv").exists()
+    # starting again without --resume refuses; with --resume it continues from the last complete epoch
+    assert main(["-q", "run", "--output", str(run_dir)]) == 2
+    resumed = run_pipeline(None, run_dir, progress=False, resume=True)
+    assert resumed.metrics["epochs"] == {"stage1": 12, "stage2": 3}
+    columns = ["stage1_loss", "stage2_score", "cascade_score", "decision"]
+    pd.testing.assert_frame_equal(resumed.scores[columns], reference.scores[columns])
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    run_pipeline(load_config(None, SETTINGS[:1] + ["stage1.epochs=1", "stage2.epochs=1", "run.overlays=0"]),
+                 tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match="stage1.epochs is 5 here but 1"):
+        run_pipeline(load_config(None, ["stage1.epochs=5", "stage2.epochs=1", "run.overlays=0"]), tmp_path / "run",
+                     progress=False, resume=True)
+    with pytest.raises(FileNotFoundError, match="not a run folder"):
+        run_pipeline(None, tmp_path / "nothing", progress=False, resume=True)
+
+
+def test_stage1_resume_is_bit_exact(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    images = np.stack([textured(rng, size=32)[..., None] for _ in range(12)])
+    config = load_config(None, ["stage1.epochs=3", "stage1.base_width=8", "stage1.max_width=16", "stage1.batch_size=4"]).stage1
+    full = AttentionStage(config=config, image_size=32, channels=1, device="cpu").fit(images, progress=False)
+
+    class Interrupt(Exception):
+        pass
+
+    save = AttentionStage.save
+
+    def save_then_stop(self, path, *, epoch=None, training_state=None):
+        save(self, path, epoch=epoch, training_state=training_state)
+        if epoch == 2:
+            raise Interrupt
+
+    monkeypatch.setattr(AttentionStage, "save", save_then_stop)
+    with pytest.raises(Interrupt):
+        AttentionStage(config=config, image_size=32, channels=1, device="cpu").fit(images, checkpoint_path=tmp_path / "s1.pt", progress=False)
+    monkeypatch.setattr(AttentionStage, "save", save)
+    resumed = AttentionStage(config=config, image_size=32, channels=1, device="cpu").fit(
+        images, checkpoint_path=tmp_path / "s1.pt", progress=False, resume=True)
+    for name, tensor in full.model_.state_dict().items():
+        assert (tensor == resumed.model_.state_dict()[name]).all(), name
+    assert [h["total"] for h in resumed.history_] == [h["total"] for h in full.history_]
