@@ -91,3 +91,31 @@ def test_stage1_resume_is_bit_exact(tmp_path, monkeypatch):
     for name, tensor in full.model_.state_dict().items():
         assert (tensor == resumed.model_.state_dict()[name]).all(), name
     assert [h["total"] for h in resumed.history_] == [h["total"] for h in full.history_]
+
+
+@pytest.mark.parametrize("stage_name", ["stage1", "stage2"])
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, stage_name):
+    from twostage_ad.stages.patch_scorer import PatchScorerStage
+
+    rng = np.random.default_rng(0)
+    images = np.stack([textured(rng, size=32)[..., None] for _ in range(8)])
+    config = load_config(None, ["stage1.base_width=8", "stage1.max_width=16", "stage1.epochs=3", "stage2.epochs=3",
+                                "stage2.width_divisor=16"])
+    if stage_name == "stage1":
+        cls, stage = AttentionStage, AttentionStage(config=config.stage1, image_size=32, channels=1, device="cpu")
+    else:
+        cls, stage = PatchScorerStage, PatchScorerStage(config=config.stage2, image_size=32, channels=1, device="cpu")
+    step = cls._train_step
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        losses = step(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] > 1:  # from the second epoch on (one batch of 8 per epoch)
+            losses["total"] = float("nan")
+        return losses
+
+    monkeypatch.setattr(cls, "_train_step", poisoned)
+    with pytest.raises(FloatingPointError, match=f"{stage_name.replace('stage', 'stage ')} loss became nan in epoch 2; lower {stage_name}.lr"):
+        stage.fit(images, checkpoint_path=tmp_path / "ckpt.pt", progress=False)
+    assert load_checkpoint(tmp_path / "ckpt.pt")["epoch"] == 1  # the last good epoch, loadable

@@ -75,6 +75,7 @@ class DataConfig:
     normal_digit: int = 0  # digits only: the digit that is "normal"
     val_fraction: float = 0.15  # share of train normals carved out for calibration if no val split
     invert_masks: bool = False  # True when defects are black in the mask files (PIPED)
+    allow_outside_paths: bool = False  # manifest paths may leave the CSV's folder (absolute, ..)
 
     def validate(self, prefix: str = "data") -> None:
         _check(self.source in DATA_SOURCES, f"{prefix}.source", f"one of {DATA_SOURCES}", self.source)

@@ -95,9 +95,34 @@ def _score_table(decoded: DecodedImages, stage1: ScreeningResult, stage2_scores:
     return table
 
 
-def _write_scores(run_dir: Path, table: pd.DataFrame) -> None:
+def _write_scores(run_dir: Path, table: pd.DataFrame, errors: pd.DataFrame | None = None) -> None:
+    """``scores.csv``: the scored rows, then one row per unreadable val/test image (``error`` set)."""
+    out = table.assign(error="")
+    if errors is not None and len(errors):
+        out = pd.concat([out, errors], ignore_index=True)
     # 9 significant digits: the cascade score squeezes each stage into an interval of width 1/2
-    write_atomic(run_dir / RUN_FILES["scores"], lambda tmp: table.to_csv(tmp, index=False, float_format="%.9g"))
+    write_atomic(run_dir / RUN_FILES["scores"], lambda tmp: out.to_csv(tmp, index=False, float_format="%.9g"))
+
+
+def _error_rows(decoded: dict[str, DecodedImages], splits: dict[str, list]) -> pd.DataFrame:
+    """Unreadable validation and test images as ``scores.csv`` rows with an ``error`` and no scores."""
+    by_name = {r.name: r for split in ("val", "test") for r in splits[split]}
+    rows = [
+        {"image": name, "label": by_name[name].label, "split": by_name[name].split, "category": by_name[name].category, "error": reason}
+        for split in ("val", "test") for name, reason in decoded[split].failed
+    ]
+    return pd.DataFrame(rows, columns=["image", "label", "split", "category", "error"])
+
+
+def _split_errors(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A read ``scores.csv`` -> (scored rows, unreadable rows)."""
+    if "error" not in table.columns:
+        return table, table.iloc[0:0]
+    failed = table["error"].fillna("").astype(str) != ""
+    scored = table[~failed].drop(columns="error").reset_index(drop=True)
+    if "flagged" in scored.columns:
+        scored["flagged"] = scored["flagged"].astype(str).str.lower() == "true"
+    return scored, table[failed][["image", "label", "split", "category", "error"]]
 
 
 def _threshold_metrics(table: pd.DataFrame, cascade: Cascade) -> dict[str, Any]:
@@ -145,7 +170,9 @@ def _thresholds_payload(run_dir: Path, cascade: Cascade) -> dict[str, Any]:
     }
 
 
-def _apply_cascade(run_dir: Path, table: pd.DataFrame, cascade: Cascade, metrics: dict[str, Any]) -> dict[str, Any]:
+def _apply_cascade(
+    run_dir: Path, table: pd.DataFrame, cascade: Cascade, metrics: dict[str, Any], errors: pd.DataFrame | None = None
+) -> dict[str, Any]:
     """Decide every image with ``cascade`` and bring every threshold-dependent output up to date.
 
     Writes ``scores.csv``, ``thresholds.json`` (earlier thresholds kept as history),
@@ -157,7 +184,7 @@ def _apply_cascade(run_dir: Path, table: pd.DataFrame, cascade: Cascade, metrics
     table["stage2_decision_score"] = out.second_score
     table["cascade_score"] = out.cascade_score
     table["decision"] = out.decision
-    _write_scores(run_dir, table)
+    _write_scores(run_dir, table, errors)
     write_json(run_dir / RUN_FILES["thresholds"], _thresholds_payload(run_dir, cascade))
     extra = _threshold_metrics(table, cascade)
     cascade_auroc = extra.pop("_cascade_auroc")
@@ -212,10 +239,11 @@ def _check_calibration_feasible(records_val_labels: list[int], calibration: Cali
 
 
 def _read_scores(run_dir: Path) -> pd.DataFrame:
+    """The scored rows of ``scores.csv`` (unreadable images left out)."""
     path = run_dir / RUN_FILES["scores"]
     if not path.is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} has no {RUN_FILES['scores']}: run the pipeline first")
-    return pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"image": str, "category": str})
+    return _split_errors(pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"image": str, "category": str, "error": str}))[0]
 
 
 def build_report(run_dir: str | Path, *, log_scale: bool = False, examples: int | None = None) -> Path:
@@ -353,6 +381,19 @@ def _check_reused(checkpoint: Path, image_size: int, channels: int, config: Conf
 # the pipeline
 
 
+def _infer_channels(records: list) -> int:
+    """Channels of the first readable training image (unreadable ones are reported later, when decoded)."""
+    for record in records:
+        try:
+            return infer_channels(record)
+        except DataError:
+            continue
+    raise DataError(
+        f"none of the {len(records)} training image(s) can be read (e.g. {records[0].name!r}); check the files "
+        "or the data.path" if records else "no training images"
+    )
+
+
 def _resume_config(run_dir: Path, config: Config | None) -> Config:
     """The interrupted run's own config; a given ``config`` must agree with it."""
     saved = load_run_config(run_dir)
@@ -415,7 +456,7 @@ def run_pipeline(
         torch.set_num_threads(config.run.threads)
     started = time.perf_counter()
 
-    channels = config.data.channels or infer_channels(splits["train"][0])
+    channels = config.data.channels or _infer_channels(splits["train"])
     config = replace(config, data=replace(config.data, channels=channels))
     if not resume:
         save_config(config, run_dir / RUN_FILES["config"])  # first, so an interrupted run can be resumed
@@ -461,7 +502,8 @@ def run_pipeline(
     table = pd.concat(
         [_score_table(decoded["val"], val1, val2.scores), _score_table(decoded["test"], test1, test2.scores)], ignore_index=True
     )
-    _write_scores(run_dir, table)  # scores are safe on disk before anything can fail in calibration
+    errors = _error_rows(decoded, splits)
+    _write_scores(run_dir, table, errors)  # scores are safe on disk before anything can fail in calibration
     val = table[table["split"] == "val"]
     cascade = fit_cascade(val["stage1_loss"].to_numpy(), val["stage2_score"].to_numpy(), val["label"].to_numpy(),
                           config.calibration, fusion=config.cascade.fusion)
@@ -552,7 +594,7 @@ def run_pipeline(
         "device": str(device),
         "notes": notes,
     }
-    metrics = _apply_cascade(run_dir, table, cascade, metrics)
+    metrics = _apply_cascade(run_dir, table, cascade, metrics, errors)
     log.info(
         "done in %.1f s: image AUROC stage 1 %s, stage 2 %s, cascade %s; pixel AUROC %s / %s / fused %s; "
         "flagged %.1f%% of test images -> %s",
@@ -604,7 +646,9 @@ def calibrate_run(
     scores_path = run_dir / RUN_FILES["scores"]
     if not scores_path.is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} has no {RUN_FILES['scores']}: run the pipeline first")
-    table = pd.read_csv(scores_path, keep_default_na=False, na_values=[""], dtype={"image": str, "category": str})
+    table, errors = _split_errors(
+        pd.read_csv(scores_path, keep_default_na=False, na_values=[""], dtype={"image": str, "category": str, "error": str})
+    )
     missing = [c for c in ("split", "label", "stage1_loss", "stage2_score") if c not in table.columns]
     if missing:
         raise DataError(f"{str(scores_path)!r} lacks column(s) {missing}; it was not written by this version of twostage_ad")
@@ -612,7 +656,7 @@ def calibrate_run(
     cascade = fit_cascade(val["stage1_loss"].to_numpy(), val["stage2_score"].to_numpy(), val["label"].to_numpy(),
                           chosen["stage1"], fusion=load_run_config(run_dir).cascade.fusion, calibration2=chosen["stage2"])
     metrics_path = run_dir / RUN_FILES["metrics"]
-    metrics = _apply_cascade(run_dir, table, cascade, read_json(metrics_path) if metrics_path.is_file() else {})
+    metrics = _apply_cascade(run_dir, table, cascade, read_json(metrics_path) if metrics_path.is_file() else {}, errors)
     log.info("τ₁ %.6g (%s %s), τ₂ %.6g (%s %s): flags %.1f%% of test images, cascade AUROC %s",
              cascade.stage1.value, cascade.stage1.method, cascade.stage1.params, cascade.stage2.value, cascade.stage2.method,
              cascade.stage2.params, 100 * (metrics.get("flagged_fraction") or 0.0), _auroc_text(metrics["image_auroc"].get("cascade")))

@@ -141,6 +141,7 @@ def decode_records(
 ) -> DecodedImages:
     """Decode every record once (the in-memory cache). Unreadable images are skipped and listed."""
     kept, images, masks, has_mask, failed = [], [], [], [], []
+    small: list[tuple[str, tuple[int, int]]] = []
     for record in tqdm(records, desc=desc, unit="img", disable=not progress, leave=False):
         try:
             if record.array is not None:
@@ -148,6 +149,8 @@ def decode_records(
                 original_size = None
             else:
                 image, original_size = read_image_with_size(record.image, size, channels)
+                if min(original_size) < size:
+                    small.append((record.name, original_size))
             if record.mask is not None:
                 if not Path(record.mask).is_file():
                     raise DataError(f"mask {str(record.mask)!r} of image {record.name!r} does not exist")
@@ -164,6 +167,13 @@ def decode_records(
         images.append(image)
         masks.append(mask)
         has_mask.append(present)
+    if small:
+        name, (width, height) = small[0]
+        fits = 2 ** int(np.floor(np.log2(max(32, min(width, height)))))
+        log.warning(
+            "%d image(s) are smaller than data.image_size %d (e.g. %s: %d×%d) and are upsampled, which blurs fine "
+            "defects; set data.image_size: %d to work at their own resolution", len(small), size, name, width, height, fits,
+        )
     shape = (0, size, size, channels)
     return DecodedImages(
         records=kept,

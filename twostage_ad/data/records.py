@@ -12,6 +12,8 @@ A validation split of normals is carved from train (seeded) when the source has 
 from __future__ import annotations
 
 import logging
+import os
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -113,12 +115,37 @@ def read_mvtec_layout(root: str | Path, category: str | None = None) -> list[Rec
     return records
 
 
-def read_manifest(csv_path: str | Path, category: str | None = None) -> list[Record]:
-    """A CSV manifest ``image,label,split,mask,category``; paths relative to the CSV's folder."""
+def _inside(base: Path, relative: str, where: str, column: str, allow_outside: bool) -> Path:
+    """``base / relative``, refusing absolute paths and ``..`` that leave ``base`` (a manifest from
+    elsewhere must not make the tool read arbitrary files) unless ``allow_outside``."""
+    path = Path(relative)
+    if not allow_outside:
+        normal = os.path.normpath(relative.replace("\\", "/"))
+        if path.is_absolute() or normal == ".." or normal.startswith("../"):
+            raise DataError(
+                f"{where}: the {column} path {relative!r} leads outside the manifest's folder {str(base)!r}; "
+                "move the files under that folder or set data.allow_outside_paths: true if you trust this manifest"
+            )
+    return base / path
+
+
+def read_manifest(csv_path: str | Path, category: str | None = None, allow_outside: bool = False) -> list[Record]:
+    """A CSV manifest ``image,label,split,mask,category``; paths relative to the CSV's folder.
+
+    Paths may not leave that folder (absolute paths, ``..``) unless ``allow_outside``.
+    """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DataError(f"manifest {str(csv_path)!r} does not exist")
-    table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)  # a row longer than the header is an error
+            table = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8", index_col=False)
+    except (pd.errors.ParserError, pd.errors.ParserWarning, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(
+            f"manifest {str(csv_path)!r} is not a readable UTF-8 CSV ({str(exc).splitlines()[0]}); expected a header "
+            f"line {','.join(MANIFEST_COLUMNS)} and one row per image"
+        ) from exc
     missing = [c for c in ("image", "label", "split") if c not in table.columns]
     if missing:
         raise DataError(
@@ -135,7 +162,7 @@ def read_manifest(csv_path: str | Path, category: str | None = None) -> list[Rec
             raise DataError(f"manifest {str(csv_path)!r} has no rows of category {category!r}; categories: {known}")
     base = csv_path.parent
     records = []
-    for line, row in zip(table.index + 2, table.itertuples(index=False)):
+    for line, row in zip(table.index.to_numpy() + 2, table.itertuples(index=False)):
         where = f"manifest {str(csv_path)!r} line {line}"
         if row.label not in ("0", "1"):
             raise DataError(f"{where}: label must be 0 (normal) or 1 (anomalous), got {row.label!r}")
@@ -149,8 +176,8 @@ def read_manifest(csv_path: str | Path, category: str | None = None) -> list[Rec
                 label=int(row.label),
                 split=row.split,
                 category=row.category,
-                image=base / row.image,
-                mask=(base / row.mask) if row.mask else None,
+                image=_inside(base, row.image, where, "image", allow_outside),
+                mask=_inside(base, row.mask, where, "mask", allow_outside) if row.mask else None,
             )
         )
     return records
@@ -202,7 +229,7 @@ def load_records(config: DataConfig, seed: int = 0) -> list[Record]:
     elif config.source == "mvtec":
         records = read_mvtec_layout(config.path, config.category)
     elif config.source == "manifest":
-        records = read_manifest(config.path, config.category)
+        records = read_manifest(config.path, config.category, allow_outside=config.allow_outside_paths)
     else:  # validated in DataConfig; kept for direct callers
         raise DataError(f"unknown data source {config.source!r}")
     if config.category and config.source in ("seed", "digits"):
