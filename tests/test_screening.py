@@ -138,3 +138,32 @@ def test_adversarial_branch_is_built_and_trained_only_when_weighted(tmp_path, w_
     loaded = AttentionStage.load(tmp_path / "s1.pt", device="cpu")
     assert (loaded.discriminator_ is None) == (w_adv == 0)
     assert [h["epoch"] for h in loaded.history_] == [1, 2]
+
+
+def test_collapsed_discriminator_is_reinitialised_and_logged(monkeypatch, caplog):
+    from twostage_ad.stages import attention
+
+    monkeypatch.setattr(attention, "COLLAPSE_LOSS", 10.0)  # every step counts as collapsed
+    rng = np.random.default_rng(0)
+    images = np.stack([textured(rng, size=32)[..., None] for _ in range(8)])
+    config = Stage1Config(epochs=1, base_width=8, max_width=16, batch_size=4, w_adv=0.1)
+    stage = AttentionStage(config=config, image_size=32, channels=1, device="cpu", seed=0)
+    with caplog.at_level("WARNING"):
+        stage.fit(images, progress=False)
+    assert stage.history_[-1]["discriminator_resets"] == 2 and "re-initialised" in caplog.text
+
+
+def test_reinitialise_discriminator_draws_fresh_weights_and_forgets_the_optimiser():
+    from twostage_ad.models.attention_net import ImageMapDiscriminator
+    from twostage_ad.stages.attention import reinitialise_discriminator
+
+    disc = ImageMapDiscriminator(1, 32, base_width=8, max_width=16)
+    optimizer = torch.optim.Adam(disc.parameters())
+    disc(torch.randn(2, 1, 32, 32), torch.rand(2, 1, 32, 32))[0].mean().backward()
+    optimizer.step()
+    with torch.no_grad():
+        for parameter in disc.parameters():
+            parameter.zero_()
+    reinitialise_discriminator(disc, optimizer)
+    conv_weights = [m.weight for m in disc.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(w.abs().sum() > 0 for w in conv_weights) and len(optimizer.state) == 0

@@ -591,6 +591,7 @@ def run_pipeline(
         "unreadable_images": [{"image": name, "reason": reason} for name, reason in failed],
         "epochs": {"stage1": len(stage1.history_), "stage2": len(stage2.history_)},
         "stage2_discriminator_resets": int(sum(h.get("discriminator_resets", 0) for h in stage2.history_)),
+        "stage1_discriminator_resets": int(sum(h.get("discriminator_resets", 0) for h in stage1.history_)),
         "device": str(device),
         "notes": notes,
     }

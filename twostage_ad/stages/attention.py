@@ -49,6 +49,15 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SCREENING_COMPONENTS = ("stage1_recon", "stage1_latent", "stage1_att_mean", "stage1_att_topk")
+COLLAPSE_LOSS = 1e-5  # a discriminator loss below this = D has won outright and teaches nothing
+
+
+def reinitialise_discriminator(discriminator: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """GANomaly's remedy for a collapsed discriminator: fresh weights and a fresh optimiser state."""
+    for sub in discriminator.modules():
+        if sub is not discriminator and hasattr(sub, "reset_parameters"):
+            sub.reset_parameters()
+    optimizer.state.clear()
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -335,14 +344,22 @@ class AttentionStage:
             self.model_.train()
             sums: dict[str, float] = {}
             steps = 0
+            resets = 0
             for batch in tqdm(loader, desc=f"epoch {epoch}", unit="batch", disable=not progress, leave=False):
                 losses = self._train_step(batch, g_opt, d_opt, use_amp)
+                if d_opt is not None and losses["discriminator"] < COLLAPSE_LOSS:
+                    reinitialise_discriminator(self.discriminator_, d_opt)
+                    resets += 1
+                    log.warning("stage 1 epoch %d: discriminator loss %.2g < %.0e, re-initialised it",
+                                epoch, losses["discriminator"], COLLAPSE_LOSS)
                 for name, value in losses.items():
                     sums[name] = sums.get(name, 0.0) + value
                 steps += 1
             for scheduler in schedulers:
                 scheduler.step()
             record = {"epoch": epoch, "seconds": time.perf_counter() - start, **{k: v / steps for k, v in sums.items()}}
+            if d_opt is not None:
+                record["discriminator_resets"] = resets
             if not math.isfinite(record["total"]):
                 raise FloatingPointError(
                     f"stage 1 loss became {record['total']} in epoch {epoch}; lower stage1.lr "

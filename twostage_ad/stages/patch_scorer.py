@@ -35,7 +35,7 @@ from twostage_ad.config import Stage2Config
 from twostage_ad.data.images import to_tensor
 from twostage_ad.models.ganomaly2d import GANomaly2D, PatchDiscriminator
 from twostage_ad.runs import load_checkpoint, save_checkpoint
-from twostage_ad.stages.attention import resolve_device
+from twostage_ad.stages.attention import reinitialise_discriminator, resolve_device
 
 __all__ = [
     "PatchScoreResult",
@@ -178,12 +178,6 @@ def patch_scores(
 # the stage as an estimator
 
 
-def _reset_parameters(module: torch.nn.Module) -> None:
-    for sub in module.modules():
-        if sub is not module and hasattr(sub, "reset_parameters"):
-            sub.reset_parameters()
-
-
 @dataclass
 class PatchScorerStage:
     """Stage 2 as an estimator: ``fit`` on normals, ``fit_normalisation`` on validation normals, ``score``.
@@ -253,8 +247,7 @@ class PatchScorerStage:
                 losses = self._train_step(batch[0].to(self.device_, non_blocking=True), g_opt, d_opt, use_amp)
                 steps += 1
                 if losses["discriminator"] < COLLAPSE_LOSS:
-                    _reset_parameters(self.discriminator_)
-                    d_opt = torch.optim.Adam(self.discriminator_.parameters(), lr=c.lr, betas=(0.5, 0.999))
+                    reinitialise_discriminator(self.discriminator_, d_opt)
                     resets += 1
                     log.warning("stage 2 epoch %d step %d: discriminator loss %.2g < %.0e, re-initialised it",
                                 epoch, step, losses["discriminator"], COLLAPSE_LOSS)
