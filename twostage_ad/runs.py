@@ -71,8 +71,8 @@ def create_run_dir(path: str | Path, overwrite: bool = False) -> Path:
     if path.is_dir() and any(path.iterdir()):
         if not overwrite:
             raise RunExistsError(
-                f"run folder {str(path)!r} already holds results; pass --overwrite to replace them "
-                "or choose another --output"
+                f"run folder {str(path)!r} already holds results; pass --resume to continue an interrupted run, "
+                "--overwrite to replace it, or choose another --output"
             )
         aside = path.with_name(f"{path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
         n = 1
