@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from twostage_ad.config import load_config
+from twostage_ad.config import ConfigError, load_config
 from twostage_ad.data.records import DataError, load_records
 from twostage_ad.workflow import run_pipeline
 
@@ -116,6 +116,8 @@ def test_messy_files_are_skipped_listed_and_the_run_completes(tmp_path, rng, cap
     rows.append(("test/wrong_mask.png", 1, "test", "masks/wrong_mask.png", "dent"))
     write_image(root / "test/lost_mask.png", textured(rng))
     rows.append(("test/lost_mask.png", 1, "test", "masks/nowhere.png", "dent"))
+    write_image(root / "masks/ghost.png", mask)  # a mask whose image does not exist
+    rows.append(("test/ghost.png", 1, "test", "masks/ghost.png", "dent"))
     write_image(root / "test/small.png", textured(rng, size=16))
     rows.append(("test/small.png", 0, "test", "", "part"))
     path = _manifest(root, [tuple(map(str, r[:1])) + r[1:] for r in rows])
@@ -125,7 +127,8 @@ def test_messy_files_are_skipped_listed_and_the_run_completes(tmp_path, rng, cap
                               tmp_path / "run", progress=False)
     scores = pd.read_csv(result.run_dir / "scores.csv", keep_default_na=False)
     errors = dict(zip(scores.loc[scores["error"] != "", "image"], scores.loc[scores["error"] != "", "error"]))
-    assert set(errors) == {"test/truncated.png", "test/wrong_mask.png", "test/lost_mask.png"}
+    assert set(errors) == {"test/truncated.png", "test/wrong_mask.png", "test/lost_mask.png", "test/ghost.png"}
+    assert "cannot read image" in errors["test/ghost.png"] and "ghost.png" in errors["test/ghost.png"]
     assert "cannot read image" in errors["test/truncated.png"] and "truncated.png" in errors["test/truncated.png"]
     assert "is 20×20 but its image is 40×40" in errors["test/wrong_mask.png"]
     assert "nowhere.png" in errors["test/lost_mask.png"] and "does not exist" in errors["test/lost_mask.png"]
@@ -140,4 +143,13 @@ def test_messy_files_are_skipped_listed_and_the_run_completes(tmp_path, rng, cap
 
     calibrate_run(result.run_dir)
     again = pd.read_csv(result.run_dir / "scores.csv", keep_default_na=False)
-    assert (again["error"] != "").sum() == 3 and len(again) == len(scores)
+    assert (again["error"] != "").sum() == 4 and len(again) == len(scores)
+
+
+def test_yaml_that_would_build_python_objects_is_refused(tmp_path):
+    marker = tmp_path / "ran"
+    config = tmp_path / "evil.yaml"
+    config.write_text(f"run: !!python/object/apply:pathlib.Path.touch [{str(marker)!r}]\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(config)
+    assert not marker.exists()
