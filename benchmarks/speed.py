@@ -1,0 +1,123 @@
+"""Speed benchmark: training and scoring images/s of each stage, FLOPs per image, achieved FLOP/s.
+
+    python benchmarks/speed.py [--sizes 64 128 256] [--images 64] [--threads 0] [--note "..."]
+
+For each image size: the forward FLOPs per image of each network (``torch.utils.flop_counter``),
+scoring images/s of stage 1 (screening loss + map) and stage 2 (standardised map + score), one
+training epoch's images/s of each stage (augmentation and every loss included), and the share of
+this machine's float32 matmul peak (measured in the same run) that scoring reaches. Appends the
+rows to ``benchmarks/results/speed.{csv,md}``; never edit those by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import numpy as np
+import torch
+from _results import append_row, git_commit
+from torch.utils.flop_counter import FlopCounterMode
+
+from twostage_ad.config import Config
+from twostage_ad.models.attention_net import AttentionNet
+from twostage_ad.models.ganomaly2d import GANomaly2D, PatchDiscriminator
+from twostage_ad.stages.attention import AttentionStage
+from twostage_ad.stages.patch_scorer import PatchScorerStage
+
+
+def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+    """Best float32 FLOP/s of an ``n×n @ n×n`` matmul on this machine (2·n³ FLOPs)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def forward_flops(module: torch.nn.Module, *inputs: torch.Tensor) -> float:
+    """FLOPs of one forward pass per image."""
+    module.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        module(*inputs)
+    return counter.get_total_flops() / inputs[0].shape[0]
+
+
+def _images(n: int, size: int, channels: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    base = 128 + 40 * np.sin(xx / 3.0)[None, ..., None] + rng.normal(0, 8, (n, size, size, channels))
+    return np.clip(base, 0, 255).astype(np.uint8)
+
+
+def measure(size: int, n_images: int, config: Config) -> dict[str, float]:
+    channels = 1
+    images = _images(n_images, size, channels)
+    c1, c2 = config.stage1, config.stage2
+    bottleneck = min(c1.bottleneck_size, size // 16)
+    c1 = type(c1)(**{**c1.__dict__, "epochs": 1, "bottleneck_size": bottleneck})
+    c2 = type(c2)(**{**c2.__dict__, "epochs": 1, "guidance": "attention"})
+    x = torch.zeros(1, channels, size, size)
+    net1 = AttentionNet(channels, size, base_width=c1.base_width, max_width=c1.max_width, bottleneck_size=bottleneck,
+                        attention_max_tokens=c1.attention_max_tokens, separate_reconstruction=c1.separate_reconstruction)
+    flops1 = forward_flops(net1, x)
+    flops2 = forward_flops(GANomaly2D(channels, width_divisor=c2.width_divisor), x)
+    flops_d2 = forward_flops(PatchDiscriminator(channels, width_divisor=c2.width_divisor), x)
+
+    stage1 = AttentionStage(config=c1, augment=config.augment, image_size=size, channels=channels, device="cpu")
+    stage1.fit(images, progress=False)
+    train1 = n_images / stage1.train_seconds_
+    stage1.score(images[:8], progress=False)  # warm-up
+    scored1 = stage1.score(images, progress=False)
+    stage2 = PatchScorerStage(config=c2, image_size=size, channels=channels, device="cpu")
+    stage2.fit(images, progress=False)
+    train2 = n_images / stage2.train_seconds_
+    stage2.fit_normalisation(images[:8], stage1_maps=scored1.anomaly_maps[:8])
+    scored2 = stage2.score(images, stage1_maps=scored1.anomaly_maps, progress=False)
+    peak = matmul_peak()
+    return {
+        "size": size,
+        "gflops_stage1": flops1 / 1e9,
+        "gflops_stage2": flops2 / 1e9,
+        "gflops_stage2_disc": flops_d2 / 1e9,
+        "train_ips_stage1": train1,
+        "train_ips_stage2": train2,
+        "score_ips_stage1": scored1.images_per_s,
+        "score_ips_stage2": scored2.images_per_s,
+        "matmul_peak_gflops": peak / 1e9,
+        "score_share_of_peak_stage1": scored1.images_per_s * flops1 / peak,
+        "score_share_of_peak_stage2": scored2.images_per_s * flops2 / peak,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--images", type=int, default=64, help="images per measurement (training epoch and scoring)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--note", default="")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    for size in args.sizes:
+        row = {
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "commit": git_commit(),
+            "machine": f"{platform.machine()} {os.cpu_count()} cpu, {torch.get_num_threads()} threads, torch {torch.__version__}",
+            **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in measure(size, args.images, Config()).items()},
+            "note": args.note,
+        }
+        append_row("speed", row, "Speed benchmark runs (written by benchmarks/speed.py; do not edit)")
+        print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()
