@@ -153,3 +153,13 @@ def test_yaml_that_would_build_python_objects_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="is not valid YAML"):
         load_config(config)
     assert not marker.exists()
+
+
+def test_a_symbolic_link_out_of_the_manifest_folder_is_refused(tmp_path, rng):
+    for i in range(4):
+        write_image(tmp_path / "private" / f"n{i}.png", textured(rng))
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "link").symlink_to(tmp_path / "private", target_is_directory=True)
+    path = _manifest(tmp_path / "m", [(f"link/n{i}.png", 0, "train", "", "") for i in range(4)])
+    with pytest.raises(DataError, match="leads outside the manifest's folder"):
+        load_records(load_config(None, ["data.source=manifest", f"data.path={path}"]).data)

@@ -71,3 +71,23 @@ def test_fused_map_is_high_only_where_both_stages_are():
     fused = fused_anomaly_map(stage1, stage2, map_mean=2.0, map_std=2.0)
     # sqrt(0.9 · 8/2), sqrt(0.9 · 0/2), sqrt(0 · 8/2)
     np.testing.assert_allclose(fused, [[[np.sqrt(3.6), 0.0, 0.0]]], rtol=1e-6)
+
+
+def test_an_image_stage1_cannot_score_fails_closed():
+    out = _cascade().apply(np.array([np.nan, 0.1, np.inf]), np.array([np.nan, np.nan, np.nan]))
+    assert out.flagged.tolist() == [True, False, True] and out.decision.tolist() == [1, 0, 1]
+    assert out.cascade_score[0] == out.cascade_score[2] == 2.0
+
+
+def test_fit_cascade_reports_what_the_thresholds_do_on_validation_normals():
+    rng = np.random.default_rng(1)
+    s1, s2 = rng.normal(size=2000), rng.normal(size=2000)
+    for fusion in ("stage2", "sum"):
+        cascade = fit_cascade(s1, s2, np.zeros(2000, int), CalibrationConfig(q=0.9), fusion=fusion)
+        stats = cascade.stage2.stats
+        assert stats["cascade_false_positive_rate_val"] == pytest.approx(np.mean(cascade.apply(s1, s2).decision))
+    # independent scores: with the stage-2 score alone about 10 % of flagged normals pass τ₂; the sum
+    # carries the flagged images' high stage-1 term and passes far more (documented in fit_cascade)
+    alone = fit_cascade(s1, s2, np.zeros(2000, int), CalibrationConfig(q=0.9), fusion="stage2").stage2.stats
+    summed = fit_cascade(s1, s2, np.zeros(2000, int), CalibrationConfig(q=0.9), fusion="sum").stage2.stats
+    assert alone["anomalous_share_of_flagged_normals_val"] < 0.2 < summed["anomalous_share_of_flagged_normals_val"]

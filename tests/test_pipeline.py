@@ -142,9 +142,14 @@ def test_calibrating_one_stage_keeps_the_other_and_updates_the_cascade(tiny_run,
     before = json.loads((run_dir / "thresholds.json").read_text())
     assert main(["-q", "calibrate", str(run_dir), "--stage", "2", "--q", "0.5"]) == 0
     after = json.loads((run_dir / "thresholds.json").read_text())
-    assert after["stage1"]["value"] == pytest.approx(before["stage1"]["value"], rel=1e-7)  # from 9-digit scores.csv
+    assert after["stage1"]["value"] == pytest.approx(before["stage1"]["value"], rel=1e-7)
     assert after["stage1"]["method"] == "quantile"
     assert after["stage2"]["params"] == {"q": 0.5} and after["stage2"]["value"] < before["stage2"]["value"]
+    # a plain calibrate re-picks each threshold with its own current method
+    assert main(["-q", "calibrate", str(run_dir)]) == 0
+    again = json.loads((run_dir / "thresholds.json").read_text())
+    assert again["stage2"]["params"] == {"q": 0.5} and again["stage2"]["value"] == pytest.approx(after["stage2"]["value"])
+    assert "cascade_false_positive_rate_val" in again["stage2"]["stats"]
     # a lower τ₁ flags more images and changes the cascade's AUROC, recomputed from saved scores
     assert main(["-q", "calibrate", str(run_dir), "--stage", "1", "--q", "0.05"]) == 0
     scores = pd.read_csv(run_dir / "scores.csv")

@@ -119,3 +119,35 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, mo
     with pytest.raises(FloatingPointError, match=f"{stage_name.replace('stage', 'stage ')} loss became nan in epoch 2; lower {stage_name}.lr"):
         stage.fit(images, checkpoint_path=tmp_path / "ckpt.pt", progress=False)
     assert load_checkpoint(tmp_path / "ckpt.pt")["epoch"] == 1  # the last good epoch, loadable
+
+
+def test_stage2_resume_is_bit_exact_and_refuses_other_images(tmp_path, monkeypatch):
+    from twostage_ad.stages.patch_scorer import PatchScorerStage
+
+    rng = np.random.default_rng(0)
+    images = np.stack([textured(rng, size=32)[..., None] for _ in range(12)])
+    config = load_config(None, ["stage2.epochs=3", "stage2.width_divisor=16", "stage2.batch_size=4"]).stage2
+    full = PatchScorerStage(config=config, image_size=32, channels=1, device="cpu").fit(images, progress=False)
+
+    class Interrupt(Exception):
+        pass
+
+    save = PatchScorerStage.save
+
+    def save_then_stop(self, path, *, epoch=None, training_state=None):
+        save(self, path, epoch=epoch, training_state=training_state)
+        if epoch == 2:
+            raise Interrupt
+
+    monkeypatch.setattr(PatchScorerStage, "save", save_then_stop)
+    with pytest.raises(Interrupt):
+        PatchScorerStage(config=config, image_size=32, channels=1, device="cpu").fit(images, checkpoint_path=tmp_path / "s2.pt", progress=False)
+    monkeypatch.setattr(PatchScorerStage, "save", save)
+    with pytest.raises(ValueError, match="training images differ"):
+        PatchScorerStage(config=config, image_size=32, channels=1, device="cpu").fit(
+            images[:-1], checkpoint_path=tmp_path / "s2.pt", progress=False, resume=True)
+    resumed = PatchScorerStage(config=config, image_size=32, channels=1, device="cpu").fit(
+        images, checkpoint_path=tmp_path / "s2.pt", progress=False, resume=True)
+    for name, tensor in full.model_.state_dict().items():
+        assert torch.equal(tensor, resumed.model_.state_dict()[name]), name
+    assert [h["total"] for h in resumed.history_] == [h["total"] for h in full.history_]

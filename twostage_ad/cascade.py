@@ -69,15 +69,18 @@ class Cascade:
         s2 = np.asarray(stage2_scores, dtype=np.float64)
         if s1.shape != s2.shape:
             raise ValueError(f"stage-1 and stage-2 scores differ in shape: {s1.shape} vs {s2.shape}")
-        flagged = s1 > self.stage1.value
-        missing = flagged & ~np.isfinite(s2)
+        broken = ~np.isfinite(s1)  # fail closed: an image stage 1 cannot score is flagged and anomalous
+        flagged = (s1 > self.stage1.value) | broken
+        missing = flagged & ~broken & ~np.isfinite(s2)
         if missing.any():
             raise ValueError(f"{int(missing.sum())} flagged image(s) have no finite stage-2 score")
-        r2 = np.where(flagged, self.second_score(s1, np.where(flagged, s2, 0.0)), np.nan)
-        unflagged_score = 0.5 + np.arctan((s1 - self.stage1.value) / self.stage1_std) / np.pi
-        flagged_score = 1.5 + np.arctan((np.nan_to_num(r2) - self.stage2.value) / self.second_std) / np.pi
-        cascade = np.where(flagged, flagged_score, unflagged_score)
-        decision = (flagged & (np.nan_to_num(r2, nan=-np.inf) > self.stage2.value)).astype(int)
+        ok = flagged & ~broken
+        r2 = np.where(ok, self.second_score(np.where(ok, s1, 0.0), np.where(ok, s2, 0.0)), np.nan)
+        with np.errstate(invalid="ignore"):
+            unflagged_score = 0.5 + np.arctan((s1 - self.stage1.value) / self.stage1_std) / np.pi
+            flagged_score = 1.5 + np.arctan((np.nan_to_num(r2) - self.stage2.value) / self.second_std) / np.pi
+        cascade = np.where(broken, 2.0, np.where(flagged, flagged_score, unflagged_score))
+        decision = (broken | (ok & (np.nan_to_num(r2, nan=-np.inf) > self.stage2.value))).astype(int)
         return CascadeOutput(flagged=flagged, second_score=r2, cascade_score=cascade, decision=decision)
 
     def to_dict(self) -> dict[str, Any]:
@@ -131,7 +134,11 @@ def fit_cascade(
     """Pick τ₁ and τ₂ from validation rows (``calibration2`` for τ₂, default the same method).
 
     Both thresholds are calibrated on *all* validation rows, not only the flagged ones: a
-    calibration set of normals rarely holds enough flagged images to pick a quantile from.
+    calibration set of normals rarely holds enough flagged images to pick a quantile from. So the
+    q of τ₂ is a share of all validation normals, not of the flagged ones; with ``fusion="sum"``
+    flagged normals carry a high stage-1 term and exceed τ₂ far more often than 1 − q.
+    ``stage2.stats`` records what the pair does on validation normals
+    (``cascade_false_positive_rate_val``, ``anomalous_share_of_flagged_normals_val``).
     """
     s1 = np.asarray(val_stage1, dtype=np.float64)
     s2 = np.asarray(val_stage2, dtype=np.float64)
@@ -148,13 +155,21 @@ def fit_cascade(
         "stage2_std": _std(s2[normal]),
     }
     r2 = second_stage_score(fusion, s1, s2, **stats)
-    return Cascade(
+    cascade = Cascade(
         stage1=calibrate(s1, labels, calibration),
         stage2=calibrate(r2, labels, calibration2 or calibration),
         fusion=fusion,
         second_std=_std(r2[normal]),
         **stats,
     )
+    # τ₂ is picked on all validation rows, but only flagged ones reach it; with ``sum`` fusion they
+    # carry a high stage-1 term, so say what the pair of thresholds does on validation normals
+    decided = cascade.apply(s1, s2)
+    cascade.stage2.stats["cascade_false_positive_rate_val"] = float(np.mean(decided.decision[normal]))
+    cascade.stage2.stats["anomalous_share_of_flagged_normals_val"] = (
+        float(np.mean(decided.decision[normal & decided.flagged])) if (normal & decided.flagged).any() else None
+    )
+    return cascade
 
 
 def fused_anomaly_map(stage1_maps: np.ndarray, stage2_maps: np.ndarray, map_mean: float, map_std: float) -> np.ndarray:

@@ -109,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"run_dir": str(result.run_dir), **{k: result.metrics[k] for k in keys}}, indent=2))
         elif args.command == "calibrate":
             stages = {"1": ("stage1",), "2": ("stage2",), "both": ("stage1", "stage2")}[args.stage]
-            current = workflow.current_calibration(args.run_dir, stages[0])
-            cascade = workflow.calibrate_run(args.run_dir, _calibration_from_args(current, args), stages=stages)
+            chosen = args.method is not None or any(getattr(args, k) is not None for k in _PARAM_METHOD)
+            # no method and no parameter: each threshold is re-picked with its own current method
+            calibration = _calibration_from_args(workflow.current_calibration(args.run_dir, stages[0]), args) if chosen else None
+            cascade = workflow.calibrate_run(args.run_dir, calibration, stages=stages)
             print(json.dumps({"stage1": cascade.stage1.to_dict(), "stage2": cascade.stage2.to_dict()}, indent=2))
         elif args.command == "report":
             if args.examples is not None and args.examples < 0:

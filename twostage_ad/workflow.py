@@ -100,8 +100,8 @@ def _write_scores(run_dir: Path, table: pd.DataFrame, errors: pd.DataFrame | Non
     out = table.assign(error="")
     if errors is not None and len(errors):
         out = pd.concat([out, errors], ignore_index=True)
-    # 9 significant digits: the cascade score squeezes each stage into an interval of width 1/2
-    write_atomic(run_dir / RUN_FILES["scores"], lambda tmp: out.to_csv(tmp, index=False, float_format="%.9g"))
+    # 17 significant digits: exact round trip, so `calibrate` and `predict` see the scores `run` saw
+    write_atomic(run_dir / RUN_FILES["scores"], lambda tmp: out.to_csv(tmp, index=False, float_format="%.17g"))
 
 
 def _error_rows(decoded: dict[str, DecodedImages], splits: dict[str, list]) -> pd.DataFrame:
@@ -394,6 +394,19 @@ def _infer_channels(records: list) -> int:
     )
 
 
+def _resume_reused(run_dir: Path, stage1: str | Path | None, stage2: str | Path | None) -> tuple[str | None, str | None]:
+    """The checkpoints the interrupted run reused (``reused.json``); given ones must match them."""
+    path = run_dir / "reused.json"
+    saved = read_json(path) if path.is_file() else {"stage1": None, "stage2": None}
+    for name, given in (("stage1", stage1), ("stage2", stage2)):
+        if given is not None and str(given) != str(saved.get(name)):
+            raise ConfigError(
+                f"cannot resume {str(run_dir)!r}: it {'reused ' + repr(saved.get(name)) if saved.get(name) else 'trained its own ' + name} "
+                f"but --{name}-from {str(given)!r} was given; resume without it or start a new run"
+            )
+    return saved.get("stage1"), saved.get("stage2")
+
+
 def _resume_config(run_dir: Path, config: Config | None) -> Config:
     """The interrupted run's own config; a given ``config`` must agree with it."""
     saved = load_run_config(run_dir)
@@ -439,6 +452,8 @@ def run_pipeline(
         raise ConfigError("run_pipeline needs a config (or resume=True with an existing run folder)")
     config.validate()
     device = resolve_device(config.run.device)  # fail on a missing GPU before any work
+    if resume:
+        stage1_checkpoint, stage2_checkpoint = _resume_reused(Path(output), stage1_checkpoint, stage2_checkpoint)
     for checkpoint in (stage1_checkpoint, stage2_checkpoint):
         if checkpoint is not None and not Path(checkpoint).is_file():
             raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} does not exist")
@@ -460,6 +475,7 @@ def run_pipeline(
     config = replace(config, data=replace(config.data, channels=channels))
     if not resume:
         save_config(config, run_dir / RUN_FILES["config"])  # first, so an interrupted run can be resumed
+        write_json(run_dir / "reused.json", {"stage1": stage1_checkpoint, "stage2": stage2_checkpoint})
     size = config.data.image_size
     decoded = {
         name: decode_records(recs, size, channels, config.data.invert_masks, desc=f"decode {name}", progress=progress)

@@ -12,7 +12,7 @@ A validation split of normals is carved from train (seeded) when the source has 
 from __future__ import annotations
 
 import logging
-import os
+import posixpath
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -120,8 +120,10 @@ def _inside(base: Path, relative: str, where: str, column: str, allow_outside: b
     elsewhere must not make the tool read arbitrary files) unless ``allow_outside``."""
     path = Path(relative)
     if not allow_outside:
-        normal = os.path.normpath(relative.replace("\\", "/"))
-        if path.is_absolute() or normal == ".." or normal.startswith("../"):
+        normal = posixpath.normpath(relative.replace("\\", "/"))
+        lexical_escape = path.is_absolute() or normal.startswith("/") or normal == ".." or normal.startswith("../")
+        # symbolic links inside the folder may point anywhere: judge where the path really leads
+        if lexical_escape or not (base / path).resolve().is_relative_to(base.resolve()):
             raise DataError(
                 f"{where}: the {column} path {relative!r} leads outside the manifest's folder {str(base)!r}; "
                 "move the files under that folder or set data.allow_outside_paths: true if you trust this manifest"

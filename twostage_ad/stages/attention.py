@@ -17,6 +17,7 @@ same numbers whatever batch it is in.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -43,6 +44,10 @@ __all__ = [
     "ScreeningResult",
     "screening_batch",
     "screening_scores",
+    "COLLAPSE_LOSS",
+    "reinitialise_discriminator",
+    "training_fingerprint",
+    "check_resumable",
     "AttentionStage",
 ]
 
@@ -132,6 +137,22 @@ class DefectDataset(Dataset):
         texture = self.images[other]
         defective, mask = apply_defect(self.augmentation, image, texture)
         return to_tensor(defective)[0], clean, torch.from_numpy(mask).float()[None], torch.tensor(True)
+
+
+def training_fingerprint(images: np.ndarray) -> str:
+    """Identity of a training set: shape and SHA-1 of the decoded pixels (a resume must see the same)."""
+    return f"{images.shape}:{hashlib.sha1(np.ascontiguousarray(images).tobytes()).hexdigest()}"
+
+
+def check_resumable(path: Path, state: dict[str, Any], data: str, device: torch.device) -> None:
+    """Refuse to resume on different training images or another device: the result would differ."""
+    if state.get("data") != data:
+        raise ValueError(
+            f"cannot resume from {str(path)!r}: the training images differ from those it was trained on "
+            "(files added, removed, changed or newly readable); start a new run"
+        )
+    if state.get("device") != str(device):
+        raise ValueError(f"cannot resume from {str(path)!r}: it trained on {state.get('device')!r}, this run uses {str(device)!r}")
 
 
 def _as_tuples(value: Any) -> Any:
@@ -334,8 +355,9 @@ class AttentionStage:
         use_amp = c.amp and self.device_.type == "cuda"
         self.history_: list[dict[str, float]] = []
         first_epoch, earlier_seconds = 1, 0.0
+        data_id = training_fingerprint(images)
         if resume and checkpoint_path is not None and Path(checkpoint_path).is_file():
-            first_epoch = self._restore(Path(checkpoint_path), g_opt, d_opt, schedulers, generator, dataset)
+            first_epoch = self._restore(Path(checkpoint_path), g_opt, d_opt, schedulers, generator, dataset, data_id)
             earlier_seconds = self.history_[-1]["seconds"] if self.history_ else 0.0
         start = time.perf_counter() - earlier_seconds
         epochs = tqdm(range(first_epoch, c.epochs + 1), desc="stage 1 train", unit="epoch", disable=not progress,
@@ -376,13 +398,15 @@ class AttentionStage:
                     "loader_generator": generator.get_state(),
                     "dataset": dataset.get_state(),
                     "torch_rng": torch.get_rng_state(),
+                    "data": data_id,
+                    "device": str(self.device_),
                 }
                 self.save(checkpoint_path, epoch=epoch, training_state=state)
         self.train_seconds_ = time.perf_counter() - start
         self.model_.eval()
         return self
 
-    def _restore(self, path: Path, g_opt, d_opt, schedulers, generator: torch.Generator, dataset: DefectDataset) -> int:
+    def _restore(self, path: Path, g_opt, d_opt, schedulers, generator: torch.Generator, dataset: DefectDataset, data: str) -> int:
         """Load a per-epoch checkpoint into the fresh training objects; returns the next epoch."""
         payload = load_checkpoint(path)
         expected = {"format": "twostage_ad.stage1/1", "config": asdict(self.config), "augment": asdict(self.augment),
@@ -400,6 +424,7 @@ class AttentionStage:
             return self.config.epochs + 1
         if state is None:
             raise ValueError(f"cannot resume from {str(path)!r}: it holds no training state (written by an older version)")
+        check_resumable(path, state, data, self.device_)
         self.model_.load_state_dict(payload["model"])
         if self.discriminator_ is not None:
             self.discriminator_.load_state_dict(payload["discriminator"])

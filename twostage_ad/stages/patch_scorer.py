@@ -35,7 +35,7 @@ from twostage_ad.config import Stage2Config
 from twostage_ad.data.images import to_tensor
 from twostage_ad.models.ganomaly2d import GANomaly2D, PatchDiscriminator
 from twostage_ad.runs import load_checkpoint, save_checkpoint
-from twostage_ad.stages.attention import reinitialise_discriminator, resolve_device
+from twostage_ad.stages.attention import check_resumable, reinitialise_discriminator, resolve_device, training_fingerprint
 
 __all__ = [
     "PatchScoreResult",
@@ -232,8 +232,9 @@ class PatchScorerStage:
         use_amp = c.amp and self.device_.type == "cuda"
         self.history_: list[dict[str, float]] = []
         first_epoch, earlier_seconds = 1, 0.0
+        data_id = training_fingerprint(images)
         if resume and checkpoint_path is not None and Path(checkpoint_path).is_file():
-            first_epoch = self._restore(Path(checkpoint_path), g_opt, d_opt, generator)
+            first_epoch = self._restore(Path(checkpoint_path), g_opt, d_opt, generator, data_id)
             earlier_seconds = self.history_[-1]["seconds"] if self.history_ else 0.0
         self.model_.train()
         self.discriminator_.train()
@@ -264,13 +265,16 @@ class PatchScorerStage:
             log.info("stage 2 epoch %d/%d: %s", epoch, c.epochs, {k: round(v, 5) for k, v in record.items() if k != "epoch"})
             if checkpoint_path is not None:
                 state = {"g_opt": g_opt.state_dict(), "d_opt": d_opt.state_dict(),
-                         "loader_generator": generator.get_state(), "torch_rng": torch.get_rng_state()}
+                         "loader_generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                         "data": data_id, "device": str(self.device_)}
                 self.save(checkpoint_path, epoch=epoch, training_state=state)
         self.train_seconds_ = time.perf_counter() - start
         self.model_.eval()
         return self
 
-    def _restore(self, path: Path, g_opt: torch.optim.Optimizer, d_opt: torch.optim.Optimizer, generator: torch.Generator) -> int:
+    def _restore(
+        self, path: Path, g_opt: torch.optim.Optimizer, d_opt: torch.optim.Optimizer, generator: torch.Generator, data: str
+    ) -> int:
         """Load a per-epoch checkpoint into the fresh training objects; returns the next epoch."""
         payload = load_checkpoint(path)
         expected = {"format": CHECKPOINT_FORMAT, "config": asdict(self.config), "image_size": self.image_size,
@@ -288,6 +292,7 @@ class PatchScorerStage:
             return self.config.epochs + 1
         if state is None:
             raise ValueError(f"cannot resume from {str(path)!r}: it holds no training state")
+        check_resumable(path, state, data, self.device_)
         self.model_.load_state_dict(payload["model"])
         self.discriminator_.load_state_dict(payload["discriminator"])
         g_opt.load_state_dict(state["g_opt"])
