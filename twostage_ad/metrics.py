@@ -89,18 +89,22 @@ def pro_score(
     if not np.any(usable & (labels == 1)):
         return MetricResult(None, "no test anomaly has a ground-truth mask")
     masks = np.asarray(masks)[usable] > 0
-    scores = np.asarray(maps, dtype=np.float64)[usable].reshape(-1)
-    weight = np.zeros(masks.shape, dtype=np.float64)  # 1 / (|region| · n_regions) on region pixels
-    regions = []
+    scores = np.asarray(maps, dtype=np.float32)[usable].reshape(-1)
+    # each pixel's weight: 1 / (|its region| · number of regions); 0 off the regions
+    region_ids = np.zeros(masks.shape, dtype=np.int64)
+    n_regions = 0
     for i, mask in enumerate(masks):
         labelled, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=int))
-        for region in range(1, n + 1):
-            regions.append((i, labelled == region))
-    if not regions:
+        region_ids[i] = np.where(labelled > 0, labelled + n_regions, 0)
+        n_regions += n
+    if n_regions == 0:
         return MetricResult(None, "masks have no defect region")
-    for i, region in regions:
-        weight[i][region] = 1.0 / (region.sum() * len(regions))
-    weight = weight.reshape(-1)
+    region_ids = region_ids.reshape(-1)
+    sizes = np.bincount(region_ids, minlength=n_regions + 1).astype(np.float64)
+    per_region = np.zeros(n_regions + 1)
+    per_region[1:] = 1.0 / (sizes[1:] * n_regions)
+    weight = per_region[region_ids]
+    del region_ids
     normal = (~masks).reshape(-1).astype(np.float64)
     if normal.sum() == 0:
         return MetricResult(None, "no defect-free pixels to measure false positives on")
