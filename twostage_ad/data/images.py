@@ -149,7 +149,7 @@ def decode_records(
                 original_size = None
             else:
                 image, original_size = read_image_with_size(record.image, size, channels)
-                if min(original_size) < size:
+                if max(original_size) < size:  # upsampled in every direction (not merely a narrow side)
                     small.append((record.name, original_size))
             if record.mask is not None:
                 if not Path(record.mask).is_file():
@@ -169,7 +169,7 @@ def decode_records(
         has_mask.append(present)
     if small:
         name, (width, height) = small[0]
-        fits = 2 ** int(np.floor(np.log2(max(32, min(width, height)))))
+        fits = 2 ** int(np.floor(np.log2(max(32, max(width, height)))))
         log.warning(
             "%d image(s) are smaller than data.image_size %d (e.g. %s: %d×%d) and are upsampled, which blurs fine "
             "defects; set data.image_size: %d to work at their own resolution", len(small), size, name, width, height, fits,
