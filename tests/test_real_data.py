@@ -28,9 +28,12 @@ def test_manifests_load_with_the_documented_counts(name, counts):
 
 def test_piped_class_runs_end_to_end_with_pixel_metrics(tmp_path):
     _require("piped")
-    config = load_config(REPO / "pipelines" / "piped.yaml", ["stage1.epochs=3"])
+    config = load_config(REPO / "pipelines" / "piped.yaml", ["stage1.epochs=3", "stage2.epochs=3"])
     result = run_pipeline(config, tmp_path / "piped", progress=False)
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     assert metrics["counts"]["test_anomalous"] == 48
-    assert 0.0 <= metrics["pixel_auroc"]["stage1"] <= 1.0
-    assert 0.0 <= metrics["image_auroc"]["stage1"] <= 1.0
+    for stage in ("stage1", "stage2", "cascade"):
+        assert 0.0 <= metrics["image_auroc"][stage] <= 1.0
+    for stage in ("stage1", "stage2", "fused"):  # PIPED has pixel masks: every pixel metric is defined
+        assert 0.0 <= metrics["pixel_auroc"][stage] <= 1.0
+        assert 0.0 <= metrics["pro"][stage] <= 1.0
