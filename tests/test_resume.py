@@ -23,6 +23,27 @@ SETTINGS = ["stage1.epochs=12", "stage1.base_width=8", "stage1.max_width=16", "s
             "stage2.width_divisor=16", "run.overlays=0"]
 
 
+class _Interrupt(Exception):
+    pass
+
+
+def _train_until_interrupted(monkeypatch, stage, images, checkpoint, *, after_epoch):
+    """Train ``stage`` until its checkpoint for ``after_epoch`` is written, then stop as a kill would."""
+    cls = type(stage)
+    save = cls.save
+
+    def save_then_stop(self, path, *, epoch=None, training_state=None):
+        save(self, path, epoch=epoch, training_state=training_state)
+        if epoch == after_epoch:
+            raise _Interrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cls, "save", save_then_stop)
+        with pytest.raises(_Interrupt):
+            stage.fit(images, checkpoint_path=checkpoint, progress=False)
+    assert load_checkpoint(checkpoint)["epoch"] == after_epoch
+
+
 def _epoch(path):
     try:
         return load_checkpoint(path)["epoch"]
@@ -71,21 +92,8 @@ def test_stage1_resume_is_bit_exact(tmp_path, monkeypatch):
     images = np.stack([textured(rng, size=32)[..., None] for _ in range(12)])
     config = load_config(None, ["stage1.epochs=3", "stage1.base_width=8", "stage1.max_width=16", "stage1.batch_size=4"]).stage1
     full = AttentionStage(config=config, image_size=32, channels=1, device="cpu").fit(images, progress=False)
-
-    class Interrupt(Exception):
-        pass
-
-    save = AttentionStage.save
-
-    def save_then_stop(self, path, *, epoch=None, training_state=None):
-        save(self, path, epoch=epoch, training_state=training_state)
-        if epoch == 2:
-            raise Interrupt
-
-    monkeypatch.setattr(AttentionStage, "save", save_then_stop)
-    with pytest.raises(Interrupt):
-        AttentionStage(config=config, image_size=32, channels=1, device="cpu").fit(images, checkpoint_path=tmp_path / "s1.pt", progress=False)
-    monkeypatch.setattr(AttentionStage, "save", save)
+    _train_until_interrupted(monkeypatch, AttentionStage(config=config, image_size=32, channels=1, device="cpu"),
+                             images, tmp_path / "s1.pt", after_epoch=2)
     resumed = AttentionStage(config=config, image_size=32, channels=1, device="cpu").fit(
         images, checkpoint_path=tmp_path / "s1.pt", progress=False, resume=True)
     for name, tensor in full.model_.state_dict().items():
@@ -128,21 +136,8 @@ def test_stage2_resume_is_bit_exact_and_refuses_other_images(tmp_path, monkeypat
     images = np.stack([textured(rng, size=32)[..., None] for _ in range(12)])
     config = load_config(None, ["stage2.epochs=3", "stage2.width_divisor=16", "stage2.batch_size=4"]).stage2
     full = PatchScorerStage(config=config, image_size=32, channels=1, device="cpu").fit(images, progress=False)
-
-    class Interrupt(Exception):
-        pass
-
-    save = PatchScorerStage.save
-
-    def save_then_stop(self, path, *, epoch=None, training_state=None):
-        save(self, path, epoch=epoch, training_state=training_state)
-        if epoch == 2:
-            raise Interrupt
-
-    monkeypatch.setattr(PatchScorerStage, "save", save_then_stop)
-    with pytest.raises(Interrupt):
-        PatchScorerStage(config=config, image_size=32, channels=1, device="cpu").fit(images, checkpoint_path=tmp_path / "s2.pt", progress=False)
-    monkeypatch.setattr(PatchScorerStage, "save", save)
+    _train_until_interrupted(monkeypatch, PatchScorerStage(config=config, image_size=32, channels=1, device="cpu"),
+                             images, tmp_path / "s2.pt", after_epoch=2)
     with pytest.raises(ValueError, match="training images differ"):
         PatchScorerStage(config=config, image_size=32, channels=1, device="cpu").fit(
             images[:-1], checkpoint_path=tmp_path / "s2.pt", progress=False, resume=True)

@@ -41,6 +41,8 @@ RUN_FILES = {
     "plots": "plots",
     "maps": "maps",
     "report": "report.html",
+    "history": "history.json",
+    "reused": "reused.json",
 }
 
 
@@ -59,16 +61,22 @@ def default_run_dir(output_root: str | Path, name: str) -> Path:
     return candidate
 
 
-def create_run_dir(path: str | Path, overwrite: bool = False) -> Path:
+def create_run_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
     """Create the run folder and its sub-folders; refuse a non-empty folder unless ``overwrite``.
 
     With ``overwrite`` the earlier run is renamed to ``<name>.replaced-<time>`` (nothing is
-    deleted, and no stale file of the old run can be mistaken for the new run's).
+    deleted, and no stale file of the old run can be mistaken for the new run's). With ``resume``
+    the folder must already hold a run (its ``config.yaml``) and is continued in place.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise RunExistsError(f"run folder {str(path)!r} exists and is a file; choose another --output")
-    if path.is_dir() and any(path.iterdir()):
+    if resume:
+        if overwrite:
+            raise ValueError("resume and overwrite exclude each other")
+        if not (path / RUN_FILES["config"]).is_file():
+            raise FileNotFoundError(f"{str(path)!r} is not a run folder to resume: {RUN_FILES['config']} is missing")
+    elif path.is_dir() and any(path.iterdir()):
         if not overwrite:
             raise RunExistsError(
                 f"run folder {str(path)!r} already holds results; pass --resume to continue an interrupted run, "

@@ -273,7 +273,8 @@ def build_report(run_dir: str | Path, *, log_scale: bool = False, examples: int 
         if test.loc[test["label"] == 1, "category"].nunique() > 1:
             plot_category_distribution(table, column, threshold, plots / f"{column}_by_category.png", title=title, log_scale=log_scale)
     plot_roc_curves(table, {"stage 1": "stage1_loss", "stage 2": "stage2_score", "cascade": "cascade_score"}, plots / "roc.png")
-    history = read_json(run_dir / "history.json") if (run_dir / "history.json").is_file() else {}
+    history_path = run_dir / RUN_FILES["history"]
+    history = read_json(history_path) if history_path.is_file() else {}
     for stage, rows in history.items():
         plot_training_curves([{k: v for k, v in h.items() if k != "discriminator_resets"} for h in rows],
                              plots / f"{stage}_training.png", title=f"{stage.replace('stage', 'stage ')} training")
@@ -396,7 +397,7 @@ def _infer_channels(records: list) -> int:
 
 def _resume_reused(run_dir: Path, stage1: str | Path | None, stage2: str | Path | None) -> tuple[str | None, str | None]:
     """The checkpoints the interrupted run reused (``reused.json``); given ones must match them."""
-    path = run_dir / "reused.json"
+    path = run_dir / RUN_FILES["reused"]
     saved = read_json(path) if path.is_file() else {"stage1": None, "stage2": None}
     for name, given in (("stage1", stage1), ("stage2", stage2)):
         if given is not None and str(given) != str(saved.get(name)):
@@ -445,8 +446,6 @@ def run_pipeline(
     if resume:
         if output is None:
             raise ConfigError("resume needs the run folder to continue (--output RUN_DIR)")
-        if overwrite:
-            raise ConfigError("resume and overwrite exclude each other")
         config = _resume_config(Path(output), config)
     if config is None:
         raise ConfigError("run_pipeline needs a config (or resume=True with an existing run folder)")
@@ -460,12 +459,7 @@ def run_pipeline(
     records = load_records(config.data, seed=config.run.seed)
     splits = split_records(records)
     _check_calibration_feasible([r.label for r in splits["val"]], config.calibration)
-    if resume:
-        run_dir = Path(output)
-        for sub in ("checkpoints", "plots", "maps"):
-            (run_dir / RUN_FILES[sub]).mkdir(parents=True, exist_ok=True)
-    else:
-        run_dir = create_run_dir(output or default_run_dir(config.run.output_root, config.run.name), overwrite=overwrite)
+    run_dir = create_run_dir(output or default_run_dir(config.run.output_root, config.run.name), overwrite=overwrite, resume=resume)
     log.info("run folder: %s (device %s)", run_dir, device)
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
@@ -475,7 +469,7 @@ def run_pipeline(
     config = replace(config, data=replace(config.data, channels=channels))
     if not resume:
         save_config(config, run_dir / RUN_FILES["config"])  # first, so an interrupted run can be resumed
-        write_json(run_dir / "reused.json", {"stage1": stage1_checkpoint, "stage2": stage2_checkpoint})
+        write_json(run_dir / RUN_FILES["reused"], {"stage1": stage1_checkpoint, "stage2": stage2_checkpoint})
     size = config.data.image_size
     decoded = {
         name: decode_records(recs, size, channels, config.data.invert_masks, desc=f"decode {name}", progress=progress)
@@ -564,7 +558,7 @@ def run_pipeline(
             names=np.array([r.name for r in decoded["test"].records]),
         ),
     )
-    write_json(run_dir / "history.json", {"stage1": stage1.history_, "stage2": stage2.history_})
+    write_json(run_dir / RUN_FILES["history"], {"stage1": stage1.history_, "stage2": stage2.history_})
 
     notes = {f"image_auroc.{k}": m.reason for k, m in image.items() if m.reason}
     notes.update({f"pixel_auroc.{k}": m.reason for k, m in pixel.items() if m.reason})

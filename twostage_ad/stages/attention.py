@@ -48,6 +48,7 @@ __all__ = [
     "reinitialise_discriminator",
     "training_fingerprint",
     "check_resumable",
+    "load_for_resume",
     "AttentionStage",
 ]
 
@@ -153,6 +154,35 @@ def check_resumable(path: Path, state: dict[str, Any], data: str, device: torch.
         )
     if state.get("device") != str(device):
         raise ValueError(f"cannot resume from {str(path)!r}: it trained on {state.get('device')!r}, this run uses {str(device)!r}")
+
+
+def load_for_resume(
+    path: Path, expected: dict[str, Any], estimator: Any, data: str, *, name: str
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Check that a per-epoch checkpoint belongs to this training, load weights and history into
+    ``estimator`` (``model_``, ``discriminator_``, ``history_``, ``config.epochs``, ``device_``).
+
+    Returns ``(payload, training_state)``; the state is None when all epochs are already done.
+    """
+    payload = load_checkpoint(path)
+    for key, value in expected.items():
+        if payload.get(key) != value:
+            raise ValueError(f"cannot resume from {str(path)!r}: its {key} differs from this run's ({payload.get(key)!r} vs {value!r})")
+    finished = int(payload["epoch"]) >= estimator.config.epochs
+    state = payload.get("training_state")
+    if not finished:
+        if state is None:
+            raise ValueError(f"cannot resume from {str(path)!r}: it holds no training state (written by an older version)")
+        check_resumable(path, state, data, estimator.device_)
+    estimator.model_.load_state_dict(payload["model"])
+    if estimator.discriminator_ is not None and "discriminator" in payload:
+        estimator.discriminator_.load_state_dict(payload["discriminator"])
+    estimator.history_ = list(payload.get("history", []))
+    if finished:
+        log.info("%s already trained for %d epochs in %s", name, estimator.config.epochs, path)
+        return payload, None
+    log.info("%s resumes after epoch %d of %d from %s", name, payload["epoch"], estimator.config.epochs, path)
+    return payload, state
 
 
 def _as_tuples(value: Any) -> Any:
@@ -408,26 +438,12 @@ class AttentionStage:
 
     def _restore(self, path: Path, g_opt, d_opt, schedulers, generator: torch.Generator, dataset: DefectDataset, data: str) -> int:
         """Load a per-epoch checkpoint into the fresh training objects; returns the next epoch."""
-        payload = load_checkpoint(path)
         expected = {"format": "twostage_ad.stage1/1", "config": asdict(self.config), "augment": asdict(self.augment),
                     "image_size": self.image_size, "channels": self.channels, "seed": self.seed}
-        for key, value in expected.items():
-            if payload.get(key) != value:
-                raise ValueError(f"cannot resume from {str(path)!r}: its {key} differs from this run's ({payload.get(key)!r} vs {value!r})")
-        state = payload.get("training_state")
-        if int(payload["epoch"]) >= self.config.epochs:  # finished: only the weights are needed
-            self.model_.load_state_dict(payload["model"])
-            if self.discriminator_ is not None and "discriminator" in payload:
-                self.discriminator_.load_state_dict(payload["discriminator"])
-            self.history_ = list(payload.get("history", []))
-            log.info("%s already trained for %d epochs in %s", "stage 1", self.config.epochs, path)
-            return self.config.epochs + 1
+        payload, state = load_for_resume(path, expected, self, data, name="stage 1")
         if state is None:
-            raise ValueError(f"cannot resume from {str(path)!r}: it holds no training state (written by an older version)")
-        check_resumable(path, state, data, self.device_)
-        self.model_.load_state_dict(payload["model"])
-        if self.discriminator_ is not None:
-            self.discriminator_.load_state_dict(payload["discriminator"])
+            return self.config.epochs + 1
+        if d_opt is not None:
             d_opt.load_state_dict(state["d_opt"])
         g_opt.load_state_dict(state["g_opt"])
         for scheduler, saved in zip(schedulers, state["schedulers"]):
@@ -435,8 +451,6 @@ class AttentionStage:
         generator.set_state(state["loader_generator"])
         dataset.set_state(state["dataset"])
         torch.set_rng_state(state["torch_rng"])
-        self.history_ = list(payload.get("history", []))
-        log.info("stage 1 resumes after epoch %d of %d from %s", payload["epoch"], self.config.epochs, path)
         return int(payload["epoch"]) + 1
 
     def _train_step(

@@ -35,7 +35,7 @@ from twostage_ad.config import Stage2Config
 from twostage_ad.data.images import to_tensor
 from twostage_ad.models.ganomaly2d import GANomaly2D, PatchDiscriminator
 from twostage_ad.runs import load_checkpoint, save_checkpoint
-from twostage_ad.stages.attention import check_resumable, reinitialise_discriminator, resolve_device, training_fingerprint
+from twostage_ad.stages.attention import load_for_resume, reinitialise_discriminator, resolve_device, training_fingerprint
 
 __all__ = [
     "PatchScoreResult",
@@ -276,31 +276,15 @@ class PatchScorerStage:
         self, path: Path, g_opt: torch.optim.Optimizer, d_opt: torch.optim.Optimizer, generator: torch.Generator, data: str
     ) -> int:
         """Load a per-epoch checkpoint into the fresh training objects; returns the next epoch."""
-        payload = load_checkpoint(path)
         expected = {"format": CHECKPOINT_FORMAT, "config": asdict(self.config), "image_size": self.image_size,
                     "channels": self.channels, "seed": self.seed}
-        for key, value in expected.items():
-            if payload.get(key) != value:
-                raise ValueError(f"cannot resume from {str(path)!r}: its {key} differs from this run's ({payload.get(key)!r} vs {value!r})")
-        state = payload.get("training_state")
-        if int(payload["epoch"]) >= self.config.epochs:  # finished: only the weights are needed
-            self.model_.load_state_dict(payload["model"])
-            if self.discriminator_ is not None and "discriminator" in payload:
-                self.discriminator_.load_state_dict(payload["discriminator"])
-            self.history_ = list(payload.get("history", []))
-            log.info("%s already trained for %d epochs in %s", "stage 2", self.config.epochs, path)
-            return self.config.epochs + 1
+        payload, state = load_for_resume(path, expected, self, data, name="stage 2")
         if state is None:
-            raise ValueError(f"cannot resume from {str(path)!r}: it holds no training state")
-        check_resumable(path, state, data, self.device_)
-        self.model_.load_state_dict(payload["model"])
-        self.discriminator_.load_state_dict(payload["discriminator"])
+            return self.config.epochs + 1
         g_opt.load_state_dict(state["g_opt"])
         d_opt.load_state_dict(state["d_opt"])
         generator.set_state(state["loader_generator"])
         torch.set_rng_state(state["torch_rng"])
-        self.history_ = list(payload.get("history", []))
-        log.info("stage 2 resumes after epoch %d of %d from %s", payload["epoch"], self.config.epochs, path)
         return int(payload["epoch"]) + 1
 
     def _train_step(self, x: torch.Tensor, g_opt: torch.optim.Optimizer, d_opt: torch.optim.Optimizer, use_amp: bool) -> dict[str, float]:
