@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -84,9 +85,11 @@ def _calibration_from_args(current: CalibrationConfig, args: argparse.Namespace)
 
 
 def _configure_logging(quiet: bool) -> None:
+    """INFO to stderr; warnings only with ``--quiet`` and on every torchrun rank but 0 (prefixed with its rank)."""
+    rank = os.environ.get("RANK", "0")
     logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.WARNING if quiet or rank != "0" else logging.INFO,
+        format=("" if rank == "0" else f"[rank {rank}] ") + "%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
 

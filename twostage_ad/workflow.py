@@ -24,9 +24,17 @@ import yaml
 
 from twostage_ad.calibration import NORMAL_ONLY_METHODS, CalibrationError
 from twostage_ad.cascade import Cascade, fit_cascade, fused_anomaly_map
-from twostage_ad.config import CalibrationConfig, Config, ConfigError, config_from_dict, config_to_dict, save_config
+from twostage_ad.config import (
+    CalibrationConfig,
+    Config,
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    save_config,
+)
 from twostage_ad.data.images import DecodedImages, decode_records, infer_channels
 from twostage_ad.data.records import DataError, load_records, split_records
+from twostage_ad.distributed import DistributedContext, init_distributed
 from twostage_ad.metrics import image_auroc, pixel_auroc, pro_score, recall_at_threshold
 from twostage_ad.report import (
     plot_category_distribution,
@@ -37,9 +45,21 @@ from twostage_ad.report import (
     plot_training_curves,
     write_html_report,
 )
-from twostage_ad.runs import RUN_FILES, create_run_dir, default_run_dir, read_json, write_atomic, write_json
-from twostage_ad.stages.attention import SCREENING_COMPONENTS, AttentionStage, ScreeningResult, resolve_device
-from twostage_ad.stages.patch_scorer import PatchScorerStage
+from twostage_ad.runs import (
+    RUN_FILES,
+    create_run_dir,
+    default_run_dir,
+    read_json,
+    write_atomic,
+    write_json,
+)
+from twostage_ad.stages.attention import (
+    SCREENING_COMPONENTS,
+    AttentionStage,
+    ScreeningResult,
+    resolve_device,
+)
+from twostage_ad.stages.patch_scorer import PatchScoreResult, PatchScorerStage
 
 __all__ = ["RunResult", "run_pipeline", "calibrate_run", "current_calibration", "load_run_config", "build_report", "predict_files"]
 
@@ -331,11 +351,44 @@ def _pick(candidates: np.ndarray, count: int, seed: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
+# scoring, sharded by index across ranks under torchrun (a plain call otherwise)
+
+
+def _score_stage1(
+    stage: AttentionStage, images: np.ndarray, context: DistributedContext, progress: bool, desc: str
+) -> ScreeningResult:
+    """Each rank scores its contiguous shard; every rank gets all results, in order."""
+    start = time.perf_counter()
+    part = stage.score(images[context.shard(len(images))], progress=progress, desc=desc)
+    if not context.enabled:
+        return part
+    return ScreeningResult(
+        loss=context.gather(part.loss),
+        components={k: context.gather(v) for k, v in part.components.items()},
+        anomaly_maps=context.gather(part.anomaly_maps),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _score_stage2(
+    stage: PatchScorerStage, images: np.ndarray, stage1_maps: np.ndarray | None, context: DistributedContext,
+    progress: bool, desc: str,
+) -> PatchScoreResult:
+    start = time.perf_counter()
+    shard = context.shard(len(images))
+    part = stage.score(images[shard], stage1_maps=None if stage1_maps is None else stage1_maps[shard], progress=progress, desc=desc)
+    if not context.enabled:
+        return part
+    return PatchScoreResult(scores=context.gather(part.scores), maps=context.gather(part.maps), seconds=time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------------------------
 # stages: train or reuse a checkpoint
 
 
 def _stage1(
-    config: Config, images: np.ndarray, run_dir: Path, device: torch.device, checkpoint: Path | None, progress: bool, resume: bool
+    config: Config, images: np.ndarray, run_dir: Path, device: torch.device, checkpoint: Path | None, progress: bool, resume: bool,
+    context: DistributedContext,
 ) -> AttentionStage:
     path = run_dir / RUN_FILES["checkpoints"] / "stage1.pt"
     if checkpoint is None:
@@ -343,25 +396,27 @@ def _stage1(
             config=config.stage1, augment=config.augment, image_size=config.data.image_size, channels=config.data.channels,
             device=str(device), seed=config.run.seed, num_workers=config.run.num_workers,
         )
-        return stage.fit(images, checkpoint_path=path, progress=progress, resume=resume)
+        return stage.fit(images, checkpoint_path=path, progress=progress, resume=resume, context=context)
     stage = AttentionStage.load(checkpoint, device=str(device))
     _check_reused(checkpoint, stage.image_size, stage.channels, config)
     stage.config = replace(stage.config, **{f: getattr(config.stage1, f) for f in STAGE1_SCORING_FIELDS})
     stage.train_seconds_ = 0.0
-    stage.save(path)
+    if context.is_main:
+        stage.save(path)
     log.info("stage 1 reused from %s (trained %d epochs)", checkpoint, len(stage.history_))
     return stage
 
 
 def _stage2(
-    config: Config, images: np.ndarray, run_dir: Path, device: torch.device, checkpoint: Path | None, progress: bool, resume: bool
+    config: Config, images: np.ndarray, run_dir: Path, device: torch.device, checkpoint: Path | None, progress: bool, resume: bool,
+    context: DistributedContext,
 ) -> PatchScorerStage:
     path = run_dir / RUN_FILES["checkpoints"] / "stage2.pt"
     if checkpoint is None:
         stage = PatchScorerStage(config=config.stage2, image_size=config.data.image_size,
                                  channels=config.data.channels, device=str(device), seed=config.run.seed,
                                  num_workers=config.run.num_workers)
-        return stage.fit(images, checkpoint_path=path, progress=progress, resume=resume)
+        return stage.fit(images, checkpoint_path=path, progress=progress, resume=resume, context=context)
     stage = PatchScorerStage.load(checkpoint, device=str(device))
     _check_reused(checkpoint, stage.image_size, stage.channels, config)
     stage.config = replace(stage.config, **{f: getattr(config.stage2, f) for f in STAGE2_SCORING_FIELDS})
@@ -451,6 +506,8 @@ def run_pipeline(
         raise ConfigError("run_pipeline needs a config (or resume=True with an existing run folder)")
     config.validate()
     device = resolve_device(config.run.device)  # fail on a missing GPU before any work
+    context, device = init_distributed(device)  # under torchrun: join the group, one device per rank
+    progress = progress and context.is_main
     if resume:
         stage1_checkpoint, stage2_checkpoint = _resume_reused(Path(output), stage1_checkpoint, stage2_checkpoint)
     for checkpoint in (stage1_checkpoint, stage2_checkpoint):
@@ -459,15 +516,19 @@ def run_pipeline(
     records = load_records(config.data, seed=config.run.seed)
     splits = split_records(records)
     _check_calibration_feasible([r.label for r in splits["val"]], config.calibration)
-    run_dir = create_run_dir(output or default_run_dir(config.run.output_root, config.run.name), overwrite=overwrite, resume=resume)
-    log.info("run folder: %s (device %s)", run_dir, device)
+    run_dir = None
+    if context.is_main:  # rank 0 alone writes the run folder
+        run_dir = create_run_dir(output or default_run_dir(config.run.output_root, config.run.name), overwrite=overwrite, resume=resume)
+    run_dir = Path(context.broadcast(None if run_dir is None else str(run_dir)))
+    log.info("run folder: %s (device %s%s)", run_dir, device,
+             f", {context.world_size} processes" if context.enabled else "")
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
     started = time.perf_counter()
 
     channels = config.data.channels or _infer_channels(splits["train"])
     config = replace(config, data=replace(config.data, channels=channels))
-    if not resume:
+    if not resume and context.is_main:
         save_config(config, run_dir / RUN_FILES["config"])  # first, so an interrupted run can be resumed
         write_json(run_dir / RUN_FILES["reused"], {"stage1": stage1_checkpoint, "stage2": stage2_checkpoint})
     size = config.data.image_size
@@ -493,36 +554,43 @@ def run_pipeline(
     decode_seconds = time.perf_counter() - started
 
     # stage 1: train (or reuse), score validation and test images
-    stage1 = _stage1(config, decoded["train"].images, run_dir, device, stage1_checkpoint and Path(stage1_checkpoint), progress, resume)
-    val1 = stage1.score(decoded["val"].images, progress=progress, desc="stage 1 score val")
-    test1 = stage1.score(decoded["test"].images, progress=progress, desc="stage 1 score test")
+    stage1 = _stage1(config, decoded["train"].images, run_dir, device, stage1_checkpoint and Path(stage1_checkpoint), progress,
+                     resume, context)
+    val1 = _score_stage1(stage1, decoded["val"].images, context, progress, "stage 1 score val")
+    test1 = _score_stage1(stage1, decoded["test"].images, context, progress, "stage 1 score test")
 
     # stage 2: train (or reuse), fix map statistics on validation normals, score everything
-    stage2 = _stage2(config, decoded["train"].images, run_dir, device, stage2_checkpoint and Path(stage2_checkpoint), progress, resume)
+    stage2 = _stage2(config, decoded["train"].images, run_dir, device, stage2_checkpoint and Path(stage2_checkpoint), progress,
+                     resume, context)
     guided = stage2.config.guidance != "none"
     stage2.fit_normalisation(decoded["val"].images[val_normal], stage1_maps=val1.anomaly_maps[val_normal] if guided else None)
-    stage2.save(run_dir / RUN_FILES["checkpoints"] / "stage2.pt")
-    val2 = stage2.score(decoded["val"].images, stage1_maps=val1.anomaly_maps if guided else None, progress=progress,
-                        desc="stage 2 score val")
-    test2 = stage2.score(decoded["test"].images, stage1_maps=test1.anomaly_maps if guided else None, progress=progress,
-                         desc="stage 2 score test (all, for analysis)")
+    if context.is_main:
+        stage2.save(run_dir / RUN_FILES["checkpoints"] / "stage2.pt")
+    val2 = _score_stage2(stage2, decoded["val"].images, val1.anomaly_maps if guided else None, context, progress,
+                         "stage 2 score val")
+    test2 = _score_stage2(stage2, decoded["test"].images, test1.anomaly_maps if guided else None, context, progress,
+                          "stage 2 score test (all, for analysis)")
     config = replace(config, stage1=stage1.config, stage2=stage2.config)
-    save_config(config, run_dir / RUN_FILES["config"])
+    if context.is_main:
+        save_config(config, run_dir / RUN_FILES["config"])
 
     table = pd.concat(
         [_score_table(decoded["val"], val1, val2.scores), _score_table(decoded["test"], test1, test2.scores)], ignore_index=True
     )
     errors = _error_rows(decoded, splits)
-    _write_scores(run_dir, table, errors)  # scores are safe on disk before anything can fail in calibration
+    if context.is_main:
+        _write_scores(run_dir, table, errors)  # scores are safe on disk before anything can fail in calibration
     val = table[table["split"] == "val"]
     cascade = fit_cascade(val["stage1_loss"].to_numpy(), val["stage2_score"].to_numpy(), val["label"].to_numpy(),
                           config.calibration, fusion=config.cascade.fusion)
 
     # the deployment path, timed: stage 1 on every test image, stage 2 on the flagged ones only
     flagged_test = np.flatnonzero(test1.loss > cascade.stage1.value)
-    cascade2 = stage2.score(decoded["test"].images[flagged_test],
-                            stage1_maps=test1.anomaly_maps[flagged_test] if guided else None,
-                            progress=progress, desc="stage 2 score flagged test")
+    cascade2 = _score_stage2(stage2, decoded["test"].images[flagged_test], test1.anomaly_maps[flagged_test] if guided else None,
+                             context, progress, "stage 2 score flagged test")
+    if not context.is_main:  # rank 0 computes the metrics and writes the rest of the run folder
+        metrics = context.broadcast(None)
+        return RunResult(run_dir=run_dir, metrics=metrics, scores=table)
     if not np.allclose(cascade2.scores, test2.scores[flagged_test], rtol=1e-4, atol=1e-5):
         log.warning("stage-2 scores of flagged images differ between batchings by up to %.3g",
                     float(np.max(np.abs(cascade2.scores - test2.scores[flagged_test]))))
@@ -603,6 +671,7 @@ def run_pipeline(
         "stage2_discriminator_resets": int(sum(h.get("discriminator_resets", 0) for h in stage2.history_)),
         "stage1_discriminator_resets": int(sum(h.get("discriminator_resets", 0) for h in stage1.history_)),
         "device": str(device),
+        "processes": context.world_size,
         "notes": notes,
     }
     metrics = _apply_cascade(run_dir, table, cascade, metrics, errors)
@@ -613,6 +682,7 @@ def run_pipeline(
         *(_auroc_text(metrics["pixel_auroc"][k]) for k in ("stage1", "stage2", "fused")),
         100 * (metrics["flagged_fraction"] or 0.0), run_dir,
     )
+    context.broadcast(metrics)
     return RunResult(run_dir=run_dir, metrics=metrics, scores=table)
 
 

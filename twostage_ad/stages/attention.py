@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from twostage_ad.config import AugmentConfig, Stage1Config
 from twostage_ad.data.augment import apply_defect, build_defect_augmentation
 from twostage_ad.data.images import to_tensor
+from twostage_ad.distributed import DistributedContext, GlobalBatchSampler, wrap_ddp
 from twostage_ad.models.attention_net import AttentionNet, ImageMapDiscriminator
 from twostage_ad.runs import load_checkpoint, save_checkpoint
 
@@ -81,11 +82,12 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 class DefectDataset(Dataset):
-    """Training normals; item ``i`` is ``(input, clean, mask, is_defect)``, tensors in [-1, 1].
+    """Training normals; item ``(epoch, i)`` (or ``i``) is ``(input, clean, mask, is_defect)``, tensors in [-1, 1].
 
     ``mask`` is ``1×H×W`` with 1 = normal, 0 = synthetic defect (all ones for clean rows).
-    Whether a row gets a defect, its kind and its texture (another training image) come from the
-    albumentations ``Compose(seed=...)`` and a numpy generator seeded the same way.
+    Whether a row gets a defect, its kind and its texture (another training image) are drawn
+    from ``(seed, epoch, i)`` alone: the same image gets the same defect in the same epoch
+    whichever process, loader worker or resumed run draws it.
     """
 
     def __init__(self, images: np.ndarray, augment: AugmentConfig, seed: int = 0):
@@ -93,50 +95,24 @@ class DefectDataset(Dataset):
             raise ValueError(f"expected a non-empty N×H×W×C uint8 array, got shape {images.shape}")
         self.images = images
         self.augment_config = augment
-        self.reseed(seed)
-
-    def reseed(self, seed: int) -> None:
-        self.augmentation = build_defect_augmentation(self.augment_config, seed=seed)
-        self.rng = np.random.default_rng(seed)
-
-    def _transforms(self) -> list[Any]:
-        """The Compose and every nested transform, depth first (each holds its own generators)."""
-        out, stack = [], [self.augmentation]
-        while stack:
-            transform = stack.pop(0)
-            out.append(transform)
-            stack[:0] = list(getattr(transform, "transforms", []))
-        return out
-
-    def get_state(self) -> dict[str, Any]:
-        """Every random state the items depend on (plain values, checkpoint-safe)."""
-        return {
-            "rng": self.rng.bit_generator.state,
-            "augment": [(t.random_generator.bit_generator.state, t.py_random.getstate()) for t in self._transforms()],
-        }
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`get_state` in place."""
-        self.rng.bit_generator.state = state["rng"]
-        transforms = self._transforms()
-        if len(transforms) != len(state["augment"]):
-            raise ValueError(f"saved augmentation state has {len(state['augment'])} transforms, this one {len(transforms)}")
-        for transform, (numpy_state, python_state) in zip(transforms, state["augment"]):
-            transform.random_generator.bit_generator.state = numpy_state
-            transform.py_random.setstate(_as_tuples(python_state))
+        self.seed = seed
+        self.augmentation = build_defect_augmentation(augment, seed=seed)
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         image = self.images[index]
         clean = to_tensor(image)[0]
-        is_defect = bool(self.rng.random() < self.augment_config.probability)
+        entropy = np.random.SeedSequence([self.seed, epoch, index])
+        rng = np.random.default_rng(entropy)
+        is_defect = bool(rng.random() < self.augment_config.probability)
         if not is_defect:
             return clean, clean, torch.ones(1, *image.shape[:2]), torch.tensor(False)
-        other = (index + 1 + int(self.rng.integers(0, len(self.images) - 1))) % len(self.images)  # never itself
-        texture = self.images[other]
-        defective, mask = apply_defect(self.augmentation, image, texture)
+        other = (index + 1 + int(rng.integers(0, len(self.images) - 1))) % len(self.images)  # never itself
+        self.augmentation.set_random_seed(int(entropy.generate_state(1)[0]))
+        defective, mask = apply_defect(self.augmentation, image, self.images[other])
         return to_tensor(defective)[0], clean, torch.from_numpy(mask).float()[None], torch.tensor(True)
 
 
@@ -183,16 +159,6 @@ def load_for_resume(
         return payload, None
     log.info("%s resumes after epoch %d of %d from %s", name, payload["epoch"], estimator.config.epochs, path)
     return payload, state
-
-
-def _as_tuples(value: Any) -> Any:
-    """``random.Random.setstate`` wants the nested tuples that a checkpoint may return as lists."""
-    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def _worker_init(worker_id: int) -> None:
-    info = torch.utils.data.get_worker_info()
-    info.dataset.reseed(int(torch.initial_seed() % 2**31))
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,11 +247,17 @@ def screening_scores(
 # training
 
 
-def _masked_mean(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Mean of per-row ``values`` over the selected rows; 0 (with a graph) when none is selected."""
-    if rows.any():
-        return values[rows].mean()
-    return values.sum() * 0.0
+def _masked_mean(values: torch.Tensor, rows: torch.Tensor, count: float | None = None, scale: float = 1.0) -> torch.Tensor:
+    """Mean of per-row ``values`` over the selected rows; 0 (with a graph) when none is selected.
+
+    ``count``: the number of selected rows over all ranks (default: here); the local sum is
+    divided by it and multiplied by ``scale`` (the world size), so that DDP's average of the
+    ranks' gradients is the gradient of the global mean.
+    """
+    count = float(rows.sum()) if count is None else count
+    if count == 0:
+        return values.sum() * 0.0
+    return values[rows].sum() * (scale / count)
 
 
 def _attention_bce(logits: torch.Tensor, mask: torch.Tensor, balanced: bool) -> torch.Tensor:
@@ -342,13 +314,21 @@ class AttentionStage:
         )
 
     def fit(
-        self, images: np.ndarray, *, checkpoint_path: str | Path | None = None, progress: bool = True, resume: bool = False
+        self,
+        images: np.ndarray,
+        *,
+        checkpoint_path: str | Path | None = None,
+        progress: bool = True,
+        resume: bool = False,
+        context: DistributedContext | None = None,
     ) -> "AttentionStage":
         """Train on uint8 ``N×H×W×C`` normal images; checkpoint each epoch when a path is given.
 
         ``resume``: continue from the last complete epoch in ``checkpoint_path`` (weights,
-        optimiser, scheduler and every random state), so the result equals an uninterrupted run
-        (CPU, ``run.num_workers: 0``; worker processes draw their own random streams).
+        optimiser, scheduler and random states), so the result equals an uninterrupted run.
+        ``context``: under ``torchrun``, every rank calls ``fit`` with the same images; each
+        trains on its slice of every global batch in ``DistributedDataParallel`` and rank 0
+        alone writes checkpoints.
         """
         if images.ndim != 4 or images.shape[1:3] != (self.image_size, self.image_size) or images.shape[3] != self.channels:
             raise ValueError(
@@ -356,21 +336,12 @@ class AttentionStage:
             )
         if len(images) < 2:
             raise ValueError(f"stage 1 needs at least 2 normal training images, got {len(images)}")
+        context = context or DistributedContext()
         torch.manual_seed(self.seed)
         self._build()
         c = self.config
         generator = torch.Generator().manual_seed(self.seed)
         dataset = DefectDataset(images, self.augment, seed=self.seed)
-        loader = DataLoader(
-            dataset,
-            batch_size=min(c.batch_size, len(dataset)),
-            shuffle=True,
-            drop_last=len(dataset) > c.batch_size,
-            num_workers=self.num_workers,
-            generator=generator,
-            worker_init_fn=_worker_init if self.num_workers > 0 else None,
-            persistent_workers=self.num_workers > 0,
-        )
         g_opt = torch.optim.Adam(self.model_.parameters(), lr=c.lr, betas=(0.5, 0.999), weight_decay=c.weight_decay)
         d_opt = (
             torch.optim.Adam(self.discriminator_.parameters(), lr=c.lr, betas=(0.5, 0.999))
@@ -387,8 +358,14 @@ class AttentionStage:
         first_epoch, earlier_seconds = 1, 0.0
         data_id = training_fingerprint(images)
         if resume and checkpoint_path is not None and Path(checkpoint_path).is_file():
-            first_epoch = self._restore(Path(checkpoint_path), g_opt, d_opt, schedulers, generator, dataset, data_id)
+            first_epoch = self._restore(Path(checkpoint_path), g_opt, d_opt, schedulers, generator, data_id)
             earlier_seconds = self.history_[-1]["seconds"] if self.history_ else 0.0
+        sampler = GlobalBatchSampler(len(dataset), min(c.batch_size, len(dataset)), generator, context,
+                                     with_epoch=True, start_epoch=first_epoch)
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
+                            persistent_workers=self.num_workers > 0)
+        model = wrap_ddp(self.model_, context, self.device_)
+        discriminator = wrap_ddp(self.discriminator_, context, self.device_) if self.discriminator_ is not None else None
         start = time.perf_counter() - earlier_seconds
         epochs = tqdm(range(first_epoch, c.epochs + 1), desc="stage 1 train", unit="epoch", disable=not progress,
                       initial=first_epoch - 1, total=c.epochs)
@@ -398,8 +375,8 @@ class AttentionStage:
             steps = 0
             resets = 0
             for batch in tqdm(loader, desc=f"epoch {epoch}", unit="batch", disable=not progress, leave=False):
-                losses = self._train_step(batch, g_opt, d_opt, use_amp)
-                if d_opt is not None and losses["discriminator"] < COLLAPSE_LOSS:
+                losses = context.mean_of(self._train_step(batch, model, discriminator, g_opt, d_opt, use_amp, context))
+                if d_opt is not None and losses["discriminator"] < COLLAPSE_LOSS:  # the same decision on every rank
                     reinitialise_discriminator(self.discriminator_, d_opt)
                     resets += 1
                     log.warning("stage 1 epoch %d: discriminator loss %.2g < %.0e, re-initialised it",
@@ -420,13 +397,12 @@ class AttentionStage:
             self.history_.append(record)
             epochs.set_postfix(loss=f"{record['total']:.4f}", att=f"{record['attention']:.4f}")
             log.info("stage 1 epoch %d/%d: %s", epoch, c.epochs, {k: round(v, 5) for k, v in record.items() if k != "epoch"})
-            if checkpoint_path is not None:
+            if checkpoint_path is not None and context.is_main:
                 state = {
                     "g_opt": g_opt.state_dict(),
                     "d_opt": d_opt.state_dict() if d_opt is not None else None,
                     "schedulers": [s.state_dict() for s in schedulers],
                     "loader_generator": generator.get_state(),
-                    "dataset": dataset.get_state(),
                     "torch_rng": torch.get_rng_state(),
                     "data": data_id,
                     "device": str(self.device_),
@@ -436,9 +412,9 @@ class AttentionStage:
         self.model_.eval()
         return self
 
-    def _restore(self, path: Path, g_opt, d_opt, schedulers, generator: torch.Generator, dataset: DefectDataset, data: str) -> int:
+    def _restore(self, path: Path, g_opt, d_opt, schedulers, generator: torch.Generator, data: str) -> int:
         """Load a per-epoch checkpoint into the fresh training objects; returns the next epoch."""
-        expected = {"format": "twostage_ad.stage1/1", "config": asdict(self.config), "augment": asdict(self.augment),
+        expected = {"format": "twostage_ad.stage1/2", "config": asdict(self.config), "augment": asdict(self.augment),
                     "image_size": self.image_size, "channels": self.channels, "seed": self.seed}
         payload, state = load_for_resume(path, expected, self, data, name="stage 1")
         if state is None:
@@ -449,45 +425,60 @@ class AttentionStage:
         for scheduler, saved in zip(schedulers, state["schedulers"]):
             scheduler.load_state_dict(saved)
         generator.set_state(state["loader_generator"])
-        dataset.set_state(state["dataset"])
         torch.set_rng_state(state["torch_rng"])
         return int(payload["epoch"]) + 1
 
     def _train_step(
         self,
         batch: tuple[torch.Tensor, ...],
+        model: torch.nn.Module,
+        discriminator: torch.nn.Module | None,
         g_opt: torch.optim.Optimizer,
         d_opt: torch.optim.Optimizer | None,
         use_amp: bool,
+        context: DistributedContext,
     ) -> dict[str, float]:
+        """One generator and one discriminator update; ``model`` / ``discriminator`` may be DDP-wrapped.
+
+        Every loss is a mean over the *global* batch (all ranks), so DDP's gradient average
+        equals one process's gradient: means over clean / defect rows divide by global row
+        counts, and feature matching compares global feature means (autograd all-reduce).
+        """
         c = self.config
         x_in, x_clean, mask, is_defect = (t.to(self.device_, non_blocking=True) for t in batch)
         clean_rows = ~is_defect
+        n_clean, n_defect = context.sum(torch.stack([clean_rows.sum(), is_defect.sum()]).float()).tolist()
         with torch.autocast(self.device_.type, dtype=torch.bfloat16, enabled=use_amp):
-            out = self.model_(x_in)
+            out = model(x_in)
         logits = out.attention_logits.float()
         recon_err = (out.reconstruction.float() - x_clean).abs().mean(dim=(1, 2, 3))
         bce = _attention_bce(logits, mask, balanced=c.att_balanced)
-        l_con = _masked_mean(recon_err, clean_rows)
-        l_rep = _masked_mean(recon_err, is_defect)
+        scale = context.world_size  # DDP divides the summed gradients by the world size
+        l_con = _masked_mean(recon_err, clean_rows, n_clean, scale)
+        l_rep = _masked_mean(recon_err, is_defect, n_defect, scale)
         l_enc = F.mse_loss(out.latent_reconstructed.float(), out.latent.float())
-        l_att = _masked_mean(bce, clean_rows) + _masked_mean(bce, is_defect)
+        l_att = _masked_mean(bce, clean_rows, n_clean, scale) + _masked_mean(bce, is_defect, n_defect, scale)
         total = c.w_con * l_con + c.w_rep * l_rep + c.w_enc * l_enc + c.w_att * l_att
         losses = {"recon": l_con.item(), "repair": l_rep.item(), "latent": l_enc.item(), "attention": l_att.item()}
         attention = torch.sigmoid(logits)
         if self.discriminator_ is not None:
-            # one concatenated forward for real and fake (DDP-safe); real = (clean image, true mask)
-            _, features = self._discriminate(x_clean, mask, out.reconstruction.float(), attention)
-            real_feat, fake_feat = features.chunk(2)
-            l_adv = F.mse_loss(fake_feat.mean(dim=0), real_feat.detach().mean(dim=0))
+            # the plain network (no DDP): this forward trains the generator, not the discriminator
+            self.discriminator_.requires_grad_(False)
+            _, features = self._discriminate(self.discriminator_, x_clean, mask, out.reconstruction.float(), attention)
+            self.discriminator_.requires_grad_(True)
+            real_feat, fake_feat = features.flatten(1).chunk(2)
+            rows = float(len(real_feat) * context.world_size)
+            fake_mean = context.sum(fake_feat.sum(dim=0), differentiable=True) / rows
+            real_mean = context.sum(real_feat.detach().sum(dim=0)) / rows
+            l_adv = F.mse_loss(fake_mean, real_mean)
             total = total + c.w_adv * l_adv
             losses["adversarial"] = l_adv.item()
         g_opt.zero_grad(set_to_none=True)
         total.backward()
         g_opt.step()
-        losses["total"] = total.item()
-        if self.discriminator_ is not None and d_opt is not None:
-            logits_d, _ = self._discriminate(x_clean, mask, out.reconstruction.detach().float(), attention.detach())
+        losses["total"] = total.item()  # per rank; the mean over ranks is the global batch's value
+        if discriminator is not None and d_opt is not None:
+            logits_d, _ = self._discriminate(discriminator, x_clean, mask, out.reconstruction.detach().float(), attention.detach())
             real_logits, fake_logits = logits_d.chunk(2)
             target = torch.cat([torch.ones_like(real_logits), torch.zeros_like(fake_logits)])
             l_d = F.binary_cross_entropy_with_logits(logits_d, target)
@@ -497,11 +488,13 @@ class AttentionStage:
             losses["discriminator"] = l_d.item()
         return losses
 
+    @staticmethod
     def _discriminate(
-        self, image: torch.Tensor, mask: torch.Tensor, reconstruction: torch.Tensor, attention: torch.Tensor
+        discriminator: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor, reconstruction: torch.Tensor,
+        attention: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One concatenated forward (DDP-safe): rows ``[:B]`` real (clean image, true mask), ``[B:]`` fake."""
-        return self.discriminator_(torch.cat([image, reconstruction]), torch.cat([mask, attention]))
+        return discriminator(torch.cat([image, reconstruction]), torch.cat([mask, attention]))
 
     # -- scoring and persistence ----------------------------------------------------------------
     def score(self, images: np.ndarray, *, batch_size: int | None = None, progress: bool = True, desc: str = "stage 1 score") -> ScreeningResult:
@@ -512,7 +505,7 @@ class AttentionStage:
     def save(self, path: str | Path, *, epoch: int | None = None, training_state: dict[str, Any] | None = None) -> None:
         """Weights, configs and history; ``training_state`` (optimisers, random states) lets ``fit`` resume."""
         payload: dict[str, Any] = {
-            "format": "twostage_ad.stage1/1",
+            "format": "twostage_ad.stage1/2",
             "model": self.model_.state_dict(),
             "config": asdict(self.config),
             "augment": asdict(self.augment),
@@ -531,7 +524,7 @@ class AttentionStage:
     @classmethod
     def load(cls, path: str | Path, device: str = "auto") -> "AttentionStage":
         payload = load_checkpoint(path)
-        if payload.get("format") != "twostage_ad.stage1/1":
+        if payload.get("format") not in ("twostage_ad.stage1/1", "twostage_ad.stage1/2"):
             raise ValueError(f"{str(path)!r} is not a twostage_ad stage-1 checkpoint (format {payload.get('format')!r})")
         try:
             config = Stage1Config(**payload["config"])

@@ -27,15 +27,26 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
-
 from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
 
 from twostage_ad.config import Stage2Config
 from twostage_ad.data.images import to_tensor
+from twostage_ad.distributed import (
+    DistributedContext,
+    GlobalBatchSampler,
+    convert_batchnorm,
+    restore_batchnorm,
+    wrap_ddp,
+)
 from twostage_ad.models.ganomaly2d import GANomaly2D, PatchDiscriminator
 from twostage_ad.runs import load_checkpoint, save_checkpoint
-from twostage_ad.stages.attention import load_for_resume, reinitialise_discriminator, resolve_device, training_fingerprint
+from twostage_ad.stages.attention import (
+    load_for_resume,
+    reinitialise_discriminator,
+    resolve_device,
+    training_fingerprint,
+)
 
 __all__ = [
     "PatchScoreResult",
@@ -50,7 +61,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "twostage_ad.stage2/1"
+CHECKPOINT_FORMAT = "twostage_ad.stage2/1"  # the sampler changed, not the payload
 COLLAPSE_LOSS = 1e-5  # discriminator loss below this = collapsed (GANomaly re-initialises D)
 
 
@@ -203,30 +214,30 @@ class PatchScorerStage:
             raise ValueError(f"expected N×{self.image_size}×{self.image_size}×{self.channels} images, got shape {images.shape}")
 
     def fit(
-        self, images: np.ndarray, *, checkpoint_path: str | Path | None = None, progress: bool = True, resume: bool = False
+        self,
+        images: np.ndarray,
+        *,
+        checkpoint_path: str | Path | None = None,
+        progress: bool = True,
+        resume: bool = False,
+        context: DistributedContext | None = None,
     ) -> "PatchScorerStage":
         """Train on uint8 ``N×H×W×C`` normal images; checkpoint each epoch when a path is given.
 
         ``resume``: continue from the last complete epoch in ``checkpoint_path`` (weights,
-        optimisers, random states), ending where an uninterrupted run ends (CPU, no workers).
+        optimisers, random states), ending where an uninterrupted run ends.
+        ``context``: under ``torchrun``, each rank trains on its slice of every global batch in
+        ``DistributedDataParallel`` with global BatchNorm statistics; rank 0 writes checkpoints.
         """
         self._check_images(images)
         if len(images) < 2:
             raise ValueError(f"stage 2 needs at least 2 normal training images, got {len(images)}")
+        context = context or DistributedContext()
         torch.manual_seed(self.seed)
         self._build()
         c = self.config
         dataset = TensorDataset(to_tensor(images))  # decoded once, N×C×H×W in [-1, 1], on the CPU
         generator = torch.Generator().manual_seed(self.seed)
-        loader = DataLoader(
-            dataset,
-            batch_size=min(c.batch_size, len(dataset)),
-            shuffle=True,
-            drop_last=len(dataset) > c.batch_size,  # no ragged last batch (BatchNorm)
-            num_workers=self.num_workers,
-            generator=generator,
-            persistent_workers=self.num_workers > 0,
-        )
         g_opt = torch.optim.Adam(self.model_.parameters(), lr=c.lr, betas=(0.5, 0.999))
         d_opt = torch.optim.Adam(self.discriminator_.parameters(), lr=c.lr, betas=(0.5, 0.999))
         use_amp = c.amp and self.device_.type == "cuda"
@@ -236,38 +247,49 @@ class PatchScorerStage:
         if resume and checkpoint_path is not None and Path(checkpoint_path).is_file():
             first_epoch = self._restore(Path(checkpoint_path), g_opt, d_opt, generator, data_id)
             earlier_seconds = self.history_[-1]["seconds"] if self.history_ else 0.0
+        # full batches only (BatchNorm); under DDP each rank takes its slice of every global batch
+        sampler = GlobalBatchSampler(len(dataset), min(c.batch_size, len(dataset)), generator, context, start_epoch=first_epoch)
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        if context.enabled:
+            convert_batchnorm(self.model_, self.device_)
+        model = wrap_ddp(self.model_, context, self.device_)
+        discriminator = wrap_ddp(self.discriminator_, context, self.device_)
         self.model_.train()
         self.discriminator_.train()
         start = time.perf_counter() - earlier_seconds
         epochs = tqdm(range(first_epoch, c.epochs + 1), desc="stage 2 train", unit="epoch", disable=not progress,
                       initial=first_epoch - 1, total=c.epochs)
-        for epoch in epochs:
-            sums: dict[str, float] = {}
-            resets = steps = 0
-            for step, batch in enumerate(tqdm(loader, desc=f"epoch {epoch}", unit="batch", disable=not progress, leave=False)):
-                losses = self._train_step(batch[0].to(self.device_, non_blocking=True), g_opt, d_opt, use_amp)
-                steps += 1
-                if losses["discriminator"] < COLLAPSE_LOSS:
-                    reinitialise_discriminator(self.discriminator_, d_opt)
-                    resets += 1
-                    log.warning("stage 2 epoch %d step %d: discriminator loss %.2g < %.0e, re-initialised it",
-                                epoch, step, losses["discriminator"], COLLAPSE_LOSS)
-                for name, value in losses.items():
-                    sums[name] = sums.get(name, 0.0) + value
-            record = {"epoch": epoch, "seconds": time.perf_counter() - start,
-                      **{k: v / steps for k, v in sums.items()}, "discriminator_resets": resets}
-            if not math.isfinite(record["total"]):
-                raise FloatingPointError(
-                    f"stage 2 loss became {record['total']} in epoch {epoch}; lower stage2.lr (now {c.lr}) or check the input images"
-                )
-            self.history_.append(record)
-            epochs.set_postfix(loss=f"{record['total']:.4f}", recon=f"{record['recon']:.4f}")
-            log.info("stage 2 epoch %d/%d: %s", epoch, c.epochs, {k: round(v, 5) for k, v in record.items() if k != "epoch"})
-            if checkpoint_path is not None:
-                state = {"g_opt": g_opt.state_dict(), "d_opt": d_opt.state_dict(),
-                         "loader_generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-                         "data": data_id, "device": str(self.device_)}
-                self.save(checkpoint_path, epoch=epoch, training_state=state)
+        try:
+            for epoch in epochs:
+                sums: dict[str, float] = {}
+                resets = steps = 0
+                for step, batch in enumerate(tqdm(loader, desc=f"epoch {epoch}", unit="batch", disable=not progress, leave=False)):
+                    x = batch[0].to(self.device_, non_blocking=True)
+                    losses = context.mean_of(self._train_step(x, model, discriminator, g_opt, d_opt, use_amp))
+                    steps += 1
+                    if losses["discriminator"] < COLLAPSE_LOSS:  # the same decision on every rank
+                        reinitialise_discriminator(self.discriminator_, d_opt)
+                        resets += 1
+                        log.warning("stage 2 epoch %d step %d: discriminator loss %.2g < %.0e, re-initialised it",
+                                    epoch, step, losses["discriminator"], COLLAPSE_LOSS)
+                    for name, value in losses.items():
+                        sums[name] = sums.get(name, 0.0) + value
+                record = {"epoch": epoch, "seconds": time.perf_counter() - start,
+                          **{k: v / steps for k, v in sums.items()}, "discriminator_resets": resets}
+                if not math.isfinite(record["total"]):
+                    raise FloatingPointError(
+                        f"stage 2 loss became {record['total']} in epoch {epoch}; lower stage2.lr (now {c.lr}) or check the input images"
+                    )
+                self.history_.append(record)
+                epochs.set_postfix(loss=f"{record['total']:.4f}", recon=f"{record['recon']:.4f}")
+                log.info("stage 2 epoch %d/%d: %s", epoch, c.epochs, {k: round(v, 5) for k, v in record.items() if k != "epoch"})
+                if checkpoint_path is not None and context.is_main:
+                    state = {"g_opt": g_opt.state_dict(), "d_opt": d_opt.state_dict(),
+                             "loader_generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                             "data": data_id, "device": str(self.device_)}
+                    self.save(checkpoint_path, epoch=epoch, training_state=state)
+        finally:
+            restore_batchnorm(self.model_)
         self.train_seconds_ = time.perf_counter() - start
         self.model_.eval()
         return self
@@ -287,12 +309,16 @@ class PatchScorerStage:
         torch.set_rng_state(state["torch_rng"])
         return int(payload["epoch"]) + 1
 
-    def _train_step(self, x: torch.Tensor, g_opt: torch.optim.Optimizer, d_opt: torch.optim.Optimizer, use_amp: bool) -> dict[str, float]:
-        """One generator and one discriminator update on a batch of normal images."""
+    def _train_step(
+        self, x: torch.Tensor, model: torch.nn.Module, discriminator: torch.nn.Module,
+        g_opt: torch.optim.Optimizer, d_opt: torch.optim.Optimizer, use_amp: bool,
+    ) -> dict[str, float]:
+        """One generator and one discriminator update on a batch (``model`` / ``discriminator`` may be DDP-wrapped)."""
         c = self.config
         with torch.autocast(self.device_.type, dtype=torch.bfloat16, enabled=use_amp):
-            out = self.model_(x)
-            self.discriminator_.requires_grad_(False)  # the generator step leaves D's gradients alone
+            out = model(x)
+            # the plain network (no DDP), frozen: this forward trains the generator, not D
+            self.discriminator_.requires_grad_(False)
             fake_logits = self.discriminator_(out.reconstruction) if c.w_adv > 0 else None
             self.discriminator_.requires_grad_(True)
         terms = generator_loss(
@@ -303,7 +329,7 @@ class PatchScorerStage:
         terms["total"].backward()
         g_opt.step()
         with torch.autocast(self.device_.type, dtype=torch.bfloat16, enabled=use_amp):
-            logits = self.discriminator_(torch.cat([x, out.reconstruction.detach()]))
+            logits = discriminator(torch.cat([x, out.reconstruction.detach()]))
         l_d = discriminator_loss(logits.float())
         d_opt.zero_grad(set_to_none=True)
         l_d.backward()

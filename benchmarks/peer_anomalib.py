@@ -1,0 +1,341 @@
+"""Peer baseline: anomalib's GANomaly on our data splits, image size and machine.
+
+Run it with the peer venv's Python (anomalib never becomes a dependency of twostage_ad):
+
+    bash benchmarks/setup_peer_env.sh .peer-venv
+    .peer-venv/bin/python benchmarks/peer_anomalib.py train --manifest DATA/split.csv \\
+        [--category NAME] --image-size 128 --channels 3 --epochs 15 --batch-size 32 --seed 0 \\
+        --output result.json
+    .peer-venv/bin/python benchmarks/peer_anomalib.py speed --image-size 64 128 256 --channels 1 \\
+        --batch-size 32 --images 256 --output speed.json
+
+train: fits ``anomalib.models.Ganomaly`` (anomalib's own defaults: n_features, latent_vec_size,
+loss weights, lr, betas and its default pre-processing, Resize to --image-size and ImageNet
+Normalize) through anomalib's ``Engine`` -- i.e. Lightning runs the module's own
+``training_step`` -- on the normal ``train`` rows of the manifest, for exactly --epochs epochs.
+It then scores the ``test`` rows with the trained ``GanomalyModel`` in eval mode under
+``torch.inference_mode`` and takes anomalib's RAW per-image score, ``pred_score =
+mean_k (z_k - z_hat_k)^2`` over the latent vector (not the Lightning module's per-batch min-max
+normalised score, which uses test statistics and is not monotone across batches). Test labels
+are used for the image AUROC only (sklearn, on the raw scores).
+
+speed: a GanomalyModel with random weights in eval mode under ``torch.inference_mode`` on random
+tensors: warm-up, then timed forward passes (images/s), and forward FLOPs per image
+(``torch.utils.flop_counter.FlopCounterMode``), for each --image-size.
+
+Channels: anomalib's GANomaly is RGB-only. Its reader converts every image to RGB (grey images
+become three equal channels), its batch validator rejects anything but 3 channels, and the
+Lightning module hard-codes ``GanomalyModel(num_input_channels=3)``. So training always runs the
+3-channel network. ``--channels 1`` turns colour inputs grey (Grayscale replicated to 3 channels,
+before anomalib's default Resize + Normalize); for images that are already grey, such as MTD's,
+--channels 1 and 3 give the same run. In ``speed`` mode --channels is the network's
+``num_input_channels``: 3 is the network that training runs; 1 is a hypothetical native-grey
+GANomaly, which differs only in the first conv of each encoder and the last layer of the decoder.
+
+Manifest: CSV with columns image,label,split,mask,category; image paths relative to the manifest's
+folder; split train/val/test; label 0 normal, 1 anomalous. --category keeps only rows whose
+category column equals NAME (PIPED: the class, e.g. PA_BDP01_TL). Do not pass it for MTD, where
+the column holds defect types (MT_Free, MT_Blowhole, ...) and all rows form one data set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+logger = logging.getLogger("peer_anomalib")
+
+PEER = "anomalib.Ganomaly"
+
+try:
+    import numpy as np
+    import pandas as pd
+    import torch
+    from sklearn.metrics import roc_auc_score
+    from torch.utils.data import DataLoader
+    from torch.utils.flop_counter import FlopCounterMode
+    from torchvision.transforms.v2 import Compose, Grayscale
+
+    with warnings.catch_warnings():  # anomalib.models imports every model; some warn about deprecated imports
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import anomalib
+        from anomalib.callbacks.checkpoint import ModelCheckpoint
+        from anomalib.data.datasets.base.image import AnomalibDataset
+        from anomalib.engine import Engine
+        from anomalib.models import Ganomaly
+        from anomalib.models.image.ganomaly.torch_model import GanomalyModel
+        from anomalib.pre_processing import PreProcessor
+        from lightning.pytorch import Callback, seed_everything
+except ImportError as error:  # pragma: no cover - depends on the venv
+    sys.exit(
+        f"peer_anomalib.py: cannot import {error.name!r} ({error}).\n"
+        "This script runs in the peer venv, not in twostage_ad's: run benchmarks/setup_peer_env.sh first, "
+        "then call it with that venv's python (e.g. .peer-venv/bin/python benchmarks/peer_anomalib.py ...)."
+    )
+
+
+# --------------------------------------------------------------------------------------------- data
+class ManifestDataset(AnomalibDataset):
+    """anomalib dataset over rows of our manifest (classification task: masks are not read).
+
+    anomalib's documented extension point: a subclass sets ``samples`` (columns image_path, split,
+    label_index, mask_path). Note the setter sorts the rows by image_path.
+    """
+
+    def __init__(self, rows: pd.DataFrame, root: Path, category: str | None) -> None:
+        super().__init__(augmentations=None)
+        self.category = category
+        self.samples = pd.DataFrame({
+            "image_path": [str(root / p) for p in rows["image"]],
+            "label_index": rows["label"].astype(int).to_numpy(),
+            "mask_path": "",
+            "split": rows["split"].to_numpy(),
+        })
+        self.samples.attrs["task"] = "classification"
+
+
+def read_manifest(manifest: Path, category: str | None) -> pd.DataFrame:
+    frame = pd.read_csv(manifest, dtype={"image": str, "split": str, "mask": str, "category": str})
+    missing = {"image", "label", "split"} - set(frame.columns)
+    if missing:
+        raise SystemExit(f"{manifest}: missing column(s) {sorted(missing)}")
+    if category is not None:
+        if "category" not in frame.columns:
+            raise SystemExit(f"{manifest}: --category given but the manifest has no category column")
+        frame = frame[frame["category"] == category]
+        if frame.empty:
+            raise SystemExit(f"{manifest}: no rows with category == {category!r}")
+    return frame
+
+
+def split_rows(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    train = frame[(frame["split"] == "train") & (frame["label"] == 0)]
+    test = frame[frame["split"] == "test"]
+    if train.empty:
+        raise SystemExit("no normal train rows (label 0, split train) after filtering")
+    if test["label"].nunique() < 2:
+        raise SystemExit("the test rows need both normal and anomalous images for an AUROC "
+                         "(MTD's category column holds defect types: do not pass --category for it)")
+    return train, test
+
+
+# -------------------------------------------------------------------------------------------- model
+def build_module(image_size: int, channels: int, batch_size: int) -> Ganomaly:
+    """anomalib's Ganomaly with its defaults at ``image_size`` (always its 3-channel network).
+
+    ``channels == 1`` puts a Grayscale (replicated to 3 channels) before anomalib's default
+    Resize + ImageNet Normalize: colour images lose their colour, grey ones are unchanged (anomalib's
+    reader already makes them three equal channels).
+    """
+    if image_size < 8 or image_size & (image_size - 1):
+        # GanomalyModel builds its layers for input_size but pads every input to the next power of
+        # two (pad_nextpow2), so any other size gives a network that does not fit its own input.
+        raise SystemExit(f"--image-size must be a power of two >= 8 for anomalib's GANomaly, got {image_size}")
+    pre_processor = Ganomaly.configure_pre_processor((image_size, image_size))
+    if channels == 1:
+        pre_processor = PreProcessor(transform=Compose([Grayscale(num_output_channels=3),
+                                                        *pre_processor.transform.transforms]))
+    # evaluator/visualizer act on validation/test only, which this script does outside Lightning;
+    # disabling them keeps fit() from writing images or computing metrics.
+    return Ganomaly(batch_size=batch_size, pre_processor=pre_processor, evaluator=False, visualizer=False)
+
+
+class EpochTimer(Callback):
+    """Wall seconds of each training epoch (data loading, pre-processing and both GAN updates)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+        self.seconds.append(time.perf_counter() - self._start)
+        logger.info("epoch %d/%d: %.1f s", len(self.seconds), trainer.max_epochs, self.seconds[-1])
+
+
+def raw_scores(model: GanomalyModel, images: torch.Tensor, batch_size: int) -> tuple[np.ndarray, float]:
+    """anomalib's raw per-image score in eval mode, and the wall seconds of the forward passes."""
+    model.eval()
+    scores = []
+    with torch.inference_mode():
+        model(images[:batch_size])  # warm-up, not timed
+        start = time.perf_counter()
+        for first in range(0, len(images), batch_size):
+            scores.append(model(images[first:first + batch_size]).pred_score)
+        seconds = time.perf_counter() - start
+    return torch.cat(scores).double().numpy(), seconds
+
+
+def forward_flops(model: torch.nn.Module, x: torch.Tensor) -> float:
+    model.eval()
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(x)
+    return counter.get_total_flops() / x.shape[0]
+
+
+# -------------------------------------------------------------------------------------------- modes
+def run_train(args: argparse.Namespace) -> dict:
+    manifest = args.manifest.resolve()
+    train_rows, test_rows = split_rows(read_manifest(manifest, args.category))
+    logger.info("%d normal train images, %d test images (%d anomalous)",
+                len(train_rows), len(test_rows), int(test_rows["label"].sum()))
+    train_data = ManifestDataset(train_rows, manifest.parent, args.category)
+    test_data = ManifestDataset(test_rows, manifest.parent, args.category)
+
+    seed_everything(args.seed, workers=True)
+    module = build_module(args.image_size, args.channels, args.batch_size)
+    loader = DataLoader(train_data, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
+                        collate_fn=train_data.collate_fn)
+    timer = EpochTimer()
+    with tempfile.TemporaryDirectory(prefix="peer-anomalib-") as workdir:
+        engine = Engine(
+            default_root_dir=workdir, max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False,
+            enable_progress_bar=False, enable_model_summary=False,
+            # Engine adds a checkpoint per epoch unless given one: this one saves nothing (the
+            # GANomaly state with both Adam states is ~0.6 GB at 128 px, and it is not fitting).
+            callbacks=[ModelCheckpoint(dirpath=workdir, save_top_k=0, save_last=False), timer],
+        )
+        logger.info("fitting anomalib Ganomaly: %d epochs, batch %d, %d px, %d channel(s), %d torch threads",
+                    args.epochs, args.batch_size, args.image_size, args.channels, torch.get_num_threads())
+        start = time.perf_counter()
+        engine.fit(model=module, train_dataloaders=loader)
+        train_seconds = time.perf_counter() - start
+    if len(timer.seconds) != args.epochs:
+        raise SystemExit(f"trained {len(timer.seconds)} epochs, expected {args.epochs}")
+
+    # Decode and pre-process the test images (anomalib's reader + the module's own transform,
+    # one image at a time) before timing, so the timing covers forward passes only.
+    module.eval()
+    images, labels = [], []
+    with torch.inference_mode():
+        for index in range(len(test_data)):
+            item = test_data[index]
+            images.append(module.pre_processor.transform(item.image.unsqueeze(0))[0])
+            labels.append(int(item.gt_label))
+    batch = torch.stack(images)
+    logger.info("scoring %d test images of shape %s", len(batch), tuple(batch.shape[1:]))
+    scores, score_seconds = raw_scores(module.model, batch, args.batch_size)
+    if not np.isfinite(scores).all():
+        raise SystemExit("non-finite GANomaly scores")
+    return {
+        "peer": PEER,
+        "anomalib_version": anomalib.__version__,
+        "manifest": str(args.manifest),
+        "category": args.category,
+        "image_size": args.image_size,
+        "channels": args.channels,
+        "network_channels": module.model.generator.encoder1.input_layers[0].in_channels,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "n_train": len(train_data),
+        "n_test": len(test_data),
+        "n_test_anomalous": int(sum(labels)),
+        "image_auroc": float(roc_auc_score(labels, scores)),
+        "train_seconds": train_seconds,
+        "epoch_seconds": timer.seconds,
+        "score_seconds": score_seconds,
+        "score_images_per_s": len(batch) / score_seconds,
+        "threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "machine": f"{platform.machine()} {os.cpu_count()} cpu",
+    }
+
+
+def run_speed(args: argparse.Namespace) -> dict:
+    seed_everything(args.seed)
+    rows = []
+    for size in args.image_size:
+        if size < 8 or size & (size - 1):
+            raise SystemExit(f"--image-size must be powers of two >= 8 for anomalib's GANomaly, got {size}")
+        model = GanomalyModel(input_size=(size, size), num_input_channels=args.channels, n_features=64,
+                              latent_vec_size=100).eval()  # Ganomaly's defaults
+        x = torch.randn(args.images, args.channels, size, size)
+        flops = forward_flops(model, x[:1])
+        with torch.inference_mode():
+            for first in range(0, min(len(x), 2 * args.batch_size), args.batch_size):  # warm-up
+                model(x[first:first + args.batch_size])
+            start = time.perf_counter()
+            for first in range(0, len(x), args.batch_size):
+                model(x[first:first + args.batch_size])
+            seconds = time.perf_counter() - start
+        row = {"image_size": size, "flops_per_image": flops, "gflops_per_image": flops / 1e9,
+               "params_generator": sum(p.numel() for p in model.generator.parameters()),
+               "params_discriminator": sum(p.numel() for p in model.discriminator.parameters()),
+               "seconds": seconds, "images_per_s": len(x) / seconds}
+        logger.info("%d px: %.3f GFLOPs/image, %.1f images/s", size, row["gflops_per_image"], row["images_per_s"])
+        rows.append(row)
+    return {
+        "peer": PEER,
+        "anomalib_version": anomalib.__version__,
+        "channels": args.channels,
+        "batch_size": args.batch_size,
+        "images": args.images,
+        "seed": args.seed,
+        "threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "machine": f"{platform.machine()} {os.cpu_count()} cpu",
+        "results": rows,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    modes = parser.add_subparsers(dest="mode", required=True)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--channels", type=int, choices=(1, 3), default=3,
+                        help="train: 1 = grey input (replicated to anomalib's 3 channels), 3 = colour; "
+                             "speed: GanomalyModel's num_input_channels (default 3)")
+    common.add_argument("--batch-size", type=int, default=32, help="training and scoring batch size (default 32)")
+    common.add_argument("--seed", type=int, default=0, help="seed for lightning.seed_everything (default 0)")
+    common.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    common.add_argument("--output", type=Path, required=True, help="JSON file to write")
+
+    train = modes.add_parser("train", parents=[common], help="fit on a manifest's normal train rows, score its test rows",
+                             description="Fit anomalib's Ganomaly on the normal train rows, report raw-score image AUROC.")
+    train.add_argument("--manifest", type=Path, required=True, help="split.csv (image,label,split,mask,category)")
+    train.add_argument("--category", help="keep rows whose category column equals this (PIPED classes; not MTD)")
+    train.add_argument("--image-size", type=int, default=128, help="square input size, a power of two (default 128)")
+    train.add_argument("--epochs", type=int, required=True, help="training epochs, run exactly")
+    train.add_argument("--num-workers", type=int, default=0,
+                       help="DataLoader workers for training (default 0: decode in the main process)")
+
+    speed = modes.add_parser("speed", parents=[common], help="forward images/s and FLOPs of an untrained GanomalyModel",
+                             description="Scoring speed and FLOPs per image of GanomalyModel on random tensors.")
+    speed.add_argument("--image-size", type=int, nargs="+", default=[64, 128, 256],
+                       help="square input sizes, powers of two (default 64 128 256)")
+    speed.add_argument("--images", type=int, default=256, help="images timed per size (default 256)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "anomalib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*validation_step.*")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run_train(args) if args.mode == "train" else run_speed(args)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    logger.info("wrote %s", args.output)
+    print(json.dumps({k: v for k, v in result.items() if k != "epoch_seconds"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
