@@ -41,6 +41,7 @@ the column holds defect types (MT_Free, MT_Blowhole, ...) and all rows form one 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import os
@@ -81,6 +82,9 @@ except ImportError as error:  # pragma: no cover - depends on the venv
         "This script runs in the peer venv, not in twostage_ad's: run benchmarks/setup_peer_env.sh first, "
         "then call it with that venv's python (e.g. .peer-venv/bin/python benchmarks/peer_anomalib.py ...)."
     )
+
+
+GANOMALY_DEFAULTS = {name: p.default for name, p in inspect.signature(Ganomaly).parameters.items()}
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -259,8 +263,9 @@ def run_speed(args: argparse.Namespace) -> dict:
     for size in args.image_size:
         if size < 8 or size & (size - 1):
             raise SystemExit(f"--image-size must be powers of two >= 8 for anomalib's GANomaly, got {size}")
-        model = GanomalyModel(input_size=(size, size), num_input_channels=args.channels, n_features=64,
-                              latent_vec_size=100).eval()  # Ganomaly's defaults
+        model = GanomalyModel(input_size=(size, size), num_input_channels=args.channels,
+                              **{name: GANOMALY_DEFAULTS[name] for name in
+                                 ("n_features", "latent_vec_size", "extra_layers", "add_final_conv_layer")}).eval()
         x = torch.randn(args.images, args.channels, size, size)
         flops = forward_flops(model, x[:1])
         with torch.inference_mode():
@@ -328,6 +333,9 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*validation_step.*")
+    warnings.filterwarnings("ignore", message=".*infer the `batch_size`.*")  # only weights the logged losses
+    warnings.filterwarnings("ignore", message=".*no logger configured.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run_train(args) if args.mode == "train" else run_speed(args)

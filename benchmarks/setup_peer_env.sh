@@ -19,8 +19,7 @@ if [ ! -x "$venv/bin/python" ]; then
     "$python" -m venv "$venv"
 fi
 
-if "$venv/bin/python" -m pip install --dry-run --quiet --report /dev/null -r "$requirements" 2>/dev/null \
-    && "$venv/bin/python" - "$requirements" <<'PY'
+if "$venv/bin/python" - "$requirements" <<'PY'
 import sys
 from importlib.metadata import PackageNotFoundError, version
 pins = [line.split("#")[0].strip() for line in open(sys.argv[1])]

@@ -83,3 +83,12 @@ def test_apply_overrides_creates_sections():
     values = apply_overrides({}, ["run.seed=3"])
     assert values == {"run": {"seed": 3}}
     assert config_to_dict(load_config(None, ["run.seed=3"]))["run"]["seed"] == 3
+
+
+def test_real_data_pipelines_share_one_recipe():
+    """MTD and PIPED differ in their data only: no method setting tuned to one of them."""
+    mtd, piped = (config_to_dict(load_config(REPO / "pipelines" / f"{name}.yaml")) for name in ("mtd", "piped"))
+    for section in mtd:
+        if section not in ("data", "run"):
+            assert mtd[section] == piped[section], section
+    assert {k for k in mtd["run"] if mtd["run"][k] != piped["run"][k]} == {"name"}

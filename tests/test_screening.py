@@ -167,3 +167,22 @@ def test_reinitialise_discriminator_draws_fresh_weights_and_forgets_the_optimise
     reinitialise_discriminator(disc, optimizer)
     conv_weights = [m.weight for m in disc.modules() if isinstance(m, torch.nn.Conv2d)]
     assert all(w.abs().sum() > 0 for w in conv_weights) and len(optimizer.state) == 0
+
+
+def test_attention_only_training_skips_reconstruction_and_screening_stays_finite():
+    """With every x̂ / ẑ weight at 0, their modules are never run (nor trained), and the screening
+    loss is the attention term alone, not NaN from the skipped components."""
+    rng = np.random.default_rng(0)
+    images = np.stack([textured(rng, size=32)[..., None] for _ in range(8)])
+    config = Stage1Config(epochs=1, base_width=8, max_width=16, batch_size=4, w_con=0.0, w_rep=0.0, w_enc=0.0, w_adv=0.0,
+                          screen_con=0.0, screen_enc=0.0)
+    torch.manual_seed(0)
+    untrained = AttentionNet(1, 32, base_width=8, max_width=16, separate_reconstruction=True).latent_encoder.state_dict()
+    stage = AttentionStage(config=config, image_size=32, channels=1, device="cpu", seed=0).fit(images, progress=False)
+    for name, value in stage.model_.latent_encoder.state_dict().items():
+        assert torch.equal(value, untrained[name]), name  # untouched: no forward, no gradient, no update
+    result = stage.score(images, progress=False)
+    assert np.isnan(result.components["stage1_recon"]).all() and np.isnan(result.components["stage1_latent"]).all()
+    np.testing.assert_array_equal(result.loss, result.components["stage1_att_topk"])
+    out = stage.model_(torch.zeros(1, 1, 32, 32), reconstruct=False)
+    assert out.reconstruction is None and out.latent_reconstructed is None

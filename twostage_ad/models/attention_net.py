@@ -45,10 +45,10 @@ def _check_size(image_size: int) -> None:
 class AttentionOutput:
     """What the network returns for a batch ``B×C×S×S``."""
 
-    reconstruction: torch.Tensor  # B×C×S×S in [-1, 1]
+    reconstruction: torch.Tensor | None  # B×C×S×S in [-1, 1]; None when not asked for
     attention_logits: torch.Tensor  # B×1×S×S; sigmoid -> A, 1 = normal
     latent: torch.Tensor  # z, B×w×b×b
-    latent_reconstructed: torch.Tensor  # ẑ = E(x̂), B×w×b×b
+    latent_reconstructed: torch.Tensor | None  # ẑ = E(x̂), B×w×b×b; None with x̂
 
     @property
     def attention(self) -> torch.Tensor:
@@ -173,21 +173,30 @@ class AttentionNet(nn.Module):
         self.attention_head = nn.Conv2d(head, 1, kernel_size=3, padding=1)
         self.latent_encoder = Encoder(in_channels, widths)
 
-    def forward(self, x: torch.Tensor) -> AttentionOutput:
+    def forward(self, x: torch.Tensor, *, reconstruct: bool = True) -> AttentionOutput:
+        """``reconstruct=False`` skips x̂ and ẑ (their decoder and second encoder, about half the
+        compute) when nothing uses them; ``reconstruction`` and ``latent_reconstructed`` are then None."""
         if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(
                 f"expected input B×{self.in_channels}×{self.image_size}×{self.image_size}, got {tuple(x.shape)}"
             )
         features = self.encoder(x)
         h = self.decoder(x, features)
-        h_rec = h if self.reconstruction_decoder is None else self.reconstruction_decoder(features[-1])
-        reconstruction = self.reconstruction_head(h_rec)
+        reconstruction = latent_reconstructed = None
+        if reconstruct:
+            h_rec = h if self.reconstruction_decoder is None else self.reconstruction_decoder(features[-1])
+            reconstruction = self.reconstruction_head(h_rec)
+            latent_reconstructed = self.latent_encoder(reconstruction)[-1]
         return AttentionOutput(
             reconstruction=reconstruction,
             attention_logits=self.attention_head(h),
             latent=features[-1],
-            latent_reconstructed=self.latent_encoder(reconstruction)[-1],
+            latent_reconstructed=latent_reconstructed,
         )
+
+    def reconstruction_modules(self) -> list[nn.Module]:
+        """The modules only x̂ and ẑ need (frozen when training never uses them)."""
+        return [m for m in (self.reconstruction_decoder, self.reconstruction_head, self.latent_encoder) if m is not None]
 
 
 class ImageMapDiscriminator(nn.Module):

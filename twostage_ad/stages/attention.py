@@ -44,6 +44,7 @@ __all__ = [
     "DefectDataset",
     "ScreeningResult",
     "screening_batch",
+    "uses_reconstruction",
     "screening_scores",
     "COLLAPSE_LOSS",
     "reinitialise_discriminator",
@@ -183,30 +184,44 @@ class ScreeningResult:
 
 
 def screening_batch(model: AttentionNet, x: torch.Tensor, config: Stage1Config) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Screening components (each ``B``) and the anomaly map ``1 − A`` (``B×H×W``) of a batch ``x``."""
-    out = model(x)
-    recon = (out.reconstruction - x).abs().mean(dim=(1, 2, 3))
-    latent = (out.latent - out.latent_reconstructed).pow(2).mean(dim=(1, 2, 3))
+    """Screening components (each ``B``) and the anomaly map ``1 − A`` (``B×H×W``) of a batch ``x``.
+
+    x̂ and ẑ are computed only when a screening weight uses them; otherwise ``stage1_recon`` and
+    ``stage1_latent`` are NaN (not computed), and the screening loss leaves them out.
+    """
+    out = model(x, reconstruct=uses_reconstruction(config))
+    nan = torch.full((x.shape[0],), float("nan"), device=x.device)
+    recon = nan if out.reconstruction is None else (out.reconstruction - x).abs().mean(dim=(1, 2, 3)).float()
+    latent = nan if out.latent_reconstructed is None else (out.latent - out.latent_reconstructed).pow(2).mean(dim=(1, 2, 3)).float()
     pixel_bce = F.softplus(-out.attention_logits.float())  # BCE-with-logits against "normal" (1)
     smoothed = F.avg_pool2d(pixel_bce, kernel_size=3, stride=1, padding=1, count_include_pad=False)
     k = max(1, int(round(config.screen_topk * math.prod(int(d) for d in smoothed.shape[1:]))))  # ints also when traced
     topk = smoothed.flatten(1).topk(k, dim=1).values.mean(dim=1)
     components = {
-        "stage1_recon": recon.float(),
-        "stage1_latent": latent.float(),
+        "stage1_recon": recon,
+        "stage1_latent": latent,
         "stage1_att_mean": pixel_bce.mean(dim=(1, 2, 3)),
         "stage1_att_topk": topk,
     }
     return components, 1.0 - torch.sigmoid(out.attention_logits.float())[:, 0]
 
 
+def uses_reconstruction(config: Stage1Config, *, training: bool = False) -> bool:
+    """Whether screening (or, with ``training``, the training loss) needs x̂ and ẑ."""
+    if training:
+        return any(w > 0 for w in (config.w_con, config.w_rep, config.w_enc, config.w_adv))
+    return config.screen_con != 0 or config.screen_enc != 0
+
+
 def screening_loss(components: dict[str, np.ndarray], config: Stage1Config) -> np.ndarray:
-    """``screen_con·recon + screen_enc·latent + screen_att·att_topk`` (documented weights)."""
-    return (
-        config.screen_con * components["stage1_recon"]
-        + config.screen_enc * components["stage1_latent"]
-        + config.screen_att * components["stage1_att_topk"]
-    )
+    """``screen_con·recon + screen_enc·latent + screen_att·att_topk`` (documented weights; terms
+    with weight 0 are left out, so a component that was not computed does not turn it NaN)."""
+    terms = [(config.screen_con, "stage1_recon"), (config.screen_enc, "stage1_latent"), (config.screen_att, "stage1_att_topk")]
+    total = np.zeros_like(components["stage1_att_topk"])
+    for weight, name in terms:
+        if weight != 0:
+            total = total + weight * components[name]
+    return total
 
 
 def screening_scores(
@@ -340,6 +355,9 @@ class AttentionStage:
         torch.manual_seed(self.seed)
         self._build()
         c = self.config
+        if not uses_reconstruction(c, training=True):  # attention-only training: x̂ and ẑ are never computed
+            for module in self.model_.reconstruction_modules():
+                module.requires_grad_(False)  # (and DDP does not wait for their gradients)
         generator = torch.Generator().manual_seed(self.seed)
         dataset = DefectDataset(images, self.augment, seed=self.seed)
         g_opt = torch.optim.Adam(self.model_.parameters(), lr=c.lr, betas=(0.5, 0.999), weight_decay=c.weight_decay)
@@ -448,15 +466,19 @@ class AttentionStage:
         x_in, x_clean, mask, is_defect = (t.to(self.device_, non_blocking=True) for t in batch)
         clean_rows = ~is_defect
         n_clean, n_defect = context.sum(torch.stack([clean_rows.sum(), is_defect.sum()]).float()).tolist()
+        reconstruct = uses_reconstruction(c, training=True)
         with torch.autocast(self.device_.type, dtype=torch.bfloat16, enabled=use_amp):
-            out = model(x_in)
+            out = model(x_in, reconstruct=reconstruct)
         logits = out.attention_logits.float()
-        recon_err = (out.reconstruction.float() - x_clean).abs().mean(dim=(1, 2, 3))
         bce = _attention_bce(logits, mask, balanced=c.att_balanced)
         scale = context.world_size  # DDP divides the summed gradients by the world size
-        l_con = _masked_mean(recon_err, clean_rows, n_clean, scale)
-        l_rep = _masked_mean(recon_err, is_defect, n_defect, scale)
-        l_enc = F.mse_loss(out.latent_reconstructed.float(), out.latent.float())
+        if reconstruct:
+            recon_err = (out.reconstruction.float() - x_clean).abs().mean(dim=(1, 2, 3))
+            l_con = _masked_mean(recon_err, clean_rows, n_clean, scale)
+            l_rep = _masked_mean(recon_err, is_defect, n_defect, scale)
+            l_enc = F.mse_loss(out.latent_reconstructed.float(), out.latent.float())
+        else:
+            l_con = l_rep = l_enc = torch.zeros((), device=self.device_)
         l_att = _masked_mean(bce, clean_rows, n_clean, scale) + _masked_mean(bce, is_defect, n_defect, scale)
         total = c.w_con * l_con + c.w_rep * l_rep + c.w_enc * l_enc + c.w_att * l_att
         losses = {"recon": l_con.item(), "repair": l_rep.item(), "latent": l_enc.item(), "attention": l_att.item()}
