@@ -186,3 +186,17 @@ def test_attention_only_training_skips_reconstruction_and_screening_stays_finite
     np.testing.assert_array_equal(result.loss, result.components["stage1_att_topk"])
     out = stage.model_(torch.zeros(1, 1, 32, 32), reconstruct=False)
     assert out.reconstruction is None and out.latent_reconstructed is None
+
+
+def test_channels_last_is_a_layout_not_a_different_model(fitted_stage):
+    stage, images = fitted_stage
+    assert stage.config.channels_last
+    assert stage.model_.encoder.blocks[0].conv.weight.is_contiguous(memory_format=torch.channels_last)
+    nhwc = stage.score(images, progress=False)
+    stage.model_.to(memory_format=torch.contiguous_format)
+    try:
+        nchw = stage.score(images, progress=False)
+    finally:
+        stage.model_.to(memory_format=torch.channels_last)
+    np.testing.assert_allclose(nhwc.loss, nchw.loss, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(nhwc.anomaly_maps, nchw.anomaly_maps, atol=1e-5)

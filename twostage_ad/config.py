@@ -154,7 +154,8 @@ class Stage1Config:
     screen_att: float = 1.0
     screen_topk: float = 0.01
     score_batch_size: int = 64
-    amp: bool = False  # bf16 autocast on CUDA only
+    amp: bool = False  # bf16 autocast in training (CUDA, or CPUs with bf16 instructions)
+    channels_last: bool = True  # NHWC weights and activations: faster convolutions on CPUs and tensor cores
 
     def validate(self, prefix: str = "stage1") -> None:
         for name in ("base_width", "max_width", "epochs", "batch_size", "score_batch_size"):
@@ -206,7 +207,8 @@ class Stage2Config:
     guidance: str = "attention"  # MTD: stage-2 AUROC 0.551 vs 0.503, PRO 0.33 vs 0.22 (benchmarks/README.md)
     guidance_floor: float = 0.25
     score_batch_size: int = 64
-    amp: bool = False  # bf16 autocast on CUDA only
+    amp: bool = False  # bf16 autocast in training (CUDA, or CPUs with bf16 instructions)
+    channels_last: bool = True  # NHWC weights and activations: faster convolutions on CPUs and tensor cores
 
     def validate(self, prefix: str = "stage2") -> None:
         _check(

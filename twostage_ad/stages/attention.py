@@ -41,6 +41,7 @@ from twostage_ad.runs import load_checkpoint, save_checkpoint
 __all__ = [
     "SCREENING_COMPONENTS",
     "resolve_device",
+    "memory_format_for",
     "DefectDataset",
     "ScreeningResult",
     "screening_batch",
@@ -66,6 +67,11 @@ def reinitialise_discriminator(discriminator: torch.nn.Module, optimizer: torch.
         if sub is not discriminator and hasattr(sub, "reset_parameters"):
             sub.reset_parameters()
     optimizer.state.clear()
+
+
+def memory_format_for(config: Any) -> torch.memory_format:
+    """``channels_last`` (NHWC) when the stage config asks for it: convolutions then run NHWC end to end."""
+    return torch.channels_last if getattr(config, "channels_last", False) else torch.contiguous_format
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -321,9 +327,10 @@ class AttentionStage:
             bottleneck_size=c.bottleneck_size,
             attention_max_tokens=c.attention_max_tokens,
             separate_reconstruction=c.separate_reconstruction,
-        ).to(self.device_)
+        ).to(self.device_, memory_format=memory_format_for(c))
         self.discriminator_ = (
-            ImageMapDiscriminator(self.channels, self.image_size, base_width=c.base_width, max_width=c.max_width).to(self.device_)
+            ImageMapDiscriminator(self.channels, self.image_size, base_width=c.base_width, max_width=c.max_width).to(
+                self.device_, memory_format=memory_format_for(c))
             if c.w_adv > 0
             else None
         )
@@ -371,7 +378,7 @@ class AttentionStage:
             for opt in (g_opt, d_opt)
             if opt is not None and c.lr_schedule == "cosine"
         ]
-        use_amp = c.amp and self.device_.type == "cuda"
+        use_amp = c.amp
         self.history_: list[dict[str, float]] = []
         first_epoch, earlier_seconds = 1, 0.0
         data_id = training_fingerprint(images)

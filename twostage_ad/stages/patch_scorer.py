@@ -43,6 +43,7 @@ from twostage_ad.models.ganomaly2d import GANomaly2D, PatchDiscriminator
 from twostage_ad.runs import load_checkpoint, save_checkpoint
 from twostage_ad.stages.attention import (
     load_for_resume,
+    memory_format_for,
     reinitialise_discriminator,
     resolve_device,
     training_fingerprint,
@@ -206,8 +207,10 @@ class PatchScorerStage:
 
     def _build(self) -> None:
         self.device_ = resolve_device(self.device)
-        self.model_ = GANomaly2D(self.channels, width_divisor=self.config.width_divisor).to(self.device_)
-        self.discriminator_ = PatchDiscriminator(self.channels, width_divisor=self.config.width_divisor).to(self.device_)
+        memory_format = memory_format_for(self.config)
+        self.model_ = GANomaly2D(self.channels, width_divisor=self.config.width_divisor).to(self.device_, memory_format=memory_format)
+        self.discriminator_ = PatchDiscriminator(self.channels, width_divisor=self.config.width_divisor).to(
+            self.device_, memory_format=memory_format)
 
     def _check_images(self, images: np.ndarray) -> None:
         if images.ndim != 4 or images.shape[1:3] != (self.image_size, self.image_size) or images.shape[3] != self.channels:
@@ -240,7 +243,7 @@ class PatchScorerStage:
         generator = torch.Generator().manual_seed(self.seed)
         g_opt = torch.optim.Adam(self.model_.parameters(), lr=c.lr, betas=(0.5, 0.999))
         d_opt = torch.optim.Adam(self.discriminator_.parameters(), lr=c.lr, betas=(0.5, 0.999))
-        use_amp = c.amp and self.device_.type == "cuda"
+        use_amp = c.amp
         self.history_: list[dict[str, float]] = []
         first_epoch, earlier_seconds = 1, 0.0
         data_id = training_fingerprint(images)
