@@ -55,13 +55,16 @@ def classes_of(dataset: str) -> list[str | None]:
 
 
 def run_ours(dataset: str, category: str | None, seed: int, folder: Path, rerun: bool) -> dict[str, Any]:
-    metrics_path = folder / "metrics.json"
+    metrics_path, stamp = folder / "metrics.json", folder / "benchmark.json"
     if metrics_path.is_file() and not rerun:
-        return read_json(metrics_path)
+        return {**read_json(metrics_path), "commit": read_json(stamp)["commit"] if stamp.is_file() else "unknown"}
     overrides = [f"run.seed={seed}"] + ([f"data.category={category}"] if category else [])
     config = load_config(PIPELINES[dataset], overrides)
     log.info("ours: %s %s seed %d -> %s", dataset, category or "", seed, folder)
-    return run_pipeline(config, folder, overwrite=True, progress=False).metrics
+    metrics = run_pipeline(config, folder, overwrite=True, progress=False).metrics
+    commit = git_commit()
+    write_text_atomic(stamp, json.dumps({"commit": commit, "overrides": overrides}) + "\n")
+    return {**metrics, "commit": commit}
 
 
 def run_peer(dataset: str, category: str | None, seed: int, path: Path, args: argparse.Namespace) -> dict[str, Any] | None:
@@ -90,6 +93,7 @@ def row_of(dataset: str, category: str | None, seed: int, ours: dict[str, Any], 
         "dataset": dataset,
         "class": category or "all",
         "seed": seed,
+        "commit": ours["commit"],
         "image_auroc_stage1": ours["image_auroc"]["stage1"],
         "image_auroc_stage2": ours["image_auroc"]["stage2"],
         "image_auroc_cascade": ours["image_auroc"]["cascade"],
@@ -194,7 +198,7 @@ def main() -> None:
             for seed in args.seeds:
                 name = f"{dataset}/{category or 'all'}/seed{seed}"
                 ours = run_ours(dataset, category, seed, args.runs_root / name, args.rerun)
-                peer = run_peer(dataset, category, seed, args.runs_root / "peer" / f"{name}.json", args)
+                peer = run_peer(dataset, category, seed, args.runs_root / "peer" / f"{name}-e{args.peer_epochs}.json", args)
                 rows.append(row_of(dataset, category, seed, ours, peer))
                 log.info("%s: cascade %.3f, pixel %.3f, peer %s", name, rows[-1]["image_auroc_cascade"] or float("nan"),
                          rows[-1]["pixel_auroc_fused"] or float("nan"),

@@ -1,20 +1,29 @@
-"""Speed benchmark: training and scoring images/s of each stage, FLOPs per image, achieved FLOP/s.
+"""Speed benchmark: training and scoring images/s of each stage, the cascade and the anomalib peer.
 
-    python benchmarks/speed.py [--sizes 64 128 256] [--images 64] [--threads 0] [--note "..."]
+    python benchmarks/speed.py [--config pipelines/mtd.yaml] [--sizes 64 128 256] [--images 64]
+        [--flag-rate 0.35] [--peer-python .peer-venv/bin/python | --no-peer] [--threads 0] [--note "..."]
 
 For each image size: the forward FLOPs per image of each network (``torch.utils.flop_counter``),
-scoring images/s of stage 1 (screening loss + map) and stage 2 (standardised map + score), one
-training epoch's images/s of each stage (augmentation and every loss included), and the share of
-this machine's float32 matmul peak (measured in the same run) that scoring reaches. Appends the
-rows to ``benchmarks/results/speed.{csv,md}``; never edit those by hand.
+scoring images/s of stage 1 (screening loss + map) and stage 2 (standardised map + score), of
+the cascade (stage 1 on every image, stage 2 on the first ``--flag-rate`` share of them, as at a
+calibrated threshold) and of "stage 2 on every image" (both stages on all), one training epoch's
+images/s of each stage (augmentation and every loss included), and the share of this machine's
+float32 matmul peak (measured in the same run) that scoring reaches. The peer, anomalib's
+GANomaly, is timed in the same run by ``benchmarks/peer_anomalib.py speed`` in its own
+environment (random weights: its speed does not depend on them). Appends the rows to
+``benchmarks/results/speed.{csv,md}``; never edit those by hand.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -23,7 +32,7 @@ import torch
 from _results import append_row, git_commit
 from torch.utils.flop_counter import FlopCounterMode
 
-from twostage_ad.config import Config
+from twostage_ad.config import Config, load_config
 from twostage_ad.models.attention_net import AttentionNet
 from twostage_ad.models.ganomaly2d import GANomaly2D, PatchDiscriminator
 from twostage_ad.stages.attention import AttentionStage
@@ -57,13 +66,30 @@ def _images(n: int, size: int, channels: int, seed: int = 0) -> np.ndarray:
     return np.clip(base, 0, 255).astype(np.uint8)
 
 
-def measure(size: int, n_images: int, config: Config) -> dict[str, float]:
+REPO = Path(__file__).resolve().parent.parent
+
+
+def peer_speed(peer_python: Path, sizes: list[int], n_images: int, batch_size: int) -> dict[int, dict[str, float]]:
+    """anomalib GANomaly's scoring images/s and GFLOPs per size, measured by its own interpreter."""
+    with tempfile.TemporaryDirectory() as folder:
+        output = Path(folder) / "speed.json"
+        command = [str(peer_python), str(REPO / "benchmarks" / "peer_anomalib.py"), "speed", "--image-size", *map(str, sizes),
+                   "--channels", "1", "--batch-size", str(batch_size), "--images", str(n_images), "--output", str(output)]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"peer speed run failed:\n{done.stderr[-3000:]}")
+        result = json.loads(output.read_text())
+    rows = result["results"] if isinstance(result, dict) and "results" in result else result
+    return {int(r["image_size"]): r for r in rows}
+
+
+def measure(size: int, n_images: int, config: Config, flag_rate: float) -> dict[str, float]:
     channels = 1
     images = _images(n_images, size, channels)
     c1, c2 = config.stage1, config.stage2
     bottleneck = min(c1.bottleneck_size, size // 16)
     c1 = type(c1)(**{**c1.__dict__, "epochs": 1, "bottleneck_size": bottleneck})
-    c2 = type(c2)(**{**c2.__dict__, "epochs": 1, "guidance": "attention"})
+    c2 = type(c2)(**{**c2.__dict__, "epochs": 1})
     x = torch.zeros(1, channels, size, size)
     net1 = AttentionNet(channels, size, base_width=c1.base_width, max_width=c1.max_width, bottleneck_size=bottleneck,
                         attention_max_tokens=c1.attention_max_tokens, separate_reconstruction=c1.separate_reconstruction)
@@ -79,8 +105,19 @@ def measure(size: int, n_images: int, config: Config) -> dict[str, float]:
     stage2 = PatchScorerStage(config=c2, image_size=size, channels=channels, device="cpu")
     stage2.fit(images, progress=False)
     train2 = n_images / stage2.train_seconds_
-    stage2.fit_normalisation(images[:8], stage1_maps=scored1.anomaly_maps[:8])
-    scored2 = stage2.score(images, stage1_maps=scored1.anomaly_maps, progress=False)
+    guided = c2.guidance != "none"
+    stage2.fit_normalisation(images[:8], stage1_maps=scored1.anomaly_maps[:8] if guided else None)
+    scored2 = stage2.score(images, stage1_maps=scored1.anomaly_maps if guided else None, progress=False)
+    # the two deployment paths, timed end to end on the same images
+    flagged = int(round(flag_rate * n_images))
+    start = time.perf_counter()
+    first = stage1.score(images, progress=False)
+    stage2.score(images[:flagged], stage1_maps=first.anomaly_maps[:flagged] if guided else None, progress=False)
+    cascade = n_images / (time.perf_counter() - start)
+    start = time.perf_counter()
+    first = stage1.score(images, progress=False)
+    stage2.score(images, stage1_maps=first.anomaly_maps if guided else None, progress=False)
+    both = n_images / (time.perf_counter() - start)
     peak = matmul_peak()
     return {
         "size": size,
@@ -91,6 +128,9 @@ def measure(size: int, n_images: int, config: Config) -> dict[str, float]:
         "train_ips_stage2": train2,
         "score_ips_stage1": scored1.images_per_s,
         "score_ips_stage2": scored2.images_per_s,
+        "flag_rate": flag_rate,
+        "score_ips_cascade": cascade,
+        "score_ips_stage2_on_all": both,
         "matmul_peak_gflops": peak / 1e9,
         "score_share_of_peak_stage1": scored1.images_per_s * flops1 / peak,
         "score_share_of_peak_stage2": scored2.images_per_s * flops2 / peak,
@@ -99,20 +139,36 @@ def measure(size: int, n_images: int, config: Config) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=REPO / "pipelines" / "mtd.yaml",
+                        help="stage settings to time (data settings are ignored: images are synthetic, 1 channel)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--images", type=int, default=64, help="images per measurement (training epoch and scoring)")
+    parser.add_argument("--flag-rate", type=float, default=0.35,
+                        help="share of images stage 1 flags on the cascade path (MTD's calibrated rate: 0.35)")
+    parser.add_argument("--peer-python", type=Path, default=REPO / ".peer-venv" / "bin" / "python")
+    parser.add_argument("--no-peer", action="store_true", help="skip anomalib's GANomaly")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--note", default="")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.no_peer and not args.peer_python.is_file():
+        parser.error(f"no peer interpreter at {args.peer_python}: run benchmarks/setup_peer_env.sh or pass --no-peer")
+    config = load_config(args.config)
+    peer = {} if args.no_peer else peer_speed(args.peer_python, args.sizes, args.images, config.stage1.score_batch_size)
     torch.manual_seed(0)
     for size in args.sizes:
+        ours = measure(size, args.images, config, args.flag_rate)
+        theirs = peer.get(size, {})
         row = {
             "date": time.strftime("%Y-%m-%d %H:%M"),
             "commit": git_commit(),
             "machine": f"{platform.machine()} {os.cpu_count()} cpu, {torch.get_num_threads()} threads, torch {torch.__version__}",
-            **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in measure(size, args.images, Config()).items()},
+            "config": args.config.name,
+            **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in ours.items()},
+            "peer_gflops": round(theirs["gflops"], 3) if theirs else None,
+            "peer_score_ips": round(theirs["images_per_s"], 3) if theirs else None,
+            "cascade_vs_peer": round(ours["score_ips_cascade"] / theirs["images_per_s"], 3) if theirs else None,
             "note": args.note,
         }
         append_row("speed", row, "Speed benchmark runs (written by benchmarks/speed.py; do not edit)")
