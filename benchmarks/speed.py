@@ -166,7 +166,7 @@ def main() -> None:
             "machine": f"{platform.machine()} {os.cpu_count()} cpu, {torch.get_num_threads()} threads, torch {torch.__version__}",
             "config": args.config.name,
             **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in ours.items()},
-            "peer_gflops": round(theirs["gflops"], 3) if theirs else None,
+            "peer_gflops": round(theirs["gflops_per_image"], 3) if theirs else None,
             "peer_score_ips": round(theirs["images_per_s"], 3) if theirs else None,
             "cascade_vs_peer": round(ours["score_ips_cascade"] / theirs["images_per_s"], 3) if theirs else None,
             "note": args.note,
