@@ -68,7 +68,7 @@ def run_ours(dataset: str, category: str | None, seed: int, folder: Path, rerun:
 
 
 def run_peer(dataset: str, category: str | None, seed: int, path: Path, args: argparse.Namespace) -> dict[str, Any] | None:
-    if args.no_peer:
+    if args.no_peer or (args.peer_seeds is not None and seed not in args.peer_seeds):
         return None
     if path.is_file() and not args.rerun:
         return json.loads(path.read_text())
@@ -167,7 +167,8 @@ def markdown(summary: pd.DataFrame, runs: pd.DataFrame, args: argparse.Namespace
         "# Accuracy benchmark (written by benchmarks/accuracy.py; do not edit)\n\n"
         f"{time.strftime('%Y-%m-%d %H:%M')}, commit {git_commit()}, command: `python benchmarks/accuracy.py "
         f"{' '.join(sys.argv[1:])}`; seeds {sorted(runs['seed'].unique().tolist())}; peer: anomalib GANomaly, "
-        f"{args.peer_epochs} epochs, batch {args.peer_batch_size}, raw scores. Image AUROC unless named; mean ± std over seeds "
+        f"{args.peer_epochs} epochs, batch {args.peer_batch_size}, raw scores, seeds "
+        f"{'all' if args.peer_seeds is None else sorted(args.peer_seeds)}. Image AUROC unless named; mean ± std over seeds "
         "(for the PIPED mean, the std over seeds of the class mean). Training seconds: both stages; images/s: the "
         "cascade's deployment path (stage 1 on all test images, stage 2 on flagged ones) and the peer's forward passes, "
         "both on decoded tensors, 2 CPU cores.\n\n"
@@ -187,6 +188,7 @@ def main() -> None:
                         help="interpreter of the peer's environment (benchmarks/setup_peer_env.sh makes it)")
     parser.add_argument("--peer-epochs", type=int, default=15, help="peer training epochs (ours: see pipelines/*.yaml)")
     parser.add_argument("--peer-batch-size", type=int, default=16)
+    parser.add_argument("--peer-seeds", type=int, nargs="+", help="run the peer for these seeds only (default: every seed)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not args.no_peer and not args.peer_python.is_file():
@@ -203,6 +205,11 @@ def main() -> None:
                 log.info("%s: cascade %.3f, pixel %.3f, peer %s", name, rows[-1]["image_auroc_cascade"] or float("nan"),
                          rows[-1]["pixel_auroc_fused"] or float("nan"),
                          "n/a" if peer is None else f"{peer['image_auroc']:.3f}")
+                text = write_tables(rows, args)  # after every row: an interrupted benchmark leaves a table
+    print(text)
+
+
+def write_tables(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     runs = pd.DataFrame(rows).astype({m: float for m in METRICS})
     summary = summarise(runs)
     RESULTS.mkdir(exist_ok=True)
@@ -210,7 +217,7 @@ def main() -> None:
     write_atomic(RESULTS / "accuracy.csv", lambda tmp: summary.to_csv(tmp, index=False, float_format="%.4f"))
     text = markdown(summary, runs, args)
     write_text_atomic(RESULTS / "accuracy.md", text)
-    print(text)
+    return text
 
 
 if __name__ == "__main__":
