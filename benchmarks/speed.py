@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from twostage_ad.config import Config, load_config
 from twostage_ad.models.attention_net import AttentionNet
 from twostage_ad.models.ganomaly2d import GANomaly2D, PatchDiscriminator
-from twostage_ad.stages.attention import AttentionStage
+from twostage_ad.stages.attention import AttentionStage, screening_batch
 from twostage_ad.stages.patch_scorer import PatchScorerStage
 
 
@@ -51,12 +51,12 @@ def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 / best
 
 
-def forward_flops(module: torch.nn.Module, *inputs: torch.Tensor) -> float:
-    """FLOPs of one forward pass per image."""
+def forward_flops(module: torch.nn.Module, x: torch.Tensor, forward=None) -> float:
+    """FLOPs per image of one forward pass (``forward(module, x)``; default ``module(x)``)."""
     module.eval()
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        module(*inputs)
-    return counter.get_total_flops() / inputs[0].shape[0]
+        module(x) if forward is None else forward(module, x)
+    return counter.get_total_flops() / x.shape[0]
 
 
 def _images(n: int, size: int, channels: int, seed: int = 0) -> np.ndarray:
@@ -93,7 +93,7 @@ def measure(size: int, n_images: int, config: Config, flag_rate: float) -> dict[
     x = torch.zeros(1, channels, size, size)
     net1 = AttentionNet(channels, size, base_width=c1.base_width, max_width=c1.max_width, bottleneck_size=bottleneck,
                         attention_max_tokens=c1.attention_max_tokens, separate_reconstruction=c1.separate_reconstruction)
-    flops1 = forward_flops(net1, x)
+    flops1 = forward_flops(net1, x, lambda net, batch: screening_batch(net, batch, c1))  # what scoring runs
     flops2 = forward_flops(GANomaly2D(channels, width_divisor=c2.width_divisor), x)
     flops_d2 = forward_flops(PatchDiscriminator(channels, width_divisor=c2.width_divisor), x)
 
