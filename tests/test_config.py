@@ -92,3 +92,8 @@ def test_real_data_pipelines_share_one_recipe():
         if section not in ("data", "run"):
             assert mtd[section] == piped[section], section
     assert {k for k in mtd["run"] if mtd["run"][k] != piped["run"][k]} == {"name"}
+
+
+def test_attention_only_training_cannot_screen_with_the_untrained_reconstruction():
+    with pytest.raises(ConfigError, match="stage1.screen_con must be 0 when w_con, w_rep, w_enc and w_adv are all 0"):
+        load_config(None, ["stage1.w_con=0", "stage1.w_rep=0", "stage1.w_enc=0", "stage1.w_adv=0"])

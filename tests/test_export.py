@@ -62,3 +62,22 @@ def test_export_cli_and_bad_format(exported, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == {"torchscript": [str(tmp_path / "out" / "stage1.ts"), str(tmp_path / "out" / "stage2.ts")]}
     with pytest.raises(ValueError, match="formats must be drawn from"):
         export_run(run_dir, tmp_path / "x", ("tflite",))
+
+
+def test_exported_stage1_of_an_attention_only_recipe_is_finite(tmp_path):
+    """The real-data recipe skips x̂: its NaN recon / latent components must not reach the exported loss."""
+    from types import SimpleNamespace
+
+    from twostage_ad.config import Stage1Config
+    from twostage_ad.export import Stage1Scorer
+    from twostage_ad.stages.attention import AttentionStage
+
+    config = Stage1Config(epochs=1, base_width=8, max_width=16, batch_size=4, w_con=0.0, w_rep=0.0, w_enc=0.0, w_adv=0.0,
+                          screen_con=0.0, screen_enc=0.0)
+    images = (np.random.default_rng(0).random((8, 32, 32, 1)) * 255).astype(np.uint8)
+    stage = AttentionStage(config=config, image_size=32, channels=1, device="cpu").fit(images, progress=False)
+    scorer = Stage1Scorer(SimpleNamespace(stage1=stage))
+    with torch.inference_mode():
+        loss, _ = scorer(to_tensor(images))
+    assert torch.isfinite(loss).all()
+    np.testing.assert_allclose(loss.numpy(), stage.score(images, progress=False).loss, rtol=1e-5, atol=1e-6)

@@ -176,6 +176,10 @@ class Stage1Config:
             value = getattr(self, name)
             _check(value >= 0, f"{prefix}.{name}", "a finite number >= 0", value)
         _check(0.0 < self.screen_topk <= 1.0, f"{prefix}.screen_topk", "in (0, 1]", self.screen_topk)
+        if self.w_con == self.w_rep == self.w_enc == self.w_adv == 0:  # x̂ and ẑ are never trained
+            for name in ("screen_con", "screen_enc"):
+                _check(getattr(self, name) == 0, f"{prefix}.{name}",
+                       "0 when w_con, w_rep, w_enc and w_adv are all 0 (the reconstruction is not trained)", getattr(self, name))
 
 
 @dataclass

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+import inspect
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,6 +125,31 @@ class DistributedContext:
         if self.enabled:
             dist.barrier()
 
+    def broadcast_parameters(self, module: nn.Module) -> None:
+        """Rank 0's parameters and buffers in ``module`` on every rank (after re-initialising it)."""
+        if self.enabled:
+            for tensor in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(tensor.data, src=0)
+
+    def run_on_main(self, function: Callable[[], Any]) -> Any:
+        """``function()`` on rank 0, its result on every rank; when it raises, every rank raises it.
+
+        For rank-0-only work that can fail (creating the run folder): the other ranks would
+        otherwise wait for rank 0 forever.
+        """
+        if not self.enabled:
+            return function()
+        outcome: tuple[str, Any] = ("ok", None)
+        if self.is_main:
+            try:
+                outcome = ("ok", function())
+            except Exception as error:  # re-raised on every rank below
+                outcome = ("error", error)
+        status, value = self.broadcast(outcome)
+        if status == "error":
+            raise value
+        return value
+
 
 def init_distributed(device: torch.device) -> tuple[DistributedContext, torch.device]:
     """Join the process group ``torchrun`` describes in the environment; a no-op without it.
@@ -138,7 +164,8 @@ def init_distributed(device: torch.device) -> tuple[DistributedContext, torch.de
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # nccl for CUDA tensors, gloo for the small CPU tensors and objects (losses for the log, gathers)
+        dist.init_process_group(backend="cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo")
     if dist.get_world_size() != world_size:
         raise RuntimeError(f"WORLD_SIZE is {world_size} but the process group has {dist.get_world_size()} ranks")
     return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank), device
@@ -193,23 +220,22 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        count = torch.tensor([x.numel() // x.shape[1]], dtype=x.dtype, device=x.device)
-        stats = torch.cat([x.sum(dim=(0, 2, 3)), x.pow(2).sum(dim=(0, 2, 3)), count])
-        stats = _SumOverRanks.apply(stats)
-        channels = x.shape[1]
-        n = stats[-1]
-        mean = stats[:channels] / n
-        var = (stats[channels : 2 * channels] / n - mean.pow(2)).clamp(min=0)
+        dtype = x.dtype
+        x = x.float()  # statistics in float32 also under bf16 autocast, as BatchNorm2d keeps them
+        n = float(x.numel() // x.shape[1]) * dist.get_world_size()  # equal shards (GlobalBatchSampler)
+        mean = _SumOverRanks.apply(x.sum(dim=(0, 2, 3))) / n
+        centred = x - mean[None, :, None, None]
+        var = _SumOverRanks.apply(centred.pow(2).sum(dim=(0, 2, 3))) / n  # two passes: no E[x²] − E[x]² cancellation
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
-                momentum = self.momentum if self.momentum is not None else 0.1
-                self.running_mean.mul_(1 - momentum).add_(momentum * mean.detach())
-                self.running_var.mul_(1 - momentum).add_(momentum * var.detach() * n / (n - 1).clamp(min=1))
                 self.num_batches_tracked.add_(1)
-        out = (x - mean[None, :, None, None]) * torch.rsqrt(var[None, :, None, None] + self.eps)
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - momentum).add_(momentum * mean.detach())
+                self.running_var.mul_(1 - momentum).add_(momentum * var.detach() * n / max(n - 1, 1.0))
+        out = centred * torch.rsqrt(var[None, :, None, None] + self.eps)
         if self.affine:
             out = out * self.weight[None, :, None, None] + self.bias[None, :, None, None]
-        return out
+        return out.to(dtype)
 
 
 def convert_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
@@ -239,7 +265,10 @@ def wrap_ddp(module: nn.Module, context: DistributedContext, device: torch.devic
         return module
     ids = [device.index] if device.type == "cuda" else None
     # buffers need no syncing: BatchNorm statistics are global, hence equal on every rank
-    return nn.parallel.DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
+    ddp = nn.parallel.DistributedDataParallel
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters else {
+        "broadcast_buffers": False}  # torch before forward_sync_buffers
+    return ddp(module, device_ids=ids, **no_sync)
 
 
 def unwrap(module: nn.Module) -> nn.Module:

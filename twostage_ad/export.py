@@ -24,7 +24,7 @@ from torch import nn
 
 from twostage_ad.detector import TwoStageDetector
 from twostage_ad.runs import read_json, write_atomic, write_json
-from twostage_ad.stages.attention import screening_batch
+from twostage_ad.stages.attention import screening_batch, screening_loss
 from twostage_ad.stages.patch_scorer import image_scores, raw_maps
 
 __all__ = ["Stage1Scorer", "Stage2Scorer", "export_run", "EXPORT_FORMATS"]
@@ -44,9 +44,7 @@ class Stage1Scorer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         components, anomaly = screening_batch(self.model, x, self.config)
-        c = self.config
-        loss = c.screen_con * components["stage1_recon"] + c.screen_enc * components["stage1_latent"] + c.screen_att * components["stage1_att_topk"]
-        return loss, anomaly
+        return screening_loss(components, self.config), anomaly
 
 
 class Stage2Scorer(nn.Module):

@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             keys = ("image_auroc", "pixel_auroc", "pro", "flagged_fraction", "stage1_recall_at_threshold",
                     "cascade_recall", "cascade_false_positive_rate", "images_per_s", "seconds")
-            print(json.dumps({"run_dir": str(result.run_dir), **{k: result.metrics[k] for k in keys}}, indent=2))
+            if result.metrics is not None:  # None on torchrun ranks other than 0, which write nothing
+                print(json.dumps({"run_dir": str(result.run_dir), **{k: result.metrics[k] for k in keys}}, indent=2))
         elif args.command == "calibrate":
             stages = {"1": ("stage1",), "2": ("stage2",), "both": ("stage1", "stage2")}[args.stage]
             chosen = args.method is not None or any(getattr(args, k) is not None for k in _PARAM_METHOD)

@@ -70,7 +70,11 @@ STAGE2_SCORING_FIELDS = ("score_reduction", "score_topk", "guidance", "guidance_
 
 
 class RunResult(dict):
-    """What :func:`run_pipeline` returns: ``run_dir``, ``metrics``, ``scores`` (DataFrame)."""
+    """What :func:`run_pipeline` returns: ``run_dir``, ``metrics``, ``scores`` (DataFrame).
+
+    Under ``torchrun`` only rank 0 computes metrics and the decision columns; other ranks get
+    ``metrics=None`` and the raw scores.
+    """
 
     @property
     def run_dir(self) -> Path:
@@ -516,10 +520,9 @@ def run_pipeline(
     records = load_records(config.data, seed=config.run.seed)
     splits = split_records(records)
     _check_calibration_feasible([r.label for r in splits["val"]], config.calibration)
-    run_dir = None
-    if context.is_main:  # rank 0 alone writes the run folder
-        run_dir = create_run_dir(output or default_run_dir(config.run.output_root, config.run.name), overwrite=overwrite, resume=resume)
-    run_dir = Path(context.broadcast(None if run_dir is None else str(run_dir)))
+    # rank 0 alone writes the run folder; when it cannot create it, every rank stops with its error
+    run_dir = Path(context.run_on_main(lambda: str(create_run_dir(
+        output or default_run_dir(config.run.output_root, config.run.name), overwrite=overwrite, resume=resume))))
     log.info("run folder: %s (device %s%s)", run_dir, device,
              f", {context.world_size} processes" if context.enabled else "")
     if config.run.threads:
@@ -552,6 +555,13 @@ def run_pipeline(
         len(decoded["train"]), len(decoded["val"]), len(decoded["test"]), len(failed), size, size, channels,
     )
     decode_seconds = time.perf_counter() - started
+    for name, stage_config, reused in (("stage1", config.stage1, stage1_checkpoint), ("stage2", config.stage2, stage2_checkpoint)):
+        batch = min(stage_config.batch_size, len(decoded["train"]))
+        if context.enabled and reused is None and batch % context.world_size:
+            raise ConfigError(
+                f"{name}.batch_size: the global batch of {batch} images does not split evenly over {context.world_size} "
+                f"processes; choose a multiple of {context.world_size}"
+            )
 
     # stage 1: train (or reuse), score validation and test images
     stage1 = _stage1(config, decoded["train"].images, run_dir, device, stage1_checkpoint and Path(stage1_checkpoint), progress,
@@ -588,9 +598,8 @@ def run_pipeline(
     flagged_test = np.flatnonzero(test1.loss > cascade.stage1.value)
     cascade2 = _score_stage2(stage2, decoded["test"].images[flagged_test], test1.anomaly_maps[flagged_test] if guided else None,
                              context, progress, "stage 2 score flagged test")
-    if not context.is_main:  # rank 0 computes the metrics and writes the rest of the run folder
-        metrics = context.broadcast(None)
-        return RunResult(run_dir=run_dir, metrics=metrics, scores=table)
+    if not context.is_main:  # rank 0 computes the metrics and writes the rest of the run folder; no need to wait
+        return RunResult(run_dir=run_dir, metrics=None, scores=table)
     if not np.allclose(cascade2.scores, test2.scores[flagged_test], rtol=1e-4, atol=1e-5):
         log.warning("stage-2 scores of flagged images differ between batchings by up to %.3g",
                     float(np.max(np.abs(cascade2.scores - test2.scores[flagged_test]))))
@@ -682,7 +691,6 @@ def run_pipeline(
         *(_auroc_text(metrics["pixel_auroc"][k]) for k in ("stage1", "stage2", "fused")),
         100 * (metrics["flagged_fraction"] or 0.0), run_dir,
     )
-    context.broadcast(metrics)
     return RunResult(run_dir=run_dir, metrics=metrics, scores=table)
 
 

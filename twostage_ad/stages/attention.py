@@ -135,7 +135,7 @@ def check_resumable(path: Path, state: dict[str, Any], data: str, device: torch.
             f"cannot resume from {str(path)!r}: the training images differ from those it was trained on "
             "(files added, removed, changed or newly readable); start a new run"
         )
-    if state.get("device") != str(device):
+    if torch.device(state.get("device", "cpu")).type != device.type:  # each torchrun rank has its own cuda:N
         raise ValueError(f"cannot resume from {str(path)!r}: it trained on {state.get('device')!r}, this run uses {str(device)!r}")
 
 
@@ -148,6 +148,12 @@ def load_for_resume(
     Returns ``(payload, training_state)``; the state is None when all epochs are already done.
     """
     payload = load_checkpoint(path)
+    if payload.get("format") != expected["format"]:
+        raise ValueError(
+            f"cannot resume from {str(path)!r}: it was written by an older version of twostage_ad "
+            f"({payload.get('format')!r}, now {expected['format']!r}); start a new run, or reuse its weights "
+            f"with --{name.replace(' ', '')}-from {str(path)!r}"
+        )
     for key, value in expected.items():
         if payload.get(key) != value:
             raise ValueError(f"cannot resume from {str(path)!r}: its {key} differs from this run's ({payload.get(key)!r} vs {value!r})")
@@ -219,11 +225,14 @@ def uses_reconstruction(config: Stage1Config, *, training: bool = False) -> bool
     return config.screen_con != 0 or config.screen_enc != 0
 
 
-def screening_loss(components: dict[str, np.ndarray], config: Stage1Config) -> np.ndarray:
+def screening_loss(components: dict[str, Any], config: Stage1Config) -> Any:
     """``screen_con·recon + screen_enc·latent + screen_att·att_topk`` (documented weights; terms
-    with weight 0 are left out, so a component that was not computed does not turn it NaN)."""
+    with weight 0 are left out, so a component that was not computed does not turn it NaN).
+
+    Works on numpy arrays and on torch tensors (the exported scorer uses it too).
+    """
     terms = [(config.screen_con, "stage1_recon"), (config.screen_enc, "stage1_latent"), (config.screen_att, "stage1_att_topk")]
-    total = np.zeros_like(components["stage1_att_topk"])
+    total = components["stage1_att_topk"] * 0
     for weight, name in terms:
         if weight != 0:
             total = total + weight * components[name]
@@ -403,6 +412,7 @@ class AttentionStage:
                 losses = context.mean_of(self._train_step(batch, model, discriminator, g_opt, d_opt, use_amp, context))
                 if d_opt is not None and losses["discriminator"] < COLLAPSE_LOSS:  # the same decision on every rank
                     reinitialise_discriminator(self.discriminator_, d_opt)
+                    context.broadcast_parameters(self.discriminator_)
                     resets += 1
                     log.warning("stage 1 epoch %d: discriminator loss %.2g < %.0e, re-initialised it",
                                 epoch, losses["discriminator"], COLLAPSE_LOSS)

@@ -62,7 +62,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "twostage_ad.stage2/1"  # the sampler changed, not the payload
+CHECKPOINT_FORMAT = "twostage_ad.stage2/2"  # /1: before channels_last and the global-batch sampler (loads, cannot resume)
 COLLAPSE_LOSS = 1e-5  # discriminator loss below this = collapsed (GANomaly re-initialises D)
 
 
@@ -272,6 +272,7 @@ class PatchScorerStage:
                     steps += 1
                     if losses["discriminator"] < COLLAPSE_LOSS:  # the same decision on every rank
                         reinitialise_discriminator(self.discriminator_, d_opt)
+                        context.broadcast_parameters(self.discriminator_)
                         resets += 1
                         log.warning("stage 2 epoch %d step %d: discriminator loss %.2g < %.0e, re-initialised it",
                                     epoch, step, losses["discriminator"], COLLAPSE_LOSS)
@@ -403,7 +404,7 @@ class PatchScorerStage:
     @classmethod
     def load(cls, path: str | Path, device: str = "auto") -> "PatchScorerStage":
         payload = load_checkpoint(path)
-        if payload.get("format") != CHECKPOINT_FORMAT:
+        if payload.get("format") not in ("twostage_ad.stage2/1", CHECKPOINT_FORMAT):
             raise ValueError(f"{str(path)!r} is not a twostage_ad stage-2 checkpoint (format {payload.get('format')!r})")
         try:
             config = Stage2Config(**payload["config"])
