@@ -120,12 +120,13 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     classes (its std: over seeds, of the per-seed class mean)."""
     rows = []
     for (dataset, category), group in runs.groupby(["dataset", "class"], sort=True):
-        rows.append({"dataset": dataset, "class": category, "seeds": len(group),
+        rows.append({"dataset": dataset, "class": category, "seeds": len(group), "peer_seeds": int(group["peer_image_auroc"].notna().sum()),
                      **{f"{m}_mean": group[m].mean() for m in METRICS}, **{f"{m}_std": group[m].std(ddof=0) for m in METRICS}})
     for dataset, group in runs.groupby("dataset"):
         if group["class"].nunique() > 1:
             per_seed = group.groupby("seed")[METRICS].mean()
             rows.append({"dataset": dataset, "class": f"mean of {group['class'].nunique()} classes", "seeds": len(per_seed),
+                         "peer_seeds": int(per_seed["peer_image_auroc"].notna().sum()),
                          **{f"{m}_mean": per_seed[m].mean() for m in METRICS},
                          **{f"{m}_std": per_seed[m].std(ddof=0) for m in METRICS}})
     return pd.DataFrame(rows)
@@ -148,7 +149,8 @@ def markdown(summary: pd.DataFrame, runs: pd.DataFrame, args: argparse.Namespace
         "pixel (stage 1)": [_pm(a, b) for a, b in zip(summary["pixel_auroc_stage1_mean"], summary["pixel_auroc_stage1_std"])],
         "pixel (fused)": [_pm(a, b) for a, b in zip(summary["pixel_auroc_fused_mean"], summary["pixel_auroc_fused_std"])],
         "PRO (fused)": [_pm(a, b) for a, b in zip(summary["pro_fused_mean"], summary["pro_fused_std"])],
-        "**peer** image": [_pm(a, b) for a, b in zip(summary["peer_image_auroc_mean"], summary["peer_image_auroc_std"])],
+        "**peer** image": [_pm(a, b) if n > 1 else _pm(a, b).split(" ±")[0] + f" ({n} seed)"
+                           for a, b, n in zip(summary["peer_image_auroc_mean"], summary["peer_image_auroc_std"], summary["peer_seeds"])],
         "train s (ours / peer)": [f"{a:.0f} / {'n/a' if np.isnan(b) else f'{b:.0f}'}"
                                   for a, b in zip(summary["train_seconds_mean"], summary["peer_train_seconds_mean"])],
         "images/s (cascade / peer)": [f"{a:.0f} / {'n/a' if np.isnan(b) else f'{b:.0f}'}"
