@@ -149,7 +149,7 @@ def markdown(summary: pd.DataFrame, runs: pd.DataFrame, args: argparse.Namespace
         "pixel (stage 1)": [_pm(a, b) for a, b in zip(summary["pixel_auroc_stage1_mean"], summary["pixel_auroc_stage1_std"])],
         "pixel (fused)": [_pm(a, b) for a, b in zip(summary["pixel_auroc_fused_mean"], summary["pixel_auroc_fused_std"])],
         "PRO (fused)": [_pm(a, b) for a, b in zip(summary["pro_fused_mean"], summary["pro_fused_std"])],
-        "**peer** image": [_pm(a, b) if n > 1 else _pm(a, b).split(" ±")[0] + f" ({n} seed)"
+        "**peer** image": [_pm(a, b) if n > 1 else ("n/a" if n == 0 else f"{a:.3f} (1 seed)")
                            for a, b, n in zip(summary["peer_image_auroc_mean"], summary["peer_image_auroc_std"], summary["peer_seeds"])],
         "train s (ours / peer)": [f"{a:.0f} / {'n/a' if np.isnan(b) else f'{b:.0f}'}"
                                   for a, b in zip(summary["train_seconds_mean"], summary["peer_train_seconds_mean"])],
