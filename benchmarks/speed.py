@@ -1,7 +1,8 @@
 """Speed benchmark: training and scoring images/s of each stage, the cascade and the anomalib peer.
 
     python benchmarks/speed.py [--config pipelines/mtd.yaml] [--sizes 64 128 256] [--images 64]
-        [--flag-rate 0.35] [--peer-python .peer-venv/bin/python | --no-peer] [--threads 0] [--note "..."]
+        [--set stage1.attention_max_tokens=256 ...] [--flag-rate 0.35]
+        [--peer-python .peer-venv/bin/python | --no-peer] [--threads 0] [--note "..."]
 
 For each image size: the forward FLOPs per image of each network (``torch.utils.flop_counter``),
 scoring images/s of stage 1 (screening loss + map) and stage 2 (standardised map + score), of
@@ -61,7 +62,7 @@ def forward_flops(module: torch.nn.Module, x: torch.Tensor, forward=None) -> flo
 
 def _images(n: int, size: int, channels: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
+    _, xx = np.mgrid[:size, :size]
     base = 128 + 40 * np.sin(xx / 3.0)[None, ..., None] + rng.normal(0, 8, (n, size, size, channels))
     return np.clip(base, 0, 255).astype(np.uint8)
 
@@ -109,7 +110,7 @@ def measure(size: int, n_images: int, config: Config, flag_rate: float) -> dict[
     stage2.fit_normalisation(images[:8], stage1_maps=scored1.anomaly_maps[:8] if guided else None)
     scored2 = stage2.score(images, stage1_maps=scored1.anomaly_maps if guided else None, progress=False)
     # the two deployment paths, timed end to end on the same images
-    flagged = int(round(flag_rate * n_images))
+    flagged = round(flag_rate * n_images)
     start = time.perf_counter()
     first = stage1.score(images, progress=False)
     stage2.score(images[:flagged], stage1_maps=first.anomaly_maps[:flagged] if guided else None, progress=False)
@@ -141,6 +142,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=REPO / "pipelines" / "mtd.yaml",
                         help="stage settings to time (data settings are ignored: images are synthetic, 1 channel)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override a config field, e.g. --set stage1.attention_max_tokens=256 (repeatable)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--images", type=int, default=64, help="images per measurement (training epoch and scoring)")
     parser.add_argument("--flag-rate", type=float, default=0.35,
@@ -154,7 +157,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if not args.no_peer and not args.peer_python.is_file():
         parser.error(f"no peer interpreter at {args.peer_python}: run benchmarks/setup_peer_env.sh or pass --no-peer")
-    config = load_config(args.config)
+    config = load_config(args.config, args.overrides)
     peer = {} if args.no_peer else peer_speed(args.peer_python, args.sizes, args.images, config.stage1.score_batch_size)
     torch.manual_seed(0)
     for size in args.sizes:
@@ -164,7 +167,7 @@ def main() -> None:
             "date": time.strftime("%Y-%m-%d %H:%M"),
             "commit": git_commit(),
             "machine": f"{platform.machine()} {os.cpu_count()} cpu, {torch.get_num_threads()} threads, torch {torch.__version__}",
-            "config": args.config.name,
+            "config": " ".join([args.config.name, *args.overrides]),
             **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in ours.items()},
             "peer_gflops": round(theirs["gflops_per_image"], 3) if theirs else None,
             "peer_score_ips": round(theirs["images_per_s"], 3) if theirs else None,
