@@ -284,6 +284,7 @@ class RunConfig:
     output_root: str = "runs"
     num_workers: int = 0
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    tune_malloc: bool = True  # keep freed large blocks for reuse (glibc only; twostage_ad/allocator.py)
     overlays: int = 8
 
     def validate(self, prefix: str = "run") -> None:

@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 import yaml
 
+from twostage_ad.allocator import tune_malloc
 from twostage_ad.calibration import NORMAL_ONLY_METHODS, CalibrationError
 from twostage_ad.cascade import Cascade, fit_cascade, fused_anomaly_map
 from twostage_ad.config import (
@@ -482,6 +483,14 @@ def _resume_config(run_dir: Path, config: Config | None) -> Config:
     return saved
 
 
+def _apply_process_settings(threads: int, malloc: bool) -> None:
+    """Process-wide settings a run asks for: torch's thread count and the allocator tuning."""
+    if threads:
+        torch.set_num_threads(threads)
+    if malloc and not tune_malloc():
+        log.debug("allocator tuning not available here (not glibc); running with the system defaults")
+
+
 def run_pipeline(
     config: Config | None,
     output: str | Path | None = None,
@@ -525,8 +534,7 @@ def run_pipeline(
         output or default_run_dir(config.run.output_root, config.run.name), overwrite=overwrite, resume=resume))))
     log.info("run folder: %s (device %s%s)", run_dir, device,
              f", {context.world_size} processes" if context.enabled else "")
-    if config.run.threads:
-        torch.set_num_threads(config.run.threads)
+    _apply_process_settings(config.run.threads, config.run.tune_malloc)
     started = time.perf_counter()
 
     channels = config.data.channels or _infer_channels(splits["train"])
@@ -780,6 +788,7 @@ def predict_files(
         if path is not None and Path(path).exists() and not overwrite:
             raise FileExistsError(f"{str(path)!r} exists; pass --overwrite (overwrite=True) to replace it")
     paths = expand_image_paths(inputs)
+    _apply_process_settings(0, load_run_config(run_dir).run.tune_malloc)
     detector = TwoStageDetector.from_run(run_dir, device=device)
     result = detector.predict(paths, batch_size=batch_size, all_stages=all_stages, maps=maps_path is not None, progress=progress)
     table = result.to_frame()
