@@ -86,6 +86,21 @@ def test_cbam_and_self_attention_keep_shape_and_start_as_identity():
         SelfAttention2d(4)
 
 
+def test_self_attention_matches_sagan_computed_position_by_position():
+    torch.manual_seed(0)
+    attention = SelfAttention2d(16)
+    with torch.no_grad():
+        attention.gamma.fill_(0.7)
+    x = torch.randn(2, 16, 3, 5)
+    q, k, v = (layer(x).flatten(2) for layer in (attention.query, attention.key, attention.value))
+    expected = torch.empty_like(v)
+    for i in range(15):  # SAGAN: o_i = Σ_j softmax_j(q_i · k_j) v_j, logits unscaled
+        weights = torch.softmax(torch.einsum("bc,bcn->bn", q[:, :, i], k), dim=-1)
+        expected[:, :, i] = torch.einsum("bn,bcn->bc", weights, v)
+    expected = x + 0.7 * expected.reshape(x.shape)
+    torch.testing.assert_close(attention(x), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_separate_reconstruction_decoder_gets_gradients_and_skips_the_skips():
     torch.manual_seed(0)
     net = AttentionNet(1, 32, base_width=8, max_width=32, separate_reconstruction=True)
