@@ -260,6 +260,12 @@ def run_train(args: argparse.Namespace) -> dict:
 
 def run_speed(args: argparse.Namespace) -> dict:
     seed_everything(args.seed)
+    tuned = False
+    if args.tune_malloc:  # the same glibc setting our pipeline applies (twostage_ad/allocator.py, no torch import)
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from twostage_ad.allocator import tune_malloc
+
+        tuned = tune_malloc()
     rows = []
     for size in args.image_size:
         if size < 8 or size & (size - 1):
@@ -294,6 +300,7 @@ def run_speed(args: argparse.Namespace) -> dict:
         "batch_size": args.batch_size,
         "images": args.images,
         "repeats": args.repeats,
+        "tuned_malloc": tuned,
         "seed": args.seed,
         "threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
@@ -331,7 +338,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="square input sizes, powers of two (default 64 128 256)")
     speed.add_argument("--images", type=int, default=256, help="images timed per size (default 256)")
     speed.add_argument("--repeats", type=int, default=1,
-                       help="timed passes over the images per size; images_per_s is the best one (default 1)")
+                       help="timed passes over the images per size; images_per_s is the best one, "
+                            "images_per_s_median the median (default 1)")
+    speed.add_argument("--tune-malloc", action="store_true",
+                       help="apply twostage_ad's glibc allocator tuning first (as speed.py does for ours)")
     return parser.parse_args(argv)
 
 

@@ -2,14 +2,17 @@
 
     python benchmarks/speed.py [--config pipelines/mtd.yaml] [--sizes 64 128 256] [--images 64]
         [--set stage1.attention_max_tokens=256 ...] [--flag-rate 0.35]
-        [--peer-python .peer-venv/bin/python | --no-peer] [--threads 0] [--note "..."]
+        [--peer-python .peer-venv/bin/python | --no-peer] [--threads 0] [--repeats 3]
+        [--allocator tuned|system] [--note "..."]
 
 For each image size: the forward FLOPs per image of each network (``torch.utils.flop_counter``),
 scoring images/s of stage 1 (screening loss + map) and stage 2 (standardised map + score), of
 the cascade (stage 1 on every image, stage 2 on the first ``--flag-rate`` share of them, as at a
 calibrated threshold) and of "stage 2 on every image" (both stages on all), one training epoch's
 images/s of each stage (augmentation and every loss included), and the share of this machine's
-float32 matmul peak (measured in the same run) that scoring reaches. The peer, anomalib's
+float32 matmul peak (measured in the same run) that scoring reaches. Scoring rows are the median
+of ``--repeats`` timed passes after a warm-up; ours and the peer run with the same allocator
+setting (``--allocator``: the pipeline's glibc tuning by default, see twostage_ad/allocator.py). The peer, anomalib's
 GANomaly, is timed in the same run by ``benchmarks/peer_anomalib.py speed`` in its own
 environment (random weights: its speed does not depend on them). Appends the rows to
 ``benchmarks/results/speed.{csv,md}``; never edit those by hand.
@@ -33,6 +36,7 @@ import torch
 from _results import append_row, git_commit
 from torch.utils.flop_counter import FlopCounterMode
 
+from twostage_ad.allocator import tune_malloc
 from twostage_ad.config import Config, load_config
 from twostage_ad.models.attention_net import AttentionNet
 from twostage_ad.models.ganomaly2d import GANomaly2D, PatchDiscriminator
@@ -70,12 +74,15 @@ def _images(n: int, size: int, channels: int, seed: int = 0) -> np.ndarray:
 REPO = Path(__file__).resolve().parent.parent
 
 
-def peer_speed(peer_python: Path, sizes: list[int], n_images: int, batch_size: int) -> dict[int, dict[str, float]]:
-    """anomalib GANomaly's scoring images/s and GFLOPs per size, measured by its own interpreter."""
+def peer_speed(peer_python: Path, sizes: list[int], n_images: int, batch_size: int, repeats: int,
+               tuned_malloc: bool) -> dict[int, dict[str, float]]:
+    """anomalib GANomaly's scoring images/s (median of ``repeats`` passes) and GFLOPs per size,
+    measured by its own interpreter with the same allocator setting as ours."""
     with tempfile.TemporaryDirectory() as folder:
         output = Path(folder) / "speed.json"
         command = [str(peer_python), str(REPO / "benchmarks" / "peer_anomalib.py"), "speed", "--image-size", *map(str, sizes),
-                   "--channels", "1", "--batch-size", str(batch_size), "--images", str(n_images), "--output", str(output)]
+                   "--channels", "1", "--batch-size", str(batch_size), "--images", str(n_images), "--repeats", str(repeats), "--output", str(output),
+                   *(["--tune-malloc"] if tuned_malloc else [])]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"peer speed run failed:\n{done.stderr[-3000:]}")
@@ -84,7 +91,17 @@ def peer_speed(peer_python: Path, sizes: list[int], n_images: int, batch_size: i
     return {int(r["image_size"]): r for r in rows}
 
 
-def measure(size: int, n_images: int, config: Config, flag_rate: float) -> dict[str, float]:
+def _median_ips(score, n_images: int, repeats: int) -> float:
+    """Median images/s of ``repeats`` timed calls of ``score()`` (each scores ``n_images``)."""
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        score()
+        seconds.append(time.perf_counter() - start)
+    return n_images / float(np.median(seconds))
+
+
+def measure(size: int, n_images: int, config: Config, flag_rate: float, repeats: int) -> dict[str, float]:
     channels = 1
     images = _images(n_images, size, channels)
     c1, c2 = config.stage1, config.stage2
@@ -102,23 +119,23 @@ def measure(size: int, n_images: int, config: Config, flag_rate: float) -> dict[
     stage1.fit(images, progress=False)
     train1 = n_images / stage1.train_seconds_
     stage1.score(images[:8], progress=False)  # warm-up
-    scored1 = stage1.score(images, progress=False)
+    maps1 = stage1.score(images, progress=False).anomaly_maps
     stage2 = PatchScorerStage(config=c2, image_size=size, channels=channels, device="cpu")
     stage2.fit(images, progress=False)
     train2 = n_images / stage2.train_seconds_
     guided = c2.guidance != "none"
-    stage2.fit_normalisation(images[:8], stage1_maps=scored1.anomaly_maps[:8] if guided else None)
-    scored2 = stage2.score(images, stage1_maps=scored1.anomaly_maps if guided else None, progress=False)
-    # the two deployment paths, timed end to end on the same images
+    stage2.fit_normalisation(images[:8], stage1_maps=maps1[:8] if guided else None)
+    stage2.score(images[:8], stage1_maps=maps1[:8] if guided else None, progress=False)  # warm-up
+
+    def score2(count: int, maps: np.ndarray) -> None:
+        stage2.score(images[:count], stage1_maps=maps[:count] if guided else None, progress=False)
+
+    # each stage alone, then the two deployment paths end to end on the same images
     flagged = round(flag_rate * n_images)
-    start = time.perf_counter()
-    first = stage1.score(images, progress=False)
-    stage2.score(images[:flagged], stage1_maps=first.anomaly_maps[:flagged] if guided else None, progress=False)
-    cascade = n_images / (time.perf_counter() - start)
-    start = time.perf_counter()
-    first = stage1.score(images, progress=False)
-    stage2.score(images, stage1_maps=first.anomaly_maps if guided else None, progress=False)
-    both = n_images / (time.perf_counter() - start)
+    score_ips1 = _median_ips(lambda: stage1.score(images, progress=False), n_images, repeats)
+    score_ips2 = _median_ips(lambda: score2(n_images, maps1), n_images, repeats)
+    cascade = _median_ips(lambda: score2(flagged, stage1.score(images, progress=False).anomaly_maps), n_images, repeats)
+    both = _median_ips(lambda: score2(n_images, stage1.score(images, progress=False).anomaly_maps), n_images, repeats)
     peak = matmul_peak()
     return {
         "size": size,
@@ -127,14 +144,14 @@ def measure(size: int, n_images: int, config: Config, flag_rate: float) -> dict[
         "gflops_stage2_disc": flops_d2 / 1e9,
         "train_ips_stage1": train1,
         "train_ips_stage2": train2,
-        "score_ips_stage1": scored1.images_per_s,
-        "score_ips_stage2": scored2.images_per_s,
+        "score_ips_stage1": score_ips1,
+        "score_ips_stage2": score_ips2,
         "flag_rate": flag_rate,
         "score_ips_cascade": cascade,
         "score_ips_stage2_on_all": both,
         "matmul_peak_gflops": peak / 1e9,
-        "score_share_of_peak_stage1": scored1.images_per_s * flops1 / peak,
-        "score_share_of_peak_stage2": scored2.images_per_s * flops2 / peak,
+        "score_share_of_peak_stage1": score_ips1 * flops1 / peak,
+        "score_share_of_peak_stage2": score_ips2 * flops2 / peak,
     }
 
 
@@ -151,27 +168,34 @@ def main() -> None:
     parser.add_argument("--peer-python", type=Path, default=REPO / ".peer-venv" / "bin" / "python")
     parser.add_argument("--no-peer", action="store_true", help="skip anomalib's GANomaly")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per scoring measurement; rows give the median")
+    parser.add_argument("--allocator", choices=("tuned", "system"), default="tuned",
+                        help="tuned: glibc mallopt as the pipeline applies it (run.tune_malloc), for ours and the peer alike")
     parser.add_argument("--note", default="")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    tuned = args.allocator == "tuned" and tune_malloc()
     if not args.no_peer and not args.peer_python.is_file():
         parser.error(f"no peer interpreter at {args.peer_python}: run benchmarks/setup_peer_env.sh or pass --no-peer")
     config = load_config(args.config, args.overrides)
-    peer = {} if args.no_peer else peer_speed(args.peer_python, args.sizes, args.images, config.stage1.score_batch_size)
+    peer = {} if args.no_peer else peer_speed(args.peer_python, args.sizes, args.images, config.stage1.score_batch_size,
+                                                  args.repeats, tuned)
     torch.manual_seed(0)
     for size in args.sizes:
-        ours = measure(size, args.images, config, args.flag_rate)
+        ours = measure(size, args.images, config, args.flag_rate, args.repeats)
         theirs = peer.get(size, {})
         row = {
             "date": time.strftime("%Y-%m-%d %H:%M"),
             "commit": git_commit(),
             "machine": f"{platform.machine()} {os.cpu_count()} cpu, {torch.get_num_threads()} threads, torch {torch.__version__}",
             "config": " ".join([args.config.name, *args.overrides]),
+            "allocator": "tuned" if tuned else "system",
+            "repeats": args.repeats,
             **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in ours.items()},
             "peer_gflops": round(theirs["gflops_per_image"], 3) if theirs else None,
-            "peer_score_ips": round(theirs["images_per_s"], 3) if theirs else None,
-            "cascade_vs_peer": round(ours["score_ips_cascade"] / theirs["images_per_s"], 3) if theirs else None,
+            "peer_score_ips": round(theirs["images_per_s_median"], 3) if theirs else None,
+            "cascade_vs_peer": round(ours["score_ips_cascade"] / theirs["images_per_s_median"], 3) if theirs else None,
             "note": args.note,
         }
         append_row("speed", row, "Speed benchmark runs (written by benchmarks/speed.py; do not edit)")
