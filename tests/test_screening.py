@@ -1,5 +1,7 @@
 """Stage 1 scoring is deterministic: same image, same numbers, whatever batch it is in."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -200,3 +202,17 @@ def test_channels_last_is_a_layout_not_a_different_model(fitted_stage):
         stage.model_.to(memory_format=torch.channels_last)
     np.testing.assert_allclose(nhwc.loss, nchw.loss, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(nhwc.anomaly_maps, nchw.anomaly_maps, atol=1e-5)
+
+
+def test_bf16_scoring_runs_the_network_in_bf16_and_returns_float32(fitted_stage):
+    stage, images = fitted_stage
+    full = stage.score(images, progress=False)
+    stage.config = replace(stage.config, score_bf16=True)
+    try:
+        half = stage.score(images, progress=False)
+    finally:
+        stage.config = replace(stage.config, score_bf16=False)
+    assert half.loss.dtype == np.float32 and half.anomaly_maps.dtype == np.float32
+    assert not np.array_equal(half.anomaly_maps, full.anomaly_maps)  # the network did run in bf16
+    np.testing.assert_allclose(half.loss, full.loss, rtol=0.05)  # bf16 keeps ~3 significant digits
+    np.testing.assert_allclose(half.anomaly_maps, full.anomaly_maps, atol=0.02)

@@ -155,6 +155,11 @@ class Stage1Config:
     screen_topk: float = 0.01
     score_batch_size: int = 64
     amp: bool = False  # bf16 autocast in training (CUDA, or CPUs with bf16 instructions)
+    # bf16 autocast for the network in scoring (validation, test, predict); the loss and maps are
+    # float32. MTD: AUROC equal to 4 decimals, 1.4x faster on a CPU with avx512_bf16, slower on
+    # CPUs without bf16 instructions (benchmarks/README.md, "bf16 scoring"). Stage 2 has no such
+    # option: its score is a difference of two latents, which bf16 rounding cancels.
+    score_bf16: bool = False
     channels_last: bool = True  # NHWC weights and activations: faster convolutions on CPUs and tensor cores
 
     def validate(self, prefix: str = "stage1") -> None:

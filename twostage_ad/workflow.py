@@ -66,7 +66,7 @@ __all__ = ["RunResult", "run_pipeline", "calibrate_run", "current_calibration", 
 
 log = logging.getLogger(__name__)
 
-STAGE1_SCORING_FIELDS = ("screen_con", "screen_enc", "screen_att", "screen_topk", "score_batch_size")
+STAGE1_SCORING_FIELDS = ("screen_con", "screen_enc", "screen_att", "screen_topk", "score_batch_size", "score_bf16")
 STAGE2_SCORING_FIELDS = ("score_reduction", "score_topk", "guidance", "guidance_floor", "score_batch_size")
 
 

@@ -199,9 +199,11 @@ def screening_batch(model: AttentionNet, x: torch.Tensor, config: Stage1Config) 
     """Screening components (each ``B``) and the anomaly map ``1 − A`` (``B×H×W``) of a batch ``x``.
 
     x̂ and ẑ are computed only when a screening weight uses them; otherwise ``stage1_recon`` and
-    ``stage1_latent`` are NaN (not computed), and the screening loss leaves them out.
+    ``stage1_latent`` are NaN (not computed), and the screening loss leaves them out. With
+    ``config.score_bf16`` the network runs under bf16 autocast; everything after it is float32.
     """
-    out = model(x, reconstruct=uses_reconstruction(config))
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=config.score_bf16):
+        out = model(x, reconstruct=uses_reconstruction(config))
     nan = torch.full((x.shape[0],), float("nan"), device=x.device)
     recon = nan if out.reconstruction is None else (out.reconstruction - x).abs().mean(dim=(1, 2, 3)).float()
     latent = nan if out.latent_reconstructed is None else (out.latent - out.latent_reconstructed).pow(2).mean(dim=(1, 2, 3)).float()
