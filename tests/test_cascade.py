@@ -47,6 +47,8 @@ def test_sum_fusion_standardises_both_stages_with_validation_normals():
     # (2 − 0.5)/0.25 + (6 − 2)/2 = 6 + 2 = 8
     assert second_stage_score("sum", np.array([2.0]), np.array([6.0]), 0.5, 0.25, 2.0, 2.0)[0] == pytest.approx(8.0)
     assert second_stage_score("stage2", np.array([2.0]), np.array([6.0]))[0] == 6.0
+    # max: the stage more sure of an anomaly decides; max(6, 2) = 6 and max(−2, 2) = 2
+    assert second_stage_score("max", np.array([2.0, 0.0]), np.array([6.0, 6.0]), 0.5, 0.25, 2.0, 2.0).tolist() == [6.0, 2.0]
     with pytest.raises(ValueError, match="fusion must be one of"):
         second_stage_score("product", np.array([1.0]), np.array([1.0]))
 
@@ -82,7 +84,7 @@ def test_an_image_stage1_cannot_score_fails_closed():
 def test_fit_cascade_reports_what_the_thresholds_do_on_validation_normals():
     rng = np.random.default_rng(1)
     s1, s2 = rng.normal(size=2000), rng.normal(size=2000)
-    for fusion in ("stage2", "sum"):
+    for fusion in ("stage2", "sum", "max"):
         cascade = fit_cascade(s1, s2, np.zeros(2000, int), CalibrationConfig(q=0.9), fusion=fusion)
         stats = cascade.stage2.stats
         assert stats["cascade_false_positive_rate_val"] == pytest.approx(np.mean(cascade.apply(s1, s2).decision))

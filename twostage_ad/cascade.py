@@ -3,7 +3,8 @@
 Rule: an image is *flagged* when its stage-1 screening loss ``s1 > τ₁``. Unflagged images are
 decided normal and never reach stage 2. A flagged image is anomalous when its second-stage score
 ``r2 > τ₂``, where ``r2`` is the stage-2 image score (``fusion="stage2"``) or
-``(s1 − μ₁)/σ₁ + (s2 − μ₂)/σ₂`` with validation normals' means and stds (``fusion="sum"``).
+``(s1 − μ₁)/σ₁ + (s2 − μ₂)/σ₂`` (``fusion="sum"``) or ``max((s1 − μ₁)/σ₁, (s2 − μ₂)/σ₂)``
+(``fusion="max"``), with validation normals' means and stds.
 
 Cascade score (higher = more anomalous), one number per image that ranks every flagged image
 above every unflagged one:
@@ -112,14 +113,15 @@ def second_stage_score(
     stage2_mean: float = 0.0,
     stage2_std: float = 1.0,
 ) -> np.ndarray:
-    """``r2``: the stage-2 score itself, or the sum of both standardised scores."""
+    """``r2``: the stage-2 score itself, or the sum or the larger of both standardised scores."""
     if fusion not in FUSION_MODES:
         raise ValueError(f"fusion must be one of {FUSION_MODES}, got {fusion!r}")
     s2 = np.asarray(stage2_scores, dtype=np.float64)
     if fusion == "stage2":
         return s2
-    s1 = np.asarray(stage1_scores, dtype=np.float64)
-    return (s1 - stage1_mean) / stage1_std + (s2 - stage2_mean) / stage2_std
+    z1 = (np.asarray(stage1_scores, dtype=np.float64) - stage1_mean) / stage1_std
+    z2 = (s2 - stage2_mean) / stage2_std
+    return z1 + z2 if fusion == "sum" else np.maximum(z1, z2)
 
 
 def fit_cascade(
