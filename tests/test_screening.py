@@ -216,3 +216,18 @@ def test_bf16_scoring_runs_the_network_in_bf16_and_returns_float32(fitted_stage)
     assert not np.array_equal(half.anomaly_maps, full.anomaly_maps)  # the network did run in bf16
     np.testing.assert_allclose(half.loss, full.loss, rtol=0.05)  # bf16 keeps ~3 significant digits
     np.testing.assert_allclose(half.anomaly_maps, full.anomaly_maps, atol=0.02)
+
+
+def test_bf16_scoring_warns_where_bf16_would_be_emulated(fitted_stage, monkeypatch, caplog):
+    stage, images = fitted_stage
+    monkeypatch.setattr("twostage_ad.stages.attention.has_fast_bf16", lambda device: False)
+    stage.config = replace(stage.config, score_bf16=True)
+    try:
+        with caplog.at_level("WARNING", logger="twostage_ad.stages.attention"):
+            stage.score(images[:2], progress=False)
+    finally:
+        stage.config = replace(stage.config, score_bf16=False)
+    assert "has no native bf16" in caplog.text
+    caplog.clear()
+    stage.score(images[:2], progress=False)  # float32 scoring: nothing to warn about
+    assert "bf16" not in caplog.text

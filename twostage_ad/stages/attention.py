@@ -42,6 +42,7 @@ __all__ = [
     "SCREENING_COMPONENTS",
     "resolve_device",
     "memory_format_for",
+    "has_fast_bf16",
     "DefectDataset",
     "ScreeningResult",
     "screening_batch",
@@ -82,6 +83,17 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} was requested but CUDA is not available; use device: auto or cpu")
     return device
+
+
+def has_fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 convolutions run natively here (CUDA with bf16, or a CPU with bf16 instructions
+    such as avx512_bf16 / AMX); elsewhere bf16 autocast is emulated and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,6 +265,9 @@ def screening_scores(
 ) -> ScreeningResult:
     """Score uint8 ``N×H×W×C`` images: deterministic eval-mode screening loss, components, maps."""
     model.eval()
+    if config.score_bf16 and not has_fast_bf16(device):
+        log.warning("stage1.score_bf16 is on, but %s has no native bf16: scoring is emulated and slower than "
+                    "float32 (set stage1.score_bf16: false for new runs; a run's thresholds assume its own setting)", device)
     batch_size = batch_size or config.score_batch_size
     parts: dict[str, list[np.ndarray]] = {name: [] for name in SCREENING_COMPONENTS}
     maps: list[np.ndarray] = []
