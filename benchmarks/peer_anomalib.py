@@ -275,7 +275,7 @@ def run_speed(args: argparse.Namespace) -> dict:
                                  ("n_features", "latent_vec_size", "extra_layers", "add_final_conv_layer")}).eval()
         x = torch.randn(args.images, args.channels, size, size)
         flops = forward_flops(model, x[:1])
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             for first in range(0, min(len(x), 2 * args.batch_size), args.batch_size):  # warm-up
                 model(x[first:first + args.batch_size])
             repeats = []
@@ -301,6 +301,7 @@ def run_speed(args: argparse.Namespace) -> dict:
         "images": args.images,
         "repeats": args.repeats,
         "tuned_malloc": tuned,
+        "bf16": args.bf16,
         "seed": args.seed,
         "threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
@@ -342,6 +343,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "images_per_s_median the median (default 1)")
     speed.add_argument("--tune-malloc", action="store_true",
                        help="apply twostage_ad's glibc allocator tuning first (as speed.py does for ours)")
+    speed.add_argument("--bf16", action="store_true", help="forward passes under bf16 autocast (CPU)")
     return parser.parse_args(argv)
 
 

@@ -12,9 +12,11 @@ calibrated threshold) and of "stage 2 on every image" (both stages on all), one 
 images/s of each stage (augmentation and every loss included), and the share of this machine's
 float32 matmul peak (measured in the same run) that scoring reaches. Scoring rows are the median
 of ``--repeats`` timed passes after a warm-up; ours and the peer run with the same allocator
-setting (``--allocator``: the pipeline's glibc tuning by default, see twostage_ad/allocator.py). The peer, anomalib's
-GANomaly, is timed in the same run by ``benchmarks/peer_anomalib.py speed`` in its own
-environment (random weights: its speed does not depend on them). Appends the rows to
+setting (``--allocator``: the pipeline's glibc tuning by default, see twostage_ad/allocator.py).
+The peer, anomalib's GANomaly, is timed in the same run by ``benchmarks/peer_anomalib.py speed``
+in its own environment (random weights: its speed does not depend on them); ``peer_score_ips``
+is the peer as anomalib runs it (float32), and when the config scores stage 1 in bf16
+(``stage1.score_bf16``) the peer is also timed under bf16 autocast (``peer_score_ips_bf16``). Appends the rows to
 ``benchmarks/results/speed.{csv,md}``; never edit those by hand.
 """
 
@@ -75,14 +77,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def peer_speed(peer_python: Path, sizes: list[int], n_images: int, batch_size: int, repeats: int,
-               tuned_malloc: bool) -> dict[int, dict[str, float]]:
+               tuned_malloc: bool, bf16: bool = False) -> dict[int, dict[str, float]]:
     """anomalib GANomaly's scoring images/s (median of ``repeats`` passes) and GFLOPs per size,
     measured by its own interpreter with the same allocator setting as ours."""
     with tempfile.TemporaryDirectory() as folder:
         output = Path(folder) / "speed.json"
         command = [str(peer_python), str(REPO / "benchmarks" / "peer_anomalib.py"), "speed", "--image-size", *map(str, sizes),
                    "--channels", "1", "--batch-size", str(batch_size), "--images", str(n_images), "--repeats", str(repeats), "--output", str(output),
-                   *(["--tune-malloc"] if tuned_malloc else [])]
+                   *(["--tune-malloc"] if tuned_malloc else []), *(["--bf16"] if bf16 else [])]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"peer speed run failed:\n{done.stderr[-3000:]}")
@@ -181,10 +183,14 @@ def main() -> None:
     config = load_config(args.config, args.overrides)
     peer = {} if args.no_peer else peer_speed(args.peer_python, args.sizes, args.images, config.stage1.score_batch_size,
                                                   args.repeats, tuned)
+    # the peer as anomalib runs it is float32; its bf16-autocast speed too, for a like-for-like row
+    # when our stage 1 scores in bf16
+    peer_bf16 = {} if args.no_peer or not config.stage1.score_bf16 else peer_speed(
+        args.peer_python, args.sizes, args.images, config.stage1.score_batch_size, args.repeats, tuned, bf16=True)
     torch.manual_seed(0)
     for size in args.sizes:
         ours = measure(size, args.images, config, args.flag_rate, args.repeats)
-        theirs = peer.get(size, {})
+        theirs, theirs_bf16 = peer.get(size, {}), peer_bf16.get(size, {})
         row = {
             "date": time.strftime("%Y-%m-%d %H:%M"),
             "commit": git_commit(),
@@ -196,6 +202,8 @@ def main() -> None:
             "peer_gflops": round(theirs["gflops_per_image"], 3) if theirs else None,
             "peer_score_ips": round(theirs["images_per_s_median"], 3) if theirs else None,
             "cascade_vs_peer": round(ours["score_ips_cascade"] / theirs["images_per_s_median"], 3) if theirs else None,
+            "peer_score_ips_bf16": round(theirs_bf16["images_per_s_median"], 3) if theirs_bf16 else None,
+            "cascade_vs_peer_bf16": round(ours["score_ips_cascade"] / theirs_bf16["images_per_s_median"], 3) if theirs_bf16 else None,
             "note": args.note,
         }
         append_row("speed", row, "Speed benchmark runs (written by benchmarks/speed.py; do not edit)")
