@@ -97,3 +97,9 @@ def test_real_data_pipelines_share_one_recipe():
 def test_attention_only_training_cannot_screen_with_the_untrained_reconstruction():
     with pytest.raises(ConfigError, match="stage1.screen_con must be 0 when w_con, w_rep, w_enc and w_adv are all 0"):
         load_config(None, ["stage1.w_con=0", "stage1.w_rep=0", "stage1.w_enc=0", "stage1.w_adv=0"])
+
+
+def test_bf16_scoring_refuses_the_latent_screening_term():
+    with pytest.raises(ConfigError, match="stage1.screen_enc must be 0 with score_bf16"):
+        load_config(None, ["stage1.score_bf16=true", "stage1.screen_enc=1.0"])
+    assert load_config(None, ["stage1.score_bf16=true", "stage1.screen_enc=0"]).stage1.score_bf16

@@ -206,12 +206,14 @@ def test_channels_last_is_a_layout_not_a_different_model(fitted_stage):
 
 def test_bf16_scoring_runs_the_network_in_bf16_and_returns_float32(fitted_stage):
     stage, images = fitted_stage
-    full = stage.score(images, progress=False)
-    stage.config = replace(stage.config, score_bf16=True)
+    original = stage.config
+    stage.config = replace(original, screen_enc=0.0)  # bf16 scoring refuses the latent term (config check)
     try:
+        full = stage.score(images, progress=False)
+        stage.config = replace(stage.config, score_bf16=True)
         half = stage.score(images, progress=False)
     finally:
-        stage.config = replace(stage.config, score_bf16=False)
+        stage.config = original
     assert half.loss.dtype == np.float32 and half.anomaly_maps.dtype == np.float32
     assert not np.array_equal(half.anomaly_maps, full.anomaly_maps)  # the network did run in bf16
     np.testing.assert_allclose(half.loss, full.loss, rtol=0.05)  # bf16 keeps ~3 significant digits
@@ -221,12 +223,13 @@ def test_bf16_scoring_runs_the_network_in_bf16_and_returns_float32(fitted_stage)
 def test_bf16_scoring_warns_where_bf16_would_be_emulated(fitted_stage, monkeypatch, caplog):
     stage, images = fitted_stage
     monkeypatch.setattr("twostage_ad.stages.attention.has_fast_bf16", lambda device: False)
-    stage.config = replace(stage.config, score_bf16=True)
+    original = stage.config
+    stage.config = replace(original, score_bf16=True, screen_enc=0.0)
     try:
         with caplog.at_level("WARNING", logger="twostage_ad.stages.attention"):
             stage.score(images[:2], progress=False)
     finally:
-        stage.config = replace(stage.config, score_bf16=False)
+        stage.config = original
     assert "has no native bf16" in caplog.text
     caplog.clear()
     stage.score(images[:2], progress=False)  # float32 scoring: nothing to warn about

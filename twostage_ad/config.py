@@ -157,8 +157,8 @@ class Stage1Config:
     amp: bool = False  # bf16 autocast in training (CUDA, or CPUs with bf16 instructions)
     # bf16 autocast for the network in scoring (validation, test, predict); the loss and maps are
     # float32. MTD: AUROC equal to 4 decimals, 1.4x faster on a CPU with avx512_bf16, slower on
-    # CPUs without bf16 instructions (benchmarks/README.md, "bf16 scoring"). Stage 2 has no such
-    # option: its score is a difference of two latents, which bf16 rounding cancels.
+    # CPUs without bf16 instructions (benchmarks/README.md, "bf16 scoring"). Needs screen_enc: 0,
+    # and stage 2 has no such option: a difference of two latents loses its digits to bf16 rounding.
     score_bf16: bool = False
     channels_last: bool = True  # NHWC weights and activations: faster convolutions on CPUs and tensor cores
 
@@ -174,6 +174,12 @@ class Stage1Config:
             self.bottleneck_size,
         )
         _check(self.attention_max_tokens >= 0, f"{prefix}.attention_max_tokens", ">= 0", self.attention_max_tokens)
+        _check(
+            not (self.score_bf16 and self.screen_enc != 0),
+            f"{prefix}.screen_enc",
+            "0 with score_bf16 (the latent term is a difference of two latents, which bf16 rounding cancels)",
+            self.screen_enc,
+        )
         _check(self.lr > 0, f"{prefix}.lr", "> 0", self.lr)
         _check(self.lr_schedule in ("cosine", "constant"), f"{prefix}.lr_schedule", "cosine or constant", self.lr_schedule)
         _check(self.weight_decay >= 0, f"{prefix}.weight_decay", ">= 0", self.weight_decay)

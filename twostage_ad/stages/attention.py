@@ -217,8 +217,9 @@ def screening_batch(model: AttentionNet, x: torch.Tensor, config: Stage1Config) 
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=config.score_bf16):
         out = model(x, reconstruct=uses_reconstruction(config))
     nan = torch.full((x.shape[0],), float("nan"), device=x.device)
-    recon = nan if out.reconstruction is None else (out.reconstruction - x).abs().mean(dim=(1, 2, 3)).float()
-    latent = nan if out.latent_reconstructed is None else (out.latent - out.latent_reconstructed).pow(2).mean(dim=(1, 2, 3)).float()
+    recon = nan if out.reconstruction is None else (out.reconstruction.float() - x).abs().mean(dim=(1, 2, 3))
+    latent = nan if out.latent_reconstructed is None else (
+        (out.latent.float() - out.latent_reconstructed.float()).pow(2).mean(dim=(1, 2, 3)))
     pixel_bce = F.softplus(-out.attention_logits.float())  # BCE-with-logits against "normal" (1)
     smoothed = F.avg_pool2d(pixel_bce, kernel_size=3, stride=1, padding=1, count_include_pad=False)
     k = max(1, int(round(config.screen_topk * math.prod(int(d) for d in smoothed.shape[1:]))))  # ints also when traced
