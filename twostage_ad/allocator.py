@@ -6,9 +6,10 @@ Why: glibc serves an allocation above its mmap threshold (dynamic, at most 32 Mi
 is such an allocation, so the kernel zero-fills it one 4 KiB page fault at a time, batch after
 batch: at 128 px, stage-1 scoring spent more than half its time in those faults (profiled as
 ``aten::copy_`` and ``upsample_bilinear2d``). With the thresholds raised, freed blocks are reused.
-Measured on 2 CPU cores (benchmarks/README.md, entry "allocator"): stage-1 scoring 81 -> 191
-images/s, training 43 -> 51 images/s. PyTorch's CPU performance guide gives the same advice in
-the form of jemalloc/tcmalloc; this needs no preloaded library.
+Measured on 2 CPU cores at 128 px (``benchmarks/speed.py --allocator system|tuned``, same
+commit; benchmarks/README.md, entry 24): stage-1 scoring 94 -> 201 images/s, stage 2 186 -> 342,
+stage-1 training 39 -> 50. PyTorch's CPU performance guide gives the same advice in the form of
+jemalloc/tcmalloc; this needs no preloaded library.
 
 Cost: memory a process has freed stays with it for reuse (resident memory keeps its peak instead
 of shrinking between batches). The setting is process-wide, like ``torch.set_num_threads``; the

@@ -156,7 +156,7 @@ class Stage1Config:
     score_batch_size: int = 64
     amp: bool = False  # bf16 autocast in training (CUDA, or CPUs with bf16 instructions)
     # bf16 autocast for the network in scoring (validation, test, predict); the loss and maps are
-    # float32. MTD: AUROC equal to 4 decimals, 1.4x faster on a CPU with avx512_bf16, slower on
+    # float32. MTD, PIPED: AUROC within 0.0002, 1.4x faster on a CPU with avx512_bf16, slower on
     # CPUs without bf16 instructions (benchmarks/README.md, "bf16 scoring"). Needs screen_enc: 0,
     # and stage 2 has no such option: a difference of two latents loses its digits to bf16 rounding.
     score_bf16: bool = False
