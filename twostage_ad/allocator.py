@@ -12,8 +12,9 @@ stage-1 training 39 -> 50. PyTorch's CPU performance guide gives the same advice
 jemalloc/tcmalloc; this needs no preloaded library.
 
 Cost: memory a process has freed stays with it for reuse (resident memory keeps its peak instead
-of shrinking between batches). The setting is process-wide, like ``torch.set_num_threads``; the
-pipeline applies it when ``run.tune_malloc`` is true (the default).
+of shrinking between batches) and cannot be undone. The setting is process-wide, like
+``torch.set_num_threads``; the pipeline applies it when ``run.tune_malloc`` is true (the
+default; set it false in notebooks and long-lived services that must give memory back).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
+_GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # the documented maximum (HEAP_MAX_SIZE / 2 on 64-bit)
 
 
 def tune_malloc(*, mmap_threshold: int = 1 << 30, trim_threshold: int = (1 << 31) - 1, top_pad: int = 1 << 28) -> bool:
@@ -40,7 +42,10 @@ def tune_malloc(*, mmap_threshold: int = 1 << 30, trim_threshold: int = (1 << 31
         trim_threshold: free heap top kept before memory is returned to the system.
         top_pad: extra bytes the heap grows by, so growth is not one system call per batch.
 
-    Returns False, doing nothing, where the C library is not glibc (macOS, Windows, musl).
+    Returns False, doing nothing, where the C library is not glibc (macOS, Windows, musl). Older
+    glibc versions refuse an mmap threshold above 32 MiB (``mallopt(3)``); then 32 MiB is used, and
+    when even that is refused nothing else is changed (the trim and top-pad settings would switch
+    off glibc's self-adjusting threshold and leave the process worse off).
     """
     for name, value in (("mmap_threshold", mmap_threshold), ("trim_threshold", trim_threshold), ("top_pad", top_pad)):
         if not (isinstance(value, int) and 0 < value < 1 << 31):
@@ -52,7 +57,12 @@ def tune_malloc(*, mmap_threshold: int = 1 << 30, trim_threshold: int = (1 << 31
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    applied = [mallopt(_M_MMAP_THRESHOLD, mmap_threshold), mallopt(_M_TRIM_THRESHOLD, trim_threshold), mallopt(_M_TOP_PAD, top_pad)]
+    if not mallopt(_M_MMAP_THRESHOLD, mmap_threshold):
+        if not mallopt(_M_MMAP_THRESHOLD, min(mmap_threshold, _GLIBC_MMAP_THRESHOLD_MAX)):
+            log.warning("glibc refused the mmap threshold; allocator left as it was")
+            return False
+        log.info("glibc refused an mmap threshold of %d bytes; using %d", mmap_threshold, _GLIBC_MMAP_THRESHOLD_MAX)
+    applied = [mallopt(_M_TRIM_THRESHOLD, trim_threshold), mallopt(_M_TOP_PAD, top_pad)]
     if not all(applied):
         log.warning("glibc refused part of the allocator tuning (mallopt returned %s)", applied)
         return False

@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--all-stages", action="store_true", help="run stage 2 on every image, not only flagged ones")
     pred.add_argument("--batch-size", type=int, help="images per batch (default: the run's score_batch_size)")
     pred.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    pred.add_argument("--no-tune-malloc", action="store_true",
+                      help="leave the C allocator as it is (default: the run's run.tune_malloc)")
     return parser
 
 
@@ -138,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = workflow.predict_files(
                 args.run_dir, args.paths, args.output, maps_path=args.maps, overwrite=args.overwrite,
                 all_stages=args.all_stages, batch_size=args.batch_size, device=args.device, progress=not args.quiet,
+                tune_malloc=False if args.no_tune_malloc else None,
             )
             print(json.dumps(summary, indent=2))
     except (ValueError, RuntimeError, FileExistsError, FileNotFoundError) as exc:

@@ -488,7 +488,7 @@ def _apply_process_settings(threads: int, malloc: bool) -> None:
     if threads:
         torch.set_num_threads(threads)
     if malloc and not tune_malloc():
-        log.debug("allocator tuning not available here (not glibc); running with the system defaults")
+        log.debug("allocator tuning not applied (not glibc, or refused); running with the system defaults")
 
 
 def run_pipeline(
@@ -775,8 +775,12 @@ def predict_files(
     batch_size: int | None = None,
     device: str = "auto",
     progress: bool = True,
+    tune_malloc: bool | None = None,
 ) -> dict[str, Any]:
     """Score files, folders and globs with a run's detector; write a CSV (and maps); return a summary.
+
+    ``tune_malloc``: apply the allocator tuning (``twostage_ad.allocator``); None = the run's
+    ``run.tune_malloc``.
 
     The CSV has one row per input file: the columns of ``scores.csv`` that need no label, and
     ``error`` for files that could not be read (their scores are empty).
@@ -788,7 +792,7 @@ def predict_files(
         if path is not None and Path(path).exists() and not overwrite:
             raise FileExistsError(f"{str(path)!r} exists; pass --overwrite (overwrite=True) to replace it")
     paths = expand_image_paths(inputs)
-    _apply_process_settings(0, load_run_config(run_dir).run.tune_malloc)
+    _apply_process_settings(0, load_run_config(run_dir).run.tune_malloc if tune_malloc is None else tune_malloc)
     detector = TwoStageDetector.from_run(run_dir, device=device)
     result = detector.predict(paths, batch_size=batch_size, all_stages=all_stages, maps=maps_path is not None, progress=progress)
     table = result.to_frame()
