@@ -99,7 +99,9 @@ def test_attention_only_training_cannot_screen_with_the_untrained_reconstruction
         load_config(None, ["stage1.w_con=0", "stage1.w_rep=0", "stage1.w_enc=0", "stage1.w_adv=0"])
 
 
-def test_bf16_scoring_refuses_the_latent_screening_term():
+def test_bf16_scoring_needs_attention_only_screening():
+    with pytest.raises(ConfigError, match="stage1.screen_con must be 0 with score_bf16"):
+        load_config(None, ["stage1.score_bf16=true", "stage1.screen_enc=0"])
     with pytest.raises(ConfigError, match="stage1.screen_enc must be 0 with score_bf16"):
-        load_config(None, ["stage1.score_bf16=true", "stage1.screen_enc=1.0"])
-    assert load_config(None, ["stage1.score_bf16=true", "stage1.screen_enc=0"]).stage1.score_bf16
+        load_config(None, ["stage1.score_bf16=true", "stage1.screen_con=0"])
+    assert load_config(None, ["stage1.score_bf16=true", "stage1.screen_con=0", "stage1.screen_enc=0"]).stage1.score_bf16

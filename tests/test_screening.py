@@ -1,5 +1,6 @@
 """Stage 1 scoring is deterministic: same image, same numbers, whatever batch it is in."""
 
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -8,11 +9,13 @@ import torch
 
 from twostage_ad.config import AugmentConfig, Stage1Config
 from twostage_ad.models.attention_net import AttentionNet
+from twostage_ad.stages import attention as attention_module
 from twostage_ad.stages.attention import (
     SCREENING_COMPONENTS,
     AttentionStage,
     DefectDataset,
     _attention_bce,
+    has_fast_bf16,
     screening_loss,
     screening_scores,
 )
@@ -207,7 +210,7 @@ def test_channels_last_is_a_layout_not_a_different_model(fitted_stage):
 def test_bf16_scoring_runs_the_network_in_bf16_and_returns_float32(fitted_stage):
     stage, images = fitted_stage
     original = stage.config
-    stage.config = replace(original, screen_enc=0.0)  # bf16 scoring refuses the latent term (config check)
+    stage.config = replace(original, screen_con=0.0, screen_enc=0.0)  # bf16 scoring needs attention-only screening
     try:
         full = stage.score(images, progress=False)
         stage.config = replace(stage.config, score_bf16=True)
@@ -220,17 +223,30 @@ def test_bf16_scoring_runs_the_network_in_bf16_and_returns_float32(fitted_stage)
     np.testing.assert_allclose(half.anomaly_maps, full.anomaly_maps, atol=0.02)
 
 
-def test_bf16_scoring_warns_where_bf16_would_be_emulated(fitted_stage, monkeypatch, caplog):
+def test_bf16_scoring_warns_where_bf16_would_be_emulated(fitted_stage, monkeypatch):
     stage, images = fitted_stage
     monkeypatch.setattr("twostage_ad.stages.attention.has_fast_bf16", lambda device: False)
     original = stage.config
-    stage.config = replace(original, score_bf16=True, screen_enc=0.0)
+    stage.config = replace(original, score_bf16=True, screen_con=0.0, screen_enc=0.0)
     try:
-        with caplog.at_level("WARNING", logger="twostage_ad.stages.attention"):
+        with pytest.warns(RuntimeWarning, match="has no native bf16"):
             stage.score(images[:2], progress=False)
     finally:
         stage.config = original
-    assert "has no native bf16" in caplog.text
-    caplog.clear()
-    stage.score(images[:2], progress=False)  # float32 scoring: nothing to warn about
-    assert "bf16" not in caplog.text
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stage.score(images[:2], progress=False)  # float32 scoring: nothing to warn about
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    real_path = attention_module.Path
+
+    def fake_path(name):
+        return cpuinfo if name == "/proc/cpuinfo" else real_path(name)
+
+    monkeypatch.setattr(attention_module, "Path", fake_path)
+    cpuinfo.write_text("flags : fpu avx512f avx512bw avx512vl\n")  # AVX-512 without bf16: emulated
+    assert not has_fast_bf16(torch.device("cpu"))
+    cpuinfo.write_text("flags : fpu avx512f avx512_bf16\n")
+    assert has_fast_bf16(torch.device("cpu"))

@@ -156,9 +156,10 @@ class Stage1Config:
     score_batch_size: int = 64
     amp: bool = False  # bf16 autocast in training (CUDA, or CPUs with bf16 instructions)
     # bf16 autocast for the network in scoring (validation, test, predict); the loss and maps are
-    # float32. MTD, PIPED: AUROC within 0.0002, 1.4x faster on a CPU with avx512_bf16, slower on
-    # CPUs without bf16 instructions (benchmarks/README.md, "bf16 scoring"). Needs screen_enc: 0,
-    # and stage 2 has no such option: a difference of two latents loses its digits to bf16 rounding.
+    # float32. MTD, PIPED: AUROC within 0.0002, 1.3-1.4x faster on a CPU with avx512_bf16, slower on
+    # CPUs without bf16 instructions (benchmarks/README.md, entry 27). Needs attention-only screening
+    # (screen_con = screen_enc = 0, as measured); stage 2 has no such option: its score is a
+    # difference of two latents, which loses its digits to bf16 rounding.
     score_bf16: bool = False
     channels_last: bool = True  # NHWC weights and activations: faster convolutions on CPUs and tensor cores
 
@@ -174,12 +175,13 @@ class Stage1Config:
             self.bottleneck_size,
         )
         _check(self.attention_max_tokens >= 0, f"{prefix}.attention_max_tokens", ">= 0", self.attention_max_tokens)
-        _check(
-            not (self.score_bf16 and self.screen_enc != 0),
-            f"{prefix}.screen_enc",
-            "0 with score_bf16 (the latent term is a difference of two latents, which bf16 rounding cancels)",
-            self.screen_enc,
-        )
+        for name in ("screen_con", "screen_enc"):  # bf16 scoring was measured with the attention term alone
+            _check(
+                not (self.score_bf16 and getattr(self, name) != 0),
+                f"{prefix}.{name}",
+                "0 with score_bf16 (reconstruction and latent errors are differences that bf16 rounding distorts)",
+                getattr(self, name),
+            )
         _check(self.lr > 0, f"{prefix}.lr", "> 0", self.lr)
         _check(self.lr_schedule in ("cosine", "constant"), f"{prefix}.lr_schedule", "cosine or constant", self.lr_schedule)
         _check(self.weight_decay >= 0, f"{prefix}.weight_decay", ">= 0", self.weight_decay)
@@ -255,8 +257,8 @@ class CascadeConfig:
     validation normals' mean and std.
     """
 
-    # max: the cascade AUROC is the best of the three or tied on MTD (0.844 vs sum 0.840), PIPED
-    # (0.993 vs 0.986) and digits (0.9993 vs 0.9989) — benchmarks/README.md, entry 22
+    # max: cascade AUROC within 0.003 of the best fusion and above sum on MTD (0.844 vs 0.840),
+    # PIPED (0.993 vs 0.986) and digits (0.9993 vs 0.9989) — benchmarks/README.md, entry 22
     fusion: str = "max"
 
     def validate(self, prefix: str = "cascade") -> None:

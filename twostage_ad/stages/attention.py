@@ -21,6 +21,7 @@ import hashlib
 import logging
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,14 +87,16 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def has_fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 convolutions run natively here (CUDA with bf16, or a CPU with bf16 instructions
-    such as avx512_bf16 / AMX); elsewhere bf16 autocast is emulated and slower than float32."""
+    """Whether bf16 arithmetic is native here: a CUDA GPU with bf16 (not emulated), or a CPU with
+    ``avx512_bf16`` or AMX (read from ``/proc/cpuinfo``; False where that cannot be read). Elsewhere
+    bf16 autocast is emulated and slower than float32."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
         return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,7 +215,8 @@ def screening_batch(model: AttentionNet, x: torch.Tensor, config: Stage1Config) 
 
     x̂ and ẑ are computed only when a screening weight uses them; otherwise ``stage1_recon`` and
     ``stage1_latent`` are NaN (not computed), and the screening loss leaves them out. With
-    ``config.score_bf16`` the network runs under bf16 autocast; everything after it is float32.
+    ``config.score_bf16`` the network runs under bf16 autocast, everything after it in float32;
+    without it, autocast is switched off for the network even inside a caller's autocast region.
     """
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=config.score_bf16):
         out = model(x, reconstruct=uses_reconstruction(config))
@@ -266,9 +270,10 @@ def screening_scores(
 ) -> ScreeningResult:
     """Score uint8 ``N×H×W×C`` images: deterministic eval-mode screening loss, components, maps."""
     model.eval()
-    if config.score_bf16 and not has_fast_bf16(device):
-        log.warning("stage1.score_bf16 is on, but %s has no native bf16: scoring is emulated and slower than "
-                    "float32 (set stage1.score_bf16: false for new runs; a run's thresholds assume its own setting)", device)
+    if config.score_bf16 and not has_fast_bf16(device):  # the warnings module shows it once per place
+        warnings.warn(f"stage1.score_bf16 is on, but {device} has no native bf16: scoring is emulated and slower "
+                      "than float32 (set stage1.score_bf16: false for new runs; a run's thresholds assume its own "
+                      "setting)", RuntimeWarning, stacklevel=2)
     batch_size = batch_size or config.score_batch_size
     parts: dict[str, list[np.ndarray]] = {name: [] for name in SCREENING_COMPONENTS}
     maps: list[np.ndarray] = []
