@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from twostage_ad.runs import write_atomic, write_text_atomic
@@ -24,6 +27,16 @@ def git_commit() -> str:
         return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def timed_median(call: Callable[[], Any], repeats: int) -> tuple[Any, float]:
+    """``(result of the last call, median seconds)`` over ``repeats`` timed calls of ``call()``."""
+    seconds, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = call()
+        seconds.append(time.perf_counter() - start)
+    return result, float(np.median(seconds))
 
 
 def markdown_table(table: pd.DataFrame) -> str:

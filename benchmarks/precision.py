@@ -24,7 +24,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import numpy as np
 import torch
-from _results import append_row, git_commit
+from _results import append_row, git_commit, timed_median
 from scipy.stats import spearmanr
 
 from twostage_ad.allocator import tune_malloc
@@ -34,16 +34,6 @@ from twostage_ad.metrics import image_auroc, pixel_auroc
 from twostage_ad.stages.attention import AttentionStage, has_fast_bf16
 from twostage_ad.stages.patch_scorer import PatchScorerStage
 from twostage_ad.workflow import load_run_config
-
-
-def _timed(score, repeats: int):
-    """``(result of the last call, median seconds)`` of ``repeats`` calls of ``score()``."""
-    seconds, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = score()
-        seconds.append(time.perf_counter() - start)
-    return result, float(np.median(seconds))
 
 
 def compare(run_dir: Path, repeats: int) -> dict:
@@ -62,7 +52,7 @@ def compare(run_dir: Path, repeats: int) -> dict:
     for precision, bf16 in (("fp32", False), ("bf16", True)):
         stage1.config = replace(stage1.config, score_bf16=bf16)
         stage1.score(test.images[:8], progress=False)  # warm-up
-        first, seconds = _timed(lambda: stage1.score(test.images, progress=False), repeats)
+        first, seconds = timed_median(lambda: stage1.score(test.images, progress=False), repeats)
         results[precision] = (first, len(labels) / seconds)
     (s32, ips32), (s16, ips16) = results["fp32"], results["bf16"]
     row = {
@@ -78,7 +68,9 @@ def compare(run_dir: Path, repeats: int) -> dict:
         "score_ips_fp32": ips32,
         "score_ips_bf16": ips16,
     }
-    # stage 2, diagnostic: its network under bf16 autocast (normalisation fixed in float32)
+    # stage 2, diagnostic: its network under bf16 autocast (normalisation fixed in float32, with
+    # float32 stage-1 guidance maps for validation and test alike)
+    stage1.config = replace(stage1.config, score_bf16=False)
     val_maps = stage1.score(val.images, progress=False).anomaly_maps if guided else None
     stage2.fit_normalisation(val.images, stage1_maps=val_maps)
     maps = s32.anomaly_maps if guided else None

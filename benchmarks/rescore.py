@@ -71,6 +71,7 @@ def ensemble_rows(run_dirs: list[Path]) -> list[dict]:
     standardised, labels, images = [], None, None
     for run_dir in run_dirs:
         val, test = _splits(run_dir)
+        val = val[val["label"] == 0]  # statistics from validation normals only
         if images is not None and not np.array_equal(test["image"].to_numpy(), images):
             raise SystemExit(f"{run_dir} has other test images than {run_dirs[0]}: ensembles need runs of one split")
         images, labels = test["image"].to_numpy(), test["label"].to_numpy()

@@ -35,7 +35,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import numpy as np
 import torch
-from _results import append_row, git_commit
+from _results import append_row, git_commit, timed_median
 from torch.utils.flop_counter import FlopCounterMode
 
 from twostage_ad.allocator import tune_malloc
@@ -95,12 +95,7 @@ def peer_speed(peer_python: Path, sizes: list[int], n_images: int, batch_size: i
 
 def _median_ips(score, n_images: int, repeats: int) -> float:
     """Median images/s of ``repeats`` timed calls of ``score()`` (each scores ``n_images``)."""
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        score()
-        seconds.append(time.perf_counter() - start)
-    return n_images / float(np.median(seconds))
+    return n_images / timed_median(score, repeats)[1]
 
 
 def measure(size: int, n_images: int, config: Config, flag_rate: float, repeats: int) -> dict[str, float]:
