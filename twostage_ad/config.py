@@ -156,7 +156,7 @@ class Stage1Config:
     score_batch_size: int = 64
     amp: bool = False  # bf16 autocast in training (CUDA, or CPUs with bf16 instructions)
     # bf16 autocast for the network in scoring (validation, test, predict); the loss and maps are
-    # float32. MTD, PIPED: AUROC within 0.0002, 1.3-1.4x faster on a CPU with avx512_bf16, slower on
+    # float32. MTD, PIPED: AUROC within 0.0002, 1.3-1.5x faster on a CPU with avx512_bf16, slower on
     # CPUs without bf16 instructions (benchmarks/README.md, entry 27). Needs attention-only screening
     # (screen_con = screen_enc = 0, as measured); stage 2 has no such option: its score is a
     # difference of two latents, which loses its digits to bf16 rounding.
