@@ -43,7 +43,7 @@ def test_tuned_allocator_reuses_large_blocks():
     _, plain = _faults("plain")
     assert applied == "True"
     # measured here: 220 000-270 000 faults plain (every large activation a fresh mmap), 0-4 000 tuned
-    assert plain > 20_000
+    assert plain > 60_000
     assert tuned < plain / 3
 
 
