@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from twostage_ad.config import AugmentConfig, Stage1Config, Stage2Config
-from twostage_ad.distributed import GlobalBatchNorm2d, init_distributed
+from twostage_ad.distributed import GlobalBatchNorm2d, init_distributed, shutdown_distributed
 from twostage_ad.stages.attention import AttentionStage
 from twostage_ad.stages.patch_scorer import PatchScorerStage
 
@@ -60,3 +60,4 @@ if __name__ == "__main__":
     if context.is_main:
         result["world_size"] = context.world_size
         torch.save(result, sys.argv[1])
+    shutdown_distributed()

@@ -37,6 +37,7 @@ from torch.utils.data import Sampler
 __all__ = [
     "DistributedContext",
     "init_distributed",
+    "shutdown_distributed",
     "GlobalBatchSampler",
     "GlobalBatchNorm2d",
     "convert_batchnorm",
@@ -169,6 +170,17 @@ def init_distributed(device: torch.device) -> tuple[DistributedContext, torch.de
     if dist.get_world_size() != world_size:
         raise RuntimeError(f"WORLD_SIZE is {world_size} but the process group has {dist.get_world_size()} ranks")
     return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank), device
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group ``init_distributed`` joined (a no-op without one).
+
+    A process that exits with the group still open leaves gloo's threads to the interpreter's
+    teardown, which can abort it ("terminate called without an active exception": a 2-process
+    test failed that way once in CI). No collective follows: each rank leaves when it is done.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class GlobalBatchSampler(Sampler):

@@ -149,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         log.debug("details", exc_info=True)
         return 2
+    finally:
+        from twostage_ad.distributed import shutdown_distributed
+
+        shutdown_distributed()  # under torchrun: leave the process group before the interpreter exits
     return 0
 
 
