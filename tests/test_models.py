@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from twostage_ad.models.attention_net import AttentionNet, ImageMapDiscriminator
-from twostage_ad.models.blocks import CBAM, SelfAttention2d
+import torch.nn.functional as F
+
+from twostage_ad.models.blocks import CBAM, InstanceNorm2d, SelfAttention2d, UpBlock
 from twostage_ad.models.ganomaly2d import GANomaly2D, PatchDiscriminator, patch_widths
 
 
@@ -99,6 +101,39 @@ def test_self_attention_matches_sagan_computed_position_by_position():
         expected[:, :, i] = torch.einsum("bn,bcn->bc", weights, v)
     expected = x + 0.7 * expected.reshape(x.shape)
     torch.testing.assert_close(attention(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_instance_norm_matches_torch_instance_norm_values_and_gradients(channels_last):
+    torch.manual_seed(0)
+    ours, reference = InstanceNorm2d(6), torch.nn.InstanceNorm2d(6, affine=True)
+    with torch.no_grad():
+        for module in (ours, reference):
+            module.weight.copy_(torch.linspace(0.5, 2.0, 6))
+            module.bias.copy_(torch.linspace(-1.0, 1.0, 6))
+    x = torch.randn(3, 6, 5, 7) * 4 + 2
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x_ours, x_ref = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y_ours, y_ref = ours(x_ours), reference(x_ref)
+    torch.testing.assert_close(y_ours, y_ref, rtol=1e-5, atol=1e-5)
+    weights = torch.randn_like(y_ref)
+    (y_ours * weights).sum().backward()
+    (y_ref * weights).sum().backward()
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.weight.grad, reference.weight.grad, rtol=1e-4, atol=1e-5)
+    assert ours.state_dict().keys() == reference.state_dict().keys()  # checkpoints load either way
+    with pytest.raises(ValueError, match="expected B×6×H×W, got \\(3, 5, 5, 7\\)"):
+        ours(torch.randn(3, 5, 5, 7))
+
+
+def test_up_block_upsamples_bilinearly_whatever_the_layout():
+    torch.manual_seed(0)
+    block = UpBlock(4, 3).eval()
+    x = torch.randn(2, 4, 6, 6)
+    expected = block.act(block.norm(block.conv(F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False))))
+    torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+    assert block(x).shape == (2, 3, 12, 12)
 
 
 def test_separate_reconstruction_decoder_gets_gradients_and_skips_the_skips():

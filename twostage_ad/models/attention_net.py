@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from twostage_ad.models.blocks import CBAM, DownBlock, SelfAttention2d, UpBlock
+from twostage_ad.models.blocks import CBAM, DownBlock, InstanceNorm2d, SelfAttention2d, UpBlock
 
 __all__ = ["AttentionOutput", "Encoder", "AttentionDecoder", "BottleneckDecoder", "AttentionNet", "ImageMapDiscriminator", "widths_for"]
 
@@ -94,7 +94,7 @@ class AttentionDecoder(nn.Module):
         self.final_up = UpBlock(previous, widths[0])
         self.fuse = nn.Sequential(
             nn.Conv2d(widths[0] + in_channels, widths[0], kernel_size=3, padding=1, bias=False),
-            nn.InstanceNorm2d(widths[0], affine=True),
+            InstanceNorm2d(widths[0]),
             nn.ReLU(inplace=True),
         )
         self.out_channels = widths[0]
@@ -107,7 +107,7 @@ class AttentionDecoder(nn.Module):
             h = torch.cat([up(h), self.skip_gates[level](features[level])], dim=1)
             h = attention(h)
         h = self.final_up(h)
-        return self.fuse(torch.cat([h, x], dim=1))
+        return self.fuse(torch.cat([h, x.to(h.dtype)], dim=1))  # under autocast h is bf16: no float32 round trip
 
 
 class BottleneckDecoder(nn.Module):
