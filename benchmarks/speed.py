@@ -107,7 +107,8 @@ def measure(size: int, n_images: int, config: Config, flag_rate: float, repeats:
     c2 = type(c2)(**{**c2.__dict__, "epochs": 1})
     x = torch.zeros(1, channels, size, size)
     net1 = AttentionNet(channels, size, base_width=c1.base_width, max_width=c1.max_width, bottleneck_size=bottleneck,
-                        attention_max_tokens=c1.attention_max_tokens, separate_reconstruction=c1.separate_reconstruction)
+                        attention_max_tokens=c1.attention_max_tokens, attention_kv_max_tokens=c1.attention_kv_max_tokens,
+                        final_up=c1.final_up, separate_reconstruction=c1.separate_reconstruction)
     flops1 = forward_flops(net1, x, lambda net, batch: screening_batch(net, batch, c1))  # what scoring runs
     flops2 = forward_flops(GANomaly2D(channels, width_divisor=c2.width_divisor), x)
     flops_d2 = forward_flops(PatchDiscriminator(channels, width_divisor=c2.width_divisor), x)

@@ -58,6 +58,8 @@ def test_int_is_accepted_for_float_fields():
         ("stage1.bottleneck_size=16", "stage1.bottleneck_size must be at most data.image_size / 4 = 8"),
         ("stage1.base_width=2", "stage1.base_width must be an integer >= 4"),
         ("run.seed=-1", "run.seed must be an integer >= 0, got -1"),
+        ("stage1.attention_kv_max_tokens=0", "stage1.attention_kv_max_tokens must be an integer >= 1 or null, got 0"),
+        ("stage1.final_up=bicubic", "stage1.final_up must be upsample_conv or conv_upsample, got 'bicubic'"),
     ],
 )
 def test_bad_values_name_the_field_and_value(override, message):

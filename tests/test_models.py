@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from twostage_ad.models.attention_net import AttentionNet, ImageMapDiscriminator
+from twostage_ad.models.attention_net import AttentionNet, ImageMapDiscriminator, kv_pool_for
 import torch.nn.functional as F
 
 from twostage_ad.models.blocks import CBAM, InstanceNorm2d, SelfAttention2d, UpBlock
@@ -134,6 +134,46 @@ def test_up_block_upsamples_bilinearly_whatever_the_layout():
     expected = block.act(block.norm(block.conv(F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False))))
     torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
     assert block(x).shape == (2, 3, 12, 12)
+
+
+def test_pooled_self_attention_attends_to_max_pooled_keys_and_values():
+    torch.manual_seed(0)
+    attention = SelfAttention2d(16, kv_pool=2)
+    with torch.no_grad():
+        attention.gamma.fill_(0.7)
+    x = torch.randn(2, 16, 4, 6)
+    q = attention.query(x).flatten(2)
+    k = F.max_pool2d(attention.key(x), 2).flatten(2)  # 2×3 = 6 pooled positions
+    v = F.max_pool2d(attention.value(x), 2).flatten(2)
+    expected = torch.empty(2, 16, 24)
+    for i in range(24):
+        weights = torch.softmax(torch.einsum("bc,bcn->bn", q[:, :, i], k), dim=-1)
+        expected[:, :, i] = torch.einsum("bn,bcn->bc", weights, v)
+    torch.testing.assert_close(attention(x), x + 0.7 * expected.reshape(x.shape), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="kv_pool must be a power of two >= 1, got 3"):
+        SelfAttention2d(16, kv_pool=3)
+
+
+@pytest.mark.parametrize("side, kv_max, pool", [(32, None, 1), (32, 1024, 1), (32, 256, 2), (32, 64, 4), (16, 256, 1), (4, 1, 4)])
+def test_kv_pool_leaves_at_most_the_asked_number_of_keys(side, kv_max, pool):
+    assert kv_pool_for(side, kv_max) == pool
+
+
+def test_fast_stage1_options_build_train_and_keep_shapes():
+    torch.manual_seed(0)
+    net = AttentionNet(1, 64, base_width=8, max_width=32, attention_max_tokens=1024, attention_kv_max_tokens=64,
+                       final_up="conv_upsample")
+    pools = [a.kv_pool for a in net.decoder.attentions if isinstance(a, SelfAttention2d)]
+    assert pools == [1, 2, 4]  # 8×8 whole; 16×16 and 32×32 pooled to 8×8 = 64 keys
+    assert net.decoder.final_up.conv_first
+    _open_gates(net)
+    x = torch.randn(2, 1, 64, 64)
+    out = net(x)
+    assert out.attention_logits.shape == (2, 1, 64, 64) and torch.isfinite(out.attention_logits).all()
+    (out.attention_logits.mean() + out.reconstruction.mean() + out.latent_reconstructed.mean()).backward()
+    _assert_all_parameters_get_gradients(net)
+    with pytest.raises(ValueError, match="final_up must be 'upsample_conv' or 'conv_upsample', got 'bicubic'"):
+        AttentionNet(1, 64, final_up="bicubic")
 
 
 def test_separate_reconstruction_decoder_gets_gradients_and_skips_the_skips():

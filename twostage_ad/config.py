@@ -137,6 +137,9 @@ class Stage1Config:
     max_width: int = 128
     bottleneck_size: int = 4  # spatial size of the latent map z
     attention_max_tokens: int = 1024  # self-attention only where H·W <= this
+    # keys/values max-pooled to at most this many positions (BigGAN-style); None = all positions
+    attention_kv_max_tokens: int | None = None
+    final_up: str = "upsample_conv"  # or conv_upsample: the last up-step convolves at half resolution
     separate_reconstruction: bool = True  # x̂ from z by its own skip-free decoder (digits 0.996 vs 0.932 shared)
     epochs: int = 10
     batch_size: int = 16
@@ -175,6 +178,9 @@ class Stage1Config:
             self.bottleneck_size,
         )
         _check(self.attention_max_tokens >= 0, f"{prefix}.attention_max_tokens", ">= 0", self.attention_max_tokens)
+        _check(self.attention_kv_max_tokens is None or (isinstance(self.attention_kv_max_tokens, int) and self.attention_kv_max_tokens >= 1),
+               f"{prefix}.attention_kv_max_tokens", "an integer >= 1 or null", self.attention_kv_max_tokens)
+        _check(self.final_up in ("upsample_conv", "conv_upsample"), f"{prefix}.final_up", "upsample_conv or conv_upsample", self.final_up)
         for name in ("screen_con", "screen_enc"):  # bf16 scoring was measured with the attention term alone
             _check(
                 not (self.score_bf16 and getattr(self, name) != 0),

@@ -25,7 +25,7 @@ from torch import nn
 
 from twostage_ad.models.blocks import CBAM, DownBlock, InstanceNorm2d, SelfAttention2d, UpBlock
 
-__all__ = ["AttentionOutput", "Encoder", "AttentionDecoder", "BottleneckDecoder", "AttentionNet", "ImageMapDiscriminator", "widths_for"]
+__all__ = ["kv_pool_for", "AttentionOutput", "Encoder", "AttentionDecoder", "BottleneckDecoder", "AttentionNet", "ImageMapDiscriminator", "widths_for"]
 
 
 def widths_for(image_size: int, bottleneck_size: int, base_width: int, max_width: int) -> list[int]:
@@ -74,11 +74,39 @@ class Encoder(nn.Module):
         return features
 
 
-class AttentionDecoder(nn.Module):
-    """Up blocks that concatenate CBAM-refined skips, self-attention where ``H·W`` is small."""
+def kv_pool_for(side: int, kv_max_tokens: int | None) -> int:
+    """The smallest power-of-two pooling that leaves at most ``kv_max_tokens`` keys at a ``side×side`` level."""
+    pool = 1
+    if kv_max_tokens is None:
+        return pool
+    if kv_max_tokens < 1:
+        raise ValueError(f"attention_kv_max_tokens must be >= 1 or None, got {kv_max_tokens!r}")
+    while (side // pool) ** 2 > kv_max_tokens and side // pool > 1:
+        pool *= 2
+    return pool
 
-    def __init__(self, in_channels: int, widths: list[int], image_size: int, attention_max_tokens: int):
+
+class AttentionDecoder(nn.Module):
+    """Up blocks that concatenate CBAM-refined skips, self-attention where ``H·W`` is small.
+
+    ``attention_kv_max_tokens``: at levels with more positions than this, keys and values are
+    max-pooled down to at most this many (None: never). ``final_up``: ``"upsample_conv"`` (upsample
+    to full resolution, then conv) or ``"conv_upsample"`` (conv at half resolution, then upsample).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        widths: list[int],
+        image_size: int,
+        attention_max_tokens: int,
+        *,
+        attention_kv_max_tokens: int | None = None,
+        final_up: str = "upsample_conv",
+    ):
         super().__init__()
+        if final_up not in ("upsample_conv", "conv_upsample"):
+            raise ValueError(f"final_up must be 'upsample_conv' or 'conv_upsample', got {final_up!r}")
         n = len(widths)
         self.skip_gates = nn.ModuleList([CBAM(w) for w in widths[:-1]])
         ups, attentions = [], []
@@ -87,11 +115,14 @@ class AttentionDecoder(nn.Module):
             ups.append(UpBlock(previous, widths[level]))
             side = image_size // 2 ** (level + 1)
             concat = 2 * widths[level]
-            attentions.append(SelfAttention2d(concat) if side * side <= attention_max_tokens else nn.Identity())
+            attentions.append(
+                SelfAttention2d(concat, kv_pool=kv_pool_for(side, attention_kv_max_tokens))
+                if side * side <= attention_max_tokens else nn.Identity()
+            )
             previous = concat
         self.ups = nn.ModuleList(ups)
         self.attentions = nn.ModuleList(attentions)
-        self.final_up = UpBlock(previous, widths[0])
+        self.final_up = UpBlock(previous, widths[0], conv_first=final_up == "conv_upsample")
         self.fuse = nn.Sequential(
             nn.Conv2d(widths[0] + in_channels, widths[0], kernel_size=3, padding=1, bias=False),
             InstanceNorm2d(widths[0]),
@@ -141,6 +172,10 @@ class AttentionNet(nn.Module):
         base_width / max_width: encoder widths double from ``base_width`` up to ``max_width``.
         bottleneck_size: spatial side of the latent map ``z``.
         attention_max_tokens: self-attention at decoder levels with ``H·W <=`` this.
+        attention_kv_max_tokens: keys and values max-pooled to at most this many positions
+            (BigGAN-style; None = every position, plain SAGAN).
+        final_up: order of the last up-step, ``"upsample_conv"`` or ``"conv_upsample"`` (its conv
+            at half resolution: a quarter of the full-resolution multiply-adds).
         separate_reconstruction: decode x̂ from ``z`` alone with its own decoder instead of
             sharing the skip decoder with the attention head.
     """
@@ -154,6 +189,8 @@ class AttentionNet(nn.Module):
         max_width: int = 128,
         bottleneck_size: int = 4,
         attention_max_tokens: int = 1024,
+        attention_kv_max_tokens: int | None = None,
+        final_up: str = "upsample_conv",
         separate_reconstruction: bool = False,
     ):
         super().__init__()
@@ -166,7 +203,8 @@ class AttentionNet(nn.Module):
         self.image_size = image_size
         self.in_channels = in_channels
         self.encoder = Encoder(in_channels, widths)
-        self.decoder = AttentionDecoder(in_channels, widths, image_size, attention_max_tokens)
+        self.decoder = AttentionDecoder(in_channels, widths, image_size, attention_max_tokens,
+                                        attention_kv_max_tokens=attention_kv_max_tokens, final_up=final_up)
         head = self.decoder.out_channels
         self.reconstruction_decoder = BottleneckDecoder(widths) if separate_reconstruction else None
         self.reconstruction_head = nn.Sequential(nn.Conv2d(head, in_channels, kernel_size=3, padding=1), nn.Tanh())

@@ -358,6 +358,8 @@ class AttentionStage:
             max_width=c.max_width,
             bottleneck_size=c.bottleneck_size,
             attention_max_tokens=c.attention_max_tokens,
+            attention_kv_max_tokens=c.attention_kv_max_tokens,
+            final_up=c.final_up,
             separate_reconstruction=c.separate_reconstruction,
         ).to(self.device_, memory_format=memory_format_for(c))
         self.discriminator_ = (
