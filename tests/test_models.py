@@ -2,12 +2,11 @@
 
 import pytest
 import torch
-
-from twostage_ad.models.attention_net import AttentionNet, ImageMapDiscriminator, kv_pool_for
 import torch.nn.functional as F
 
-from twostage_ad.models.blocks import CBAM, InstanceNorm2d, SelfAttention2d, UpBlock
-from twostage_ad.models.ganomaly2d import GANomaly2D, PatchDiscriminator, patch_widths
+from twostage_ad.models.attention_net import AttentionNet, ImageMapDiscriminator, kv_pool_for
+from twostage_ad.models.blocks import CBAM, SelfAttention2d, UpBlock
+from twostage_ad.models.ganomaly2d import GANomaly2D, PatchDiscriminator, fold_batchnorm, patch_widths
 
 
 def _open_gates(module: torch.nn.Module) -> None:
@@ -104,36 +103,27 @@ def test_self_attention_matches_sagan_computed_position_by_position():
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_instance_norm_matches_torch_instance_norm_values_and_gradients(channels_last):
+@pytest.mark.parametrize("conv_first", [False, True])
+def test_up_block_computes_its_documented_order_whatever_the_layout(conv_first, channels_last):
     torch.manual_seed(0)
-    ours, reference = InstanceNorm2d(6), torch.nn.InstanceNorm2d(6, affine=True)
+    block = UpBlock(4, 3, conv_first=conv_first).eval()
+    x = torch.randn(2, 4, 6, 6)
     with torch.no_grad():
-        for module in (ours, reference):
-            module.weight.copy_(torch.linspace(0.5, 2.0, 6))
-            module.bias.copy_(torch.linspace(-1.0, 1.0, 6))
-    x = torch.randn(3, 6, 5, 7) * 4 + 2
+        for p in block.norm.parameters():  # non-trivial affine norm
+            p.uniform_(0.5, 1.5)
+
+    def up(t):
+        return F.interpolate(t, scale_factor=2.0, mode="bilinear", align_corners=False)
+
+    def rest(t):
+        return block.act(block.norm(block.conv(t)))
+
+    expected = up(rest(x)) if conv_first else rest(up(x))
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    x_ours, x_ref = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    y_ours, y_ref = ours(x_ours), reference(x_ref)
-    torch.testing.assert_close(y_ours, y_ref, rtol=1e-5, atol=1e-5)
-    weights = torch.randn_like(y_ref)
-    (y_ours * weights).sum().backward()
-    (y_ref * weights).sum().backward()
-    torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(ours.weight.grad, reference.weight.grad, rtol=1e-4, atol=1e-5)
-    assert ours.state_dict().keys() == reference.state_dict().keys()  # checkpoints load either way
-    with pytest.raises(ValueError, match="expected B×6×H×W, got \\(3, 5, 5, 7\\)"):
-        ours(torch.randn(3, 5, 5, 7))
-
-
-def test_up_block_upsamples_bilinearly_whatever_the_layout():
-    torch.manual_seed(0)
-    block = UpBlock(4, 3).eval()
-    x = torch.randn(2, 4, 6, 6)
-    expected = block.act(block.norm(block.conv(F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False))))
-    torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
-    assert block(x).shape == (2, 3, 12, 12)
+    got = block(x)
+    assert got.shape == (2, 3, 12, 12)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_pooled_self_attention_attends_to_max_pooled_keys_and_values():
@@ -208,6 +198,35 @@ def test_ganomaly2d_shapes_finiteness_and_gradients(channels, height, width):
         assert torch.isfinite(tensor).all()
     (out.reconstruction.mean() + out.score_map.mean()).backward()
     _assert_all_parameters_get_gradients(net)
+
+
+def test_folding_batchnorm_keeps_the_eval_function_and_leaves_the_original():
+    torch.manual_seed(0)
+    model = GANomaly2D(1, width_divisor=8).train()
+    with torch.no_grad():
+        for _ in range(3):  # non-trivial running statistics
+            model(torch.randn(4, 1, 32, 32) * 2 + 1)
+        for norm in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 14  # 5 + 5 in the encoders, 4 in G_D
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the original is untouched
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        expected, got = model(x), folded(x)
+    for name in ("reconstruction", "latent", "latent_reconstructed"):
+        torch.testing.assert_close(getattr(got, name), getattr(expected, name), rtol=1e-4, atol=1e-5)
+
+
+def test_folding_also_removes_sync_batchnorm_left_by_cuda_ddp_training():
+    torch.manual_seed(0)
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(GANomaly2D(1, width_divisor=8)).eval()
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in folded.modules())
 
 
 def test_ganomaly2d_widths_follow_the_divisor():

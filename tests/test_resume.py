@@ -13,7 +13,7 @@ import torch
 
 from twostage_ad.config import load_config
 from twostage_ad.pipeline import main
-from twostage_ad.runs import load_checkpoint
+from twostage_ad.runs import load_checkpoint, save_checkpoint
 from twostage_ad.stages.attention import AttentionStage
 from twostage_ad.workflow import run_pipeline
 
@@ -99,6 +99,28 @@ def test_stage1_resume_is_bit_exact(tmp_path, monkeypatch):
     for name, tensor in full.model_.state_dict().items():
         assert (tensor == resumed.model_.state_dict()[name]).all(), name
     assert [h["total"] for h in resumed.history_] == [h["total"] for h in full.history_]
+
+
+def test_a_checkpoint_from_before_new_config_fields_still_resumes(tmp_path, monkeypatch):
+    """Fields added to the config since a checkpoint was written take their defaults when resuming."""
+    rng = np.random.default_rng(0)
+    images = np.stack([textured(rng, size=32)[..., None] for _ in range(8)])
+    config = load_config(None, ["stage1.epochs=2", "stage1.base_width=8", "stage1.max_width=16", "stage1.batch_size=4"]).stage1
+    _train_until_interrupted(monkeypatch, AttentionStage(config=config, image_size=32, channels=1, device="cpu"),
+                             images, tmp_path / "s1.pt", after_epoch=1)
+    payload = load_checkpoint(tmp_path / "s1.pt")
+    for name in ("attention_kv_max_tokens", "final_up"):  # as an older version wrote it
+        del payload["config"][name]
+    save_checkpoint(tmp_path / "s1.pt", payload)
+    resumed = AttentionStage(config=config, image_size=32, channels=1, device="cpu").fit(
+        images, checkpoint_path=tmp_path / "s1.pt", progress=False, resume=True)
+    assert len(resumed.history_) == 2
+    # a stored value that differs from this run's still refuses
+    payload["config"]["final_up"] = "conv_upsample"
+    save_checkpoint(tmp_path / "s1.pt", payload)
+    with pytest.raises(ValueError, match="its config differs"):
+        AttentionStage(config=config, image_size=32, channels=1, device="cpu").fit(
+            images, checkpoint_path=tmp_path / "s1.pt", progress=False, resume=True)
 
 
 @pytest.mark.parametrize("stage_name", ["stage1", "stage2"])

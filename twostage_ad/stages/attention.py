@@ -22,7 +22,7 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +170,14 @@ def load_for_resume(
             f"with --{name.replace(' ', '')}-from {str(path)!r}"
         )
     for key, value in expected.items():
-        if payload.get(key) != value:
+        stored = payload.get(key)
+        current = getattr(estimator, key, None)
+        if is_dataclass(current) and isinstance(stored, dict):  # fields added since it was written take their defaults
+            try:
+                stored = asdict(type(current)(**stored))
+            except TypeError:  # fields this version does not know: compared as they are, so they differ
+                pass
+        if stored != value:
             raise ValueError(f"cannot resume from {str(path)!r}: its {key} differs from this run's ({payload.get(key)!r} vs {value!r})")
     finished = int(payload["epoch"]) >= estimator.config.epochs
     state = payload.get("training_state")

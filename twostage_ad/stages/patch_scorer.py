@@ -17,6 +17,7 @@ latent cell is optionally weighted by stage 1's anomaly map (``guidance``), stan
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -39,7 +40,7 @@ from twostage_ad.distributed import (
     restore_batchnorm,
     wrap_ddp,
 )
-from twostage_ad.models.ganomaly2d import GANomaly2D, PatchDiscriminator
+from twostage_ad.models.ganomaly2d import GANomaly2D, PatchDiscriminator, fold_batchnorm
 from twostage_ad.runs import load_checkpoint, save_checkpoint
 from twostage_ad.stages.attention import (
     load_for_resume,
@@ -356,13 +357,26 @@ class PatchScorerStage:
     def _cell_maps(self, images: np.ndarray, stage1_maps: np.ndarray | None) -> np.ndarray:
         out = []
         batch_size = self.config.score_batch_size
-        self.model_.eval()
+        model = self.scoring_model()
         with torch.inference_mode():
             for first in range(0, len(images), batch_size):
                 x = to_tensor(images[first : first + batch_size]).to(self.device_)
                 guidance = None if stage1_maps is None else torch.as_tensor(stage1_maps[first : first + batch_size]).to(self.device_)
-                out.append(raw_maps(self.model_, x, guidance, self.config).cpu().numpy())
+                out.append(raw_maps(model, x, guidance, self.config).cpu().numpy())
         return np.concatenate(out)
+
+    def scoring_model(self) -> GANomaly2D:
+        """The generator as scoring runs it: an eval-mode copy with its BatchNorms folded into the
+        convolutions (the same function up to float rounding, one pass over the activations fewer
+        per layer). Made once and reused until a weight or statistic of ``model_`` changes (tensor
+        version counters: training, ``load_state_dict`` and in-place edits all bump them)."""
+        self._require_fitted()
+        tensors = itertools.chain(self.model_.parameters(), self.model_.buffers())
+        key = (id(self.model_), tuple(t._version for t in tensors))
+        cached = getattr(self, "_scoring_model", None)
+        if cached is None or cached[0] != key:
+            self._scoring_model = (key, fold_batchnorm(self.model_))
+        return self._scoring_model[1]
 
     def _require_fitted(self) -> None:
         if not hasattr(self, "model_"):
@@ -377,7 +391,7 @@ class PatchScorerStage:
         if not hasattr(self, "map_mean_"):
             raise RuntimeError("stage-2 map statistics are not fitted: call fit_normalisation() on validation normals first")
         self._check_images(images)
-        return patch_scores(self.model_, images, self.config, self.device_, self.map_mean_, self.map_std_,
+        return patch_scores(self.scoring_model(), images, self.config, self.device_, self.map_mean_, self.map_std_,
                             stage1_maps=stage1_maps, batch_size=batch_size, progress=progress, desc=desc)
 
     # -- persistence ----------------------------------------------------------------------------
