@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 from collections.abc import Callable
@@ -41,7 +42,14 @@ def timed_median(call: Callable[[], Any], repeats: int) -> tuple[Any, float]:
 
 def markdown_table(table: pd.DataFrame) -> str:
     def cell(value: object) -> str:
-        return f"{value:.4f}" if isinstance(value, float) else str(value)
+        """Decimals with 4 places whether the value is a new row's float or an old row's CSV text."""
+        if value is None or (isinstance(value, float) and np.isnan(value)):
+            return ""
+        if isinstance(value, float):
+            return f"{value:.4f}"
+        if isinstance(value, str) and re.fullmatch(r"-?\d+\.\d+", value):
+            return f"{float(value):.4f}"
+        return str(value)
 
     lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
