@@ -6,8 +6,10 @@ on the CPU), exactly as a user would with ``torchrun``.
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ from hypothesis import strategies as st
 
 from twostage_ad.config import AugmentConfig
 from twostage_ad.distributed import DistributedContext, GlobalBatchSampler
+from twostage_ad.runs import load_checkpoint
 from twostage_ad.stages.attention import DefectDataset
 
 HERE = Path(__file__).parent
@@ -160,3 +163,40 @@ def test_torchrun_scoring_is_sharded_by_index_and_equals_one_process(single_run,
     assert (ours["decision"] == theirs["decision"]).all()
     maps, reference_maps = (np.load(d / "maps" / "test_maps.npz") for d in (run_dir, single_run))
     np.testing.assert_array_equal(maps["stage1"], reference_maps["stage1"])
+
+
+def _checkpoint_epoch(path: Path) -> int:
+    try:
+        return int(load_checkpoint(path)["epoch"])
+    except (FileNotFoundError, ValueError, RuntimeError, EOFError, KeyError):
+        return 0
+
+
+def test_a_killed_torchrun_run_resumes_under_torchrun_to_the_uninterrupted_result(tmp_path):
+    settings = [*TINY, "--set", "stage1.epochs=6", "--set", "run.overlays=0"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    reference = tmp_path / "reference"
+    done = _torchrun("-m", "twostage_ad.pipeline", "-q", "run", *settings, "--output", str(reference), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "twostage_ad.pipeline", "-q", "run", *settings, "--output", str(run_dir)],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoint = run_dir / "checkpoints" / "stage1.pt"
+    deadline = time.time() + 300
+    while _checkpoint_epoch(checkpoint) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    killed_at = _checkpoint_epoch(checkpoint)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, as a lost node would
+    proc.wait()
+    assert 2 <= killed_at < 6, f"the run was not caught mid-training (epoch {killed_at})"
+    assert not (run_dir / "scores.csv").exists()
+    resumed = _torchrun("-m", "twostage_ad.pipeline", "-q", "run", "--output", str(run_dir), "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["epochs"] == {"stage1": 6, "stage2": 2}
+    ours, theirs = pd.read_csv(run_dir / "scores.csv"), pd.read_csv(reference / "scores.csv")
+    assert ours["image"].tolist() == theirs["image"].tolist()
+    for column in ("stage1_loss", "stage2_score", "cascade_score"):
+        np.testing.assert_allclose(ours[column], theirs[column], rtol=1e-4, atol=1e-6, err_msg=column)
