@@ -179,21 +179,30 @@ def test_a_killed_torchrun_run_resumes_under_torchrun_to_the_uninterrupted_resul
     done = _torchrun("-m", "twostage_ad.pipeline", "-q", "run", *settings, "--output", str(reference), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "twostage_ad.pipeline", "-q", "run", *settings, "--output", str(run_dir)],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    checkpoint = run_dir / "checkpoints" / "stage1.pt"
-    deadline = time.time() + 300
-    while _checkpoint_epoch(checkpoint) < 2 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
+    log = tmp_path / "killed.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             "-m", "twostage_ad.pipeline", "-q", "run", *settings, "--output", str(run_dir)],
+            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+        checkpoint = run_dir / "checkpoints" / "stage1.pt"
+        deadline = time.time() + 300
+        while _checkpoint_epoch(checkpoint) < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, as a lost node would
+        except ProcessLookupError:
+            pass
+        proc.wait()
     killed_at = _checkpoint_epoch(checkpoint)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, as a lost node would
-    proc.wait()
-    assert 2 <= killed_at < 6, f"the run was not caught mid-training (epoch {killed_at})"
+    assert 2 <= killed_at < 6, f"the run was not caught mid-training (epoch {killed_at}): {log.read_text()[-2000:]}"
     assert not (run_dir / "scores.csv").exists()
+    before_kill = load_checkpoint(checkpoint)["history"]
     resumed = _torchrun("-m", "twostage_ad.pipeline", "-q", "run", "--output", str(run_dir), "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # resumed, not retrained: the epochs before the kill are the killed run's own (their timings included)
+    history = json.loads((run_dir / "history.json").read_text())["stage1"]
+    assert history[:killed_at] == before_kill
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["epochs"] == {"stage1": 6, "stage2": 2}
     ours, theirs = pd.read_csv(run_dir / "scores.csv"), pd.read_csv(reference / "scores.csv")

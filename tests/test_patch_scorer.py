@@ -85,6 +85,15 @@ def test_scoring_uses_folded_batchnorm_with_the_same_scores_and_follows_weight_c
         stage.model_.load_state_dict(original)
 
 
+def test_a_stage_loaded_inside_inference_mode_scores(fitted, tmp_path):
+    stage, images = fitted
+    stage.save(tmp_path / "stage2.pt")
+    with torch.inference_mode():
+        loaded = PatchScorerStage.load(tmp_path / "stage2.pt", device="cpu")
+        got = loaded.score(images[:3], progress=False)
+    np.testing.assert_allclose(got.scores, stage.score(images[:3], progress=False).scores, rtol=1e-5, atol=1e-6)
+
+
 def test_topk_reduction_is_between_mean_and_max(fitted):
     stage, images = fitted
     top = PatchScorerStage.__new__(PatchScorerStage)

@@ -39,9 +39,9 @@ class UpBlock(nn.Module):
     of the multiply-adds, for the last, full-resolution step where they cost most.
 
     Upsample-then-conv instead of a transposed conv avoids checkerboard artefacts in the maps.
-    The upsampling runs on a channels-last copy of its input: the same bilinear maths, but PyTorch's
-    CPU kernel for contiguous (NCHW) tensors is several times slower than its NHWC one (bf16 most of
-    all; 20 ms vs 3.6 ms for 32×32×64×64 on 2 cores), and the conv that follows takes either layout.
+    On the CPU the upsampling runs on a channels-last copy of its input: the same values, but
+    PyTorch's CPU kernel for contiguous (NCHW) tensors is several times slower than its NHWC one
+    (bf16 most of all; 20 ms vs 3.6 ms for 32×32×64×64 on 2 cores); the conv takes either layout.
     """
 
     def __init__(self, in_channels: int, out_channels: int, *, conv_first: bool = False):
@@ -53,7 +53,9 @@ class UpBlock(nn.Module):
 
     @staticmethod
     def _upsample(x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x.contiguous(memory_format=torch.channels_last), scale_factor=2.0, mode="bilinear", align_corners=False)
+        if x.device.type == "cpu":  # measured on CPUs only; elsewhere the input's own layout
+            x = x.contiguous(memory_format=torch.channels_last)
+        return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.conv_first:

@@ -368,11 +368,15 @@ class PatchScorerStage:
     def scoring_model(self) -> GANomaly2D:
         """The generator as scoring runs it: an eval-mode copy with its BatchNorms folded into the
         convolutions (the same function up to float rounding, one pass over the activations fewer
-        per layer). Made once and reused until a weight or statistic of ``model_`` changes (tensor
-        version counters: training, ``load_state_dict`` and in-place edits all bump them)."""
+        per layer). Made once and reused while every weight and statistic of ``model_`` is the same
+        tensor at the same version (optimiser steps, ``load_state_dict`` and in-place ops bump the
+        version; ``.data`` edits do not). Weights made under ``torch.inference_mode`` carry no
+        version, so the copy is then made afresh on every call."""
         self._require_fitted()
-        tensors = itertools.chain(self.model_.parameters(), self.model_.buffers())
-        key = (id(self.model_), tuple(t._version for t in tensors))
+        tensors = list(itertools.chain(self.model_.parameters(), self.model_.buffers()))
+        if any(t.is_inference() for t in tensors):
+            return fold_batchnorm(self.model_)
+        key = (id(self.model_), tuple((t.data_ptr(), t._version) for t in tensors))
         cached = getattr(self, "_scoring_model", None)
         if cached is None or cached[0] != key:
             self._scoring_model = (key, fold_batchnorm(self.model_))
