@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from twostage_ad.models.attention_net import AttentionNet, ImageMapDiscriminator, kv_pool_for
 from twostage_ad.models.blocks import CBAM, SelfAttention2d, UpBlock
-from twostage_ad.models.ganomaly2d import GANomaly2D, PatchDiscriminator, fold_batchnorm, patch_widths
+from twostage_ad.models.ganomaly2d import GANomaly2D, PatchDiscriminator, patch_widths
 
 
 def _open_gates(module: torch.nn.Module) -> None:
@@ -198,35 +198,6 @@ def test_ganomaly2d_shapes_finiteness_and_gradients(channels, height, width):
         assert torch.isfinite(tensor).all()
     (out.reconstruction.mean() + out.score_map.mean()).backward()
     _assert_all_parameters_get_gradients(net)
-
-
-def test_folding_batchnorm_keeps_the_eval_function_and_leaves_the_original():
-    torch.manual_seed(0)
-    model = GANomaly2D(1, width_divisor=8).train()
-    with torch.no_grad():
-        for _ in range(3):  # non-trivial running statistics
-            model(torch.randn(4, 1, 32, 32) * 2 + 1)
-        for norm in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
-            norm.weight.uniform_(0.5, 1.5)
-            norm.bias.uniform_(-0.5, 0.5)
-    model.eval()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    folded = fold_batchnorm(model)
-    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in folded.modules())
-    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 14  # 5 + 5 in the encoders, 4 in G_D
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the original is untouched
-    x = torch.randn(3, 1, 32, 32)
-    with torch.no_grad():
-        expected, got = model(x), folded(x)
-    for name in ("reconstruction", "latent", "latent_reconstructed"):
-        torch.testing.assert_close(getattr(got, name), getattr(expected, name), rtol=1e-4, atol=1e-5)
-
-
-def test_folding_also_removes_sync_batchnorm_left_by_cuda_ddp_training():
-    torch.manual_seed(0)
-    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(GANomaly2D(1, width_divisor=8)).eval()
-    folded = fold_batchnorm(model)
-    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in folded.modules())
 
 
 def test_ganomaly2d_widths_follow_the_divisor():

@@ -55,7 +55,7 @@ class Stage2Scorer(nn.Module):
     def __init__(self, detector: TwoStageDetector):
         super().__init__()
         stage = detector.stage2
-        self.model = stage.scoring_model()  # BatchNorms folded, as the stage scores
+        self.model = stage.model_.eval()
         self.config = stage.config
         self.map_mean = float(stage.map_mean_)
         self.map_std = float(stage.map_std_)

@@ -21,14 +21,12 @@ it is the stage's job, with statistics of validation normals, never of the batch
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-__all__ = ["fold_batchnorm", "GANomaly2DOutput", "PatchEncoder", "PatchDecoder", "PatchDiscriminator", "GANomaly2D", "patch_widths"]
+__all__ = ["GANomaly2DOutput", "PatchEncoder", "PatchDecoder", "PatchDiscriminator", "GANomaly2D", "patch_widths"]
 
 
 def patch_widths(width_divisor: int = 4, n_down: int = 4) -> list[int]:
@@ -154,20 +152,3 @@ class GANomaly2D(nn.Module):
         z = self.encoder(x)
         reconstruction = self.decoder(z)
         return GANomaly2DOutput(reconstruction=reconstruction, latent=z, latent_reconstructed=self.latent_encoder(reconstruction))
-
-
-def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """An eval-mode copy of ``model`` with every BatchNorm that follows a (transposed) conv in a
-    ``Sequential`` folded into that conv's weights and bias: the same function in eval mode, one
-    pass over the activations fewer per layer (stage-2 scoring; ``torch.nn.utils.fusion``).
-    The original is left untouched; train the original, never the copy (its BatchNorms are gone).
-    """
-    folded = copy.deepcopy(model).eval()
-    for sequential in [m for m in folded.modules() if isinstance(m, nn.Sequential)]:
-        for i in range(len(sequential) - 1):
-            conv, norm = sequential[i], sequential[i + 1]
-            is_norm = isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.running_mean is not None  # incl. SyncBatchNorm
-            if isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)) and is_norm:
-                sequential[i] = fuse_conv_bn_eval(conv, norm, transpose=isinstance(conv, nn.ConvTranspose2d))
-                sequential[i + 1] = nn.Identity()
-    return folded

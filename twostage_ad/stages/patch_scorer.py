@@ -17,7 +17,6 @@ latent cell is optionally weighted by stage 1's anomaly map (``guidance``), stan
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import time
@@ -40,7 +39,7 @@ from twostage_ad.distributed import (
     restore_batchnorm,
     wrap_ddp,
 )
-from twostage_ad.models.ganomaly2d import GANomaly2D, PatchDiscriminator, fold_batchnorm
+from twostage_ad.models.ganomaly2d import GANomaly2D, PatchDiscriminator
 from twostage_ad.runs import load_checkpoint, save_checkpoint
 from twostage_ad.stages.attention import (
     load_for_resume,
@@ -357,30 +356,13 @@ class PatchScorerStage:
     def _cell_maps(self, images: np.ndarray, stage1_maps: np.ndarray | None) -> np.ndarray:
         out = []
         batch_size = self.config.score_batch_size
-        model = self.scoring_model()
+        self.model_.eval()
         with torch.inference_mode():
             for first in range(0, len(images), batch_size):
                 x = to_tensor(images[first : first + batch_size]).to(self.device_)
                 guidance = None if stage1_maps is None else torch.as_tensor(stage1_maps[first : first + batch_size]).to(self.device_)
-                out.append(raw_maps(model, x, guidance, self.config).cpu().numpy())
+                out.append(raw_maps(self.model_, x, guidance, self.config).cpu().numpy())
         return np.concatenate(out)
-
-    def scoring_model(self) -> GANomaly2D:
-        """The generator as scoring runs it: an eval-mode copy with its BatchNorms folded into the
-        convolutions (the same function up to float rounding, one pass over the activations fewer
-        per layer). Made once and reused while every weight and statistic of ``model_`` is the same
-        tensor at the same version (optimiser steps, ``load_state_dict`` and in-place ops bump the
-        version; ``.data`` edits do not). Weights made under ``torch.inference_mode`` carry no
-        version, so the copy is then made afresh on every call."""
-        self._require_fitted()
-        tensors = list(itertools.chain(self.model_.parameters(), self.model_.buffers()))
-        if any(t.is_inference() for t in tensors):
-            return fold_batchnorm(self.model_)
-        key = (id(self.model_), tuple((t.data_ptr(), t._version) for t in tensors))
-        cached = getattr(self, "_scoring_model", None)
-        if cached is None or cached[0] != key:
-            self._scoring_model = (key, fold_batchnorm(self.model_))
-        return self._scoring_model[1]
 
     def _require_fitted(self) -> None:
         if not hasattr(self, "model_"):
@@ -395,7 +377,7 @@ class PatchScorerStage:
         if not hasattr(self, "map_mean_"):
             raise RuntimeError("stage-2 map statistics are not fitted: call fit_normalisation() on validation normals first")
         self._check_images(images)
-        return patch_scores(self.scoring_model(), images, self.config, self.device_, self.map_mean_, self.map_std_,
+        return patch_scores(self.model_, images, self.config, self.device_, self.map_mean_, self.map_std_,
                             stage1_maps=stage1_maps, batch_size=batch_size, progress=progress, desc=desc)
 
     # -- persistence ----------------------------------------------------------------------------
