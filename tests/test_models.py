@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from twostage_ad.models.attention_net import AttentionNet, ImageMapDiscriminator, kv_pool_for
-from twostage_ad.models.blocks import CBAM, SelfAttention2d, UpBlock
+from twostage_ad.models.blocks import CBAM, SelfAttention2d, SingleChannelConv2d, UpBlock
 from twostage_ad.models.ganomaly2d import GANomaly2D, PatchDiscriminator, patch_widths
 
 
@@ -124,6 +124,39 @@ def test_up_block_computes_its_documented_order_whatever_the_layout(conv_first, 
     got = block(x)
     assert got.shape == (2, 3, 12, 12)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"padding": 3}, {"stride": 2, "padding": 1, "bias": False}, {"dilation": 2, "padding": 2}])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_single_channel_conv_equals_the_plain_conv_values_and_gradients(kwargs, channels_last):
+    torch.manual_seed(0)
+    fast = SingleChannelConv2d(5, 7, **kwargs)
+    plain = torch.nn.Conv2d(5, 1, 7, **kwargs)
+    plain.load_state_dict(fast.state_dict())  # same parameters, same keys
+    x = torch.randn(3, 5, 20, 18)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x_fast, x_plain = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_fast, out_plain = fast(x_fast), plain(x_plain)
+    torch.testing.assert_close(out_fast, out_plain, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(out_plain)
+    out_fast.backward(grad)
+    out_plain.backward(grad)
+    torch.testing.assert_close(x_fast.grad, x_plain.grad, rtol=1e-5, atol=1e-5)
+    for (name, p_fast), p_plain in zip(fast.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p_fast.grad, p_plain.grad, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_single_channel_conv_refuses_what_its_depthwise_form_cannot_compute():
+    with pytest.raises(ValueError, match="reflect"):
+        SingleChannelConv2d(4, 3, padding=1, padding_mode="reflect")
+    with pytest.raises(ValueError, match="same"):
+        SingleChannelConv2d(4, 3, padding="same")
+
+
+def test_ganomaly2d_grey_decoder_ends_in_the_single_channel_conv():
+    assert isinstance(GANomaly2D(1).decoder.layers[-2], SingleChannelConv2d)
+    assert type(GANomaly2D(3).decoder.layers[-2]) is torch.nn.Conv2d
 
 
 def test_pooled_self_attention_attends_to_max_pooled_keys_and_values():

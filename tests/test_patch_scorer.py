@@ -28,9 +28,11 @@ def test_map_does_not_change_with_the_batch_around_it(fitted):
     in_batch = stage.score(np.concatenate([others[:4], target, others[4:]]), batch_size=7, progress=False)
     stage.model_.train()  # score() must switch to eval (BatchNorm running statistics) itself
     mixed = stage.score(np.concatenate([target, others]), batch_size=3, progress=False)
+    # maps are in units of the validation cells' std: batch-size-dependent rounding in the convs
+    # (1e-7) reaches 1e-5-2e-5 there; batch statistics (BatchNorm left in train mode) move them by 1e3
     for other, index in ((in_batch, 4), (mixed, 0)):
         assert other.scores[index] == pytest.approx(alone.scores[0], rel=1e-5)
-        np.testing.assert_allclose(other.maps[index], alone.maps[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(other.maps[index], alone.maps[0], rtol=1e-5, atol=1e-4)
     assert alone.maps.shape == (1, 32, 32)
 
 

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from twostage_ad.models.blocks import SingleChannelConv2d
+
 __all__ = ["GANomaly2DOutput", "PatchEncoder", "PatchDecoder", "PatchDiscriminator", "GANomaly2D", "patch_widths"]
 
 
@@ -66,7 +68,8 @@ class PatchDecoder(nn.Module):
         for w_in, w_out in zip(widths[:0:-1], widths[-2::-1]):
             up = nn.ConvTranspose2d(w_in, w_out, kernel_size=3, stride=2, padding=1, output_padding=1, bias=False)
             layers += _conv_bn_relu(up, w_out)
-        layers += [nn.ReflectionPad2d(3), nn.Conv2d(widths[0], out_channels, kernel_size=7), nn.Tanh()]
+        last = SingleChannelConv2d(widths[0], 7) if out_channels == 1 else nn.Conv2d(widths[0], out_channels, kernel_size=7)
+        layers += [nn.ReflectionPad2d(3), last, nn.Tanh()]
         self.layers = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
