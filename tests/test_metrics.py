@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from twostage_ad.metrics import image_auroc, pixel_auroc, pro_score, recall_at_threshold
+from twostage_ad.metrics import image_auroc, pixel_auroc, pixel_auroc_by_category, pro_score, recall_at_threshold
 
 
 def test_image_auroc_hand_computed():
@@ -71,3 +71,21 @@ def test_pro_without_masks_is_none_with_a_reason():
     assert result.value is None and "mask" in result.reason
     with pytest.raises(ValueError, match="max_fpr must be in"):
         pro_score(*_pro_case(), max_fpr=0.0)
+
+
+def test_pixel_auroc_by_category_scores_each_kind_against_all_normals():
+    masks = np.zeros((4, 2, 2), np.uint8)
+    masks[2, 0, 0] = masks[3, 1, 1] = 1  # one defect pixel each in images 2 ("dent") and 3 ("scratch")
+    maps = np.zeros((4, 2, 2), np.float32)
+    maps[0, 0, 1] = 0.5  # a normal image's brightest pixel
+    maps[2, 0, 0] = 0.9  # the dent is found: above every normal pixel
+    maps[3, 1, 1] = 0.2  # the scratch is found less well: two normal pixels rank above it
+    maps[3, 0, 0] = 0.8
+    labels, categories = np.array([0, 0, 1, 1]), np.array(["good", "good", "dent", "scratch"])
+    out = pixel_auroc_by_category(labels, categories, masks, np.ones(4, bool), maps)
+    assert list(out) == ["dent", "scratch"]
+    assert out["dent"] == pytest.approx(1.0)
+    # scratch rows: images 0, 1, 3 -> 11 normal pixels (0.5, 0.8 and nine 0.0) against the defect's 0.2
+    assert out["scratch"] == pytest.approx(9 / 11)
+    pooled = pixel_auroc(labels, masks, np.ones(4, bool), maps).value
+    assert pooled not in (out["dent"], out["scratch"])

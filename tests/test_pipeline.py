@@ -66,6 +66,9 @@ def test_html_report_references_only_existing_files(tiny_run):
     refs = re.findall(r'(?:src|href)="([^"]+)"', page)
     assert refs and all((tiny_run.run_dir / ref).is_file() for ref in refs)
     assert "plots/roc.png" in refs and "scores.csv" in refs
+    metrics = json.loads((tiny_run.run_dir / "metrics.json").read_text())
+    auroc = metrics["image_auroc_cascade_by_category"]["digit_3"]
+    assert re.search(rf"<tr><td>digit_3</td>(<td>[^<]*</td>){{2}}<td>{auroc:.4f}</td><td>—</td><td>—</td></tr>", page)  # no masks: —
 
 
 def test_report_rebuilds_every_plot_from_saved_files(tiny_run, tmp_path):

@@ -253,6 +253,26 @@ def _stage_table(metrics: dict[str, Any]) -> str:
     return "<table>" + "".join(out) + "</table>"
 
 
+_CATEGORY_COLUMNS = (("image AUROC stage 1", "image_auroc_stage1_by_category"),
+                     ("stage 2", "image_auroc_stage2_by_category"),
+                     ("cascade", "image_auroc_cascade_by_category"),
+                     ("pixel AUROC stage 1", "pixel_auroc_stage1_by_category"),
+                     ("fused", "pixel_auroc_fused_by_category"))
+
+
+def _category_table(metrics: dict[str, Any]) -> str:
+    """Rows = defect categories (each against the normal test images), columns = image and pixel AUROC."""
+    columns = [(name, metrics.get(key) or {}) for name, key in _CATEGORY_COLUMNS]
+    categories = sorted({c for _, values in columns for c in values})
+    if not categories:
+        return ""
+    out = ["<tr><th>category</th>" + "".join(f"<th>{html.escape(name)}</th>" for name, _ in columns) + "</tr>"]
+    for category in categories:
+        cells = "".join(f"<td>{_fmt(values.get(category))}</td>" for _, values in columns)
+        out.append(f"<tr><td>{html.escape(category or '(none)')}</td>{cells}</tr>")
+    return "<h2>By defect category (each against the normal test images)</h2><table>" + "".join(out) + "</table>"
+
+
 def _confusion_table(confusion: dict[str, dict[str, int]]) -> str:
     out = ["<tr><th></th><th>anomalous, caught</th><th>anomalous, missed</th><th>normal, passed</th><th>normal, rejected</th></tr>"]
     for name, counts in confusion.items():
@@ -289,6 +309,7 @@ figcaption{{color:#555;font-size:0.9em}}</style></head>
 <body><h1>{html.escape(title)}</h1>
 <p>Images: {counts}.</p>
 <h2>Accuracy and speed</h2>{_stage_table(metrics)}
+{_category_table(metrics)}
 <h2>Decisions at the calibrated thresholds (test split)</h2>{_confusion_table(confusion) if confusion else '<p>—</p>'}
 <table>{''.join(rows)}</table>
 {f'<h3>Notes</h3><ul>{notes}</ul>' if notes else ''}

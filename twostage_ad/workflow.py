@@ -36,7 +36,7 @@ from twostage_ad.config import (
 from twostage_ad.data.images import DecodedImages, decode_records, infer_channels
 from twostage_ad.data.records import DataError, load_records, split_records
 from twostage_ad.distributed import DistributedContext, init_distributed
-from twostage_ad.metrics import image_auroc, pixel_auroc, pro_score, recall_at_threshold
+from twostage_ad.metrics import image_auroc, pixel_auroc, pixel_auroc_by_category, pro_score, recall_at_threshold
 from twostage_ad.report import (
     plot_category_distribution,
     plot_loss_distribution,
@@ -614,7 +614,7 @@ def run_pipeline(
     cascade_seconds = test1.seconds + cascade2.seconds
 
     test = table[table["split"] == "test"]
-    labels = test["label"].to_numpy()
+    labels, categories = test["label"].to_numpy(), test["category"].fillna("").astype(str).to_numpy()
     masks, has_mask = decoded["test"].masks, decoded["test"].has_mask
     fused_maps = fused_anomaly_map(test1.anomaly_maps, test2.maps, stage2.map_mean_, stage2.map_std_)
     pixel = {
@@ -658,6 +658,8 @@ def run_pipeline(
         "image_auroc_stage1_by_category": _per_category_auroc(test, "stage1_loss"),
         "image_auroc_stage2_by_category": _per_category_auroc(test, "stage2_score"),
         "pixel_auroc": {k: m.value for k, m in pixel.items()},
+        "pixel_auroc_stage1_by_category": pixel_auroc_by_category(labels, categories, masks, has_mask, test1.anomaly_maps),
+        "pixel_auroc_fused_by_category": pixel_auroc_by_category(labels, categories, masks, has_mask, fused_maps),
         "pro": {k: m.value for k, m in pro.items()},
         "pro_max_fpr": 0.3,
         "thresholds": {"stage1": None, "stage2": None},
