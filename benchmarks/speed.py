@@ -40,9 +40,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from twostage_ad.allocator import tune_malloc
 from twostage_ad.config import Config, load_config
-from twostage_ad.models.attention_net import AttentionNet
 from twostage_ad.models.ganomaly2d import GANomaly2D, PatchDiscriminator
-from twostage_ad.stages.attention import AttentionStage, screening_batch
+from twostage_ad.stages.attention import AttentionStage, build_attention_network, screening_batch
 from twostage_ad.stages.patch_scorer import PatchScorerStage
 
 
@@ -106,9 +105,7 @@ def measure(size: int, n_images: int, config: Config, flag_rate: float, repeats:
     c1 = type(c1)(**{**c1.__dict__, "epochs": 1, "bottleneck_size": bottleneck})
     c2 = type(c2)(**{**c2.__dict__, "epochs": 1})
     x = torch.zeros(1, channels, size, size)
-    net1 = AttentionNet(channels, size, base_width=c1.base_width, max_width=c1.max_width, bottleneck_size=bottleneck,
-                        attention_max_tokens=c1.attention_max_tokens, attention_kv_max_tokens=c1.attention_kv_max_tokens,
-                        final_up=c1.final_up, separate_reconstruction=c1.separate_reconstruction)
+    net1 = build_attention_network(c1, channels, size)
     flops1 = forward_flops(net1, x, lambda net, batch: screening_batch(net, batch, c1))  # what scoring runs
     flops2 = forward_flops(GANomaly2D(channels, width_divisor=c2.width_divisor), x)
     flops_d2 = forward_flops(PatchDiscriminator(channels, width_divisor=c2.width_divisor), x)

@@ -60,6 +60,7 @@ def test_int_is_accepted_for_float_fields():
         ("run.seed=-1", "run.seed must be an integer >= 0, got -1"),
         ("stage1.attention_kv_max_tokens=0", "stage1.attention_kv_max_tokens must be an integer >= 1 or null, got 0"),
         ("stage1.final_up=bicubic", "stage1.final_up must be upsample_conv or conv_upsample, got 'bicubic'"),
+        ("stage1.ensemble_size=0", "stage1.ensemble_size must be an integer >= 1, got 0"),
     ],
 )
 def test_bad_values_name_the_field_and_value(override, message):
@@ -99,6 +100,13 @@ def test_real_data_pipelines_share_one_recipe():
 def test_attention_only_training_cannot_screen_with_the_untrained_reconstruction():
     with pytest.raises(ConfigError, match="stage1.screen_con must be 0 when w_con, w_rep, w_enc and w_adv are all 0"):
         load_config(None, ["stage1.w_con=0", "stage1.w_rep=0", "stage1.w_enc=0", "stage1.w_adv=0"])
+
+
+def test_ensembles_train_the_attention_head_only():
+    with pytest.raises(ConfigError, match="stage1.w_con must be 0 with ensemble_size 3 \\(ensembles train the attention head only\\), got 1.0"):
+        load_config(None, ["stage1.ensemble_size=3"])
+    recipe = load_config(REPO / "pipelines" / "mtd.yaml", ["stage1.ensemble_size=3"])
+    assert recipe.stage1.ensemble_size == 3
 
 
 def test_bf16_scoring_needs_attention_only_screening():

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from twostage_ad.models.attention_net import AttentionNet, ImageMapDiscriminator, kv_pool_for
+from twostage_ad.models.attention_net import AttentionNet, AttentionNetEnsemble, ImageMapDiscriminator, kv_pool_for
 from twostage_ad.models.blocks import CBAM, SelfAttention2d, SingleChannelConv2d, UpBlock
 from twostage_ad.models.ganomaly2d import GANomaly2D, PatchDiscriminator, patch_widths
 
@@ -40,6 +40,36 @@ def test_attention_net_shapes_finiteness_and_gradients(size, channels):
     loss = out.reconstruction.mean() + out.attention_logits.mean() + (out.latent - out.latent_reconstructed).pow(2).mean()
     loss.backward()
     _assert_all_parameters_get_gradients(net)
+
+
+def test_ensemble_averages_member_logits_and_every_attention_parameter_learns():
+    torch.manual_seed(0)
+    members = [AttentionNet(1, 32, base_width=8, max_width=16) for _ in range(3)]
+    for member in members:
+        _open_gates(member)
+    ensemble = AttentionNetEnsemble(members)
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    out = ensemble(x)
+    singles = [member(x, reconstruct=False).attention_logits for member in members]
+    assert out.member_attention_logits.shape == (3, 2, 1, 32, 32)
+    torch.testing.assert_close(out.attention_logits, torch.stack(singles).mean(dim=0))
+    assert out.latent.shape == (2, 3 * 16, 4, 4) and out.reconstruction is None and out.latent_reconstructed is None
+    assert not torch.allclose(singles[0], singles[1])  # each member drew its own initial weights
+    out.member_attention_logits.mean().backward()
+    frozen = {id(p) for module in ensemble.reconstruction_modules() for p in module.parameters()}
+    for name, parameter in ensemble.named_parameters():
+        if id(parameter) not in frozen:
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, f"no gradient reached {name}"
+
+
+def test_ensemble_refuses_what_it_cannot_be():
+    with pytest.raises(ValueError, match="at least 2 members, got 1"):
+        AttentionNetEnsemble([AttentionNet(1, 32, base_width=8, max_width=16)])
+    with pytest.raises(ValueError, match=r"share channels and image size, got \[\(1, 32\), \(1, 64\)\]"):
+        AttentionNetEnsemble([AttentionNet(1, 32, base_width=8, max_width=16), AttentionNet(1, 64, base_width=8, max_width=16)])
+    ensemble = AttentionNetEnsemble([AttentionNet(1, 32, base_width=8, max_width=16) for _ in range(2)])
+    with pytest.raises(ValueError, match="no reconstruction"):
+        ensemble(torch.zeros(1, 1, 32, 32), reconstruct=True)
 
 
 def test_self_attention_is_used_only_at_small_resolutions():

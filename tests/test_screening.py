@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from twostage_ad.config import AugmentConfig, Stage1Config
+from twostage_ad.data.images import to_tensor
 from twostage_ad.models.attention_net import AttentionNet
 from twostage_ad.stages import attention as attention_module
 from twostage_ad.stages.attention import (
@@ -191,6 +192,31 @@ def test_attention_only_training_skips_reconstruction_and_screening_stays_finite
     np.testing.assert_array_equal(result.loss, result.components["stage1_att_topk"])
     out = stage.model_(torch.zeros(1, 1, 32, 32), reconstruct=False)
     assert out.reconstruction is None and out.latent_reconstructed is None
+
+
+def test_an_ensemble_member_trains_exactly_as_it_would_alone(tmp_path):
+    """Members share batches and synthetic defects but not gradients: member 0 (the first weights
+    drawn) ends where a single network with the same seed ends; member 1 started elsewhere."""
+    rng = np.random.default_rng(0)
+    images = np.stack([textured(rng, size=32)[..., None] for _ in range(8)])
+    attention_only = dict(epochs=2, base_width=8, max_width=16, batch_size=4, w_con=0.0, w_rep=0.0, w_enc=0.0,
+                          w_adv=0.0, screen_con=0.0, screen_enc=0.0)
+    single = AttentionStage(config=Stage1Config(**attention_only), image_size=32, channels=1, device="cpu", seed=3)
+    single.fit(images, progress=False)
+    pair = AttentionStage(config=Stage1Config(**attention_only, ensemble_size=2), image_size=32, channels=1, device="cpu", seed=3)
+    pair.fit(images, checkpoint_path=tmp_path / "stage1.pt", progress=False)
+    first, second = pair.model_.members
+    for name, value in single.model_.state_dict().items():
+        torch.testing.assert_close(first.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.allclose(second.attention_head.weight, first.attention_head.weight)
+    assert pair.history_[-1]["attention"] != pytest.approx(single.history_[-1]["attention"], rel=1e-3)  # a mean of two
+    result = pair.score(images, progress=False)
+    x = to_tensor(images)
+    with torch.no_grad():
+        mean_logits = (first(x, reconstruct=False).attention_logits + second(x, reconstruct=False).attention_logits) / 2
+    np.testing.assert_allclose(result.anomaly_maps, 1 - torch.sigmoid(mean_logits)[:, 0].numpy(), atol=1e-5)
+    reloaded = AttentionStage.load(tmp_path / "stage1.pt", device="cpu")
+    np.testing.assert_allclose(reloaded.score(images, progress=False).loss, result.loss, rtol=1e-6)
 
 
 def test_channels_last_is_a_layout_not_a_different_model(fitted_stage):

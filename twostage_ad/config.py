@@ -141,6 +141,9 @@ class Stage1Config:
     attention_kv_max_tokens: int | None = None
     final_up: str = "upsample_conv"  # or conv_upsample: the last up-step convolves at half resolution
     separate_reconstruction: bool = True  # x̂ from z by its own skip-free decoder (digits 0.996 vs 0.932 shared)
+    # independently initialised networks trained side by side on the same batches; their attention
+    # logits are averaged. Costs ensemble_size x the training and scoring; attention-only training
+    ensemble_size: int = 1
     epochs: int = 10
     batch_size: int = 16
     lr: float = 5e-4
@@ -167,7 +170,7 @@ class Stage1Config:
     channels_last: bool = True  # NHWC weights and activations: faster convolutions on CPUs and tensor cores
 
     def validate(self, prefix: str = "stage1") -> None:
-        for name in ("base_width", "max_width", "epochs", "batch_size", "score_batch_size"):
+        for name in ("base_width", "max_width", "ensemble_size", "epochs", "batch_size", "score_batch_size"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, f"{prefix}.{name}", "an integer >= 1", value)
         _check(self.max_width >= self.base_width, f"{prefix}.max_width", f">= base_width ({self.base_width})", self.max_width)
@@ -195,6 +198,10 @@ class Stage1Config:
             value = getattr(self, name)
             _check(value >= 0, f"{prefix}.{name}", "a finite number >= 0", value)
         _check(0.0 < self.screen_topk <= 1.0, f"{prefix}.screen_topk", "in (0, 1]", self.screen_topk)
+        if self.ensemble_size > 1:  # members share only the attention head's objective
+            for name in ("w_con", "w_rep", "w_enc", "w_adv"):
+                _check(getattr(self, name) == 0, f"{prefix}.{name}",
+                       f"0 with ensemble_size {self.ensemble_size} (ensembles train the attention head only)", getattr(self, name))
         if self.w_con == self.w_rep == self.w_enc == self.w_adv == 0:  # x̂ and ẑ are never trained
             for name in ("screen_con", "screen_enc"):
                 _check(getattr(self, name) == 0, f"{prefix}.{name}",

@@ -25,7 +25,8 @@ from torch import nn
 
 from twostage_ad.models.blocks import CBAM, DownBlock, SelfAttention2d, UpBlock
 
-__all__ = ["kv_pool_for", "AttentionOutput", "Encoder", "AttentionDecoder", "BottleneckDecoder", "AttentionNet", "ImageMapDiscriminator", "widths_for"]
+__all__ = ["kv_pool_for", "AttentionOutput", "Encoder", "AttentionDecoder", "BottleneckDecoder", "AttentionNet",
+           "AttentionNetEnsemble", "ImageMapDiscriminator", "widths_for"]
 
 
 def widths_for(image_size: int, bottleneck_size: int, base_width: int, max_width: int) -> list[int]:
@@ -49,6 +50,7 @@ class AttentionOutput:
     attention_logits: torch.Tensor  # B×1×S×S; sigmoid -> A, 1 = normal
     latent: torch.Tensor  # z, B×w×b×b
     latent_reconstructed: torch.Tensor | None  # ẑ = E(x̂), B×w×b×b; None with x̂
+    member_attention_logits: torch.Tensor | None = None  # M×B×1×S×S from an ensemble's members, else None
 
     @property
     def attention(self) -> torch.Tensor:
@@ -235,6 +237,43 @@ class AttentionNet(nn.Module):
     def reconstruction_modules(self) -> list[nn.Module]:
         """The modules only x̂ and ẑ need (frozen when training never uses them)."""
         return [m for m in (self.reconstruction_decoder, self.reconstruction_head, self.latent_encoder) if m is not None]
+
+
+class AttentionNetEnsemble(nn.Module):
+    """Attention networks with their own initial weights; the attention logits are averaged.
+
+    A deep ensemble (Lakshminarayanan et al., "Simple and Scalable Predictive Uncertainty
+    Estimation using Deep Ensembles", NeurIPS 2017). Deviation: the members train side by side on
+    the same batches and synthetic defects (each on its own loss), so they differ by their initial
+    weights alone. ``B×C×S×S -> AttentionOutput`` with the mean logits ``B×1×S×S``, the members'
+    ``M×B×1×S×S`` and the members' latents concatenated along channels; no x̂ (attention only).
+    """
+
+    def __init__(self, members: list[AttentionNet]):
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 members, got {len(members)!r}")
+        shapes = {(m.in_channels, m.image_size) for m in members}
+        if len(shapes) != 1:
+            raise ValueError(f"ensemble members must share channels and image size, got {sorted(shapes)!r}")
+        self.members = nn.ModuleList(members)
+        self.in_channels, self.image_size = shapes.pop()
+
+    def forward(self, x: torch.Tensor, *, reconstruct: bool = False) -> AttentionOutput:
+        if reconstruct:
+            raise ValueError("an AttentionNetEnsemble has no reconstruction (it trains the attention head only)")
+        outputs = [member(x, reconstruct=False) for member in self.members]
+        logits = torch.stack([o.attention_logits for o in outputs])  # M×B×1×S×S
+        return AttentionOutput(
+            reconstruction=None,
+            attention_logits=logits.mean(dim=0),
+            latent=torch.cat([o.latent for o in outputs], dim=1),
+            latent_reconstructed=None,
+            member_attention_logits=logits,
+        )
+
+    def reconstruction_modules(self) -> list[nn.Module]:
+        return [module for member in self.members for module in member.reconstruction_modules()]
 
 
 class ImageMapDiscriminator(nn.Module):

@@ -36,7 +36,7 @@ from twostage_ad.config import AugmentConfig, Stage1Config
 from twostage_ad.data.augment import apply_defect, build_defect_augmentation
 from twostage_ad.data.images import to_tensor
 from twostage_ad.distributed import DistributedContext, GlobalBatchSampler, wrap_ddp
-from twostage_ad.models.attention_net import AttentionNet, ImageMapDiscriminator
+from twostage_ad.models.attention_net import AttentionNet, AttentionNetEnsemble, ImageMapDiscriminator
 from twostage_ad.runs import load_checkpoint, save_checkpoint
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "resolve_device",
     "memory_format_for",
     "has_fast_bf16",
+    "build_attention_network",
     "DefectDataset",
     "ScreeningResult",
     "screening_batch",
@@ -97,6 +98,26 @@ def has_fast_bf16(device: torch.device) -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def build_attention_network(config: Stage1Config, channels: int, image_size: int) -> AttentionNet | AttentionNetEnsemble:
+    """The stage-1 network a config describes: one :class:`AttentionNet`, or ``ensemble_size`` of
+    them (each drawn from the torch random state in turn) in an :class:`AttentionNetEnsemble`."""
+    members = [
+        AttentionNet(
+            channels,
+            image_size,
+            base_width=config.base_width,
+            max_width=config.max_width,
+            bottleneck_size=config.bottleneck_size,
+            attention_max_tokens=config.attention_max_tokens,
+            attention_kv_max_tokens=config.attention_kv_max_tokens,
+            final_up=config.final_up,
+            separate_reconstruction=config.separate_reconstruction,
+        )
+        for _ in range(config.ensemble_size)
+    ]
+    return members[0] if len(members) == 1 else AttentionNetEnsemble(members)
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,17 +379,7 @@ class AttentionStage:
     def _build(self) -> None:
         c = self.config
         self.device_ = resolve_device(self.device)
-        self.model_ = AttentionNet(
-            self.channels,
-            self.image_size,
-            base_width=c.base_width,
-            max_width=c.max_width,
-            bottleneck_size=c.bottleneck_size,
-            attention_max_tokens=c.attention_max_tokens,
-            attention_kv_max_tokens=c.attention_kv_max_tokens,
-            final_up=c.final_up,
-            separate_reconstruction=c.separate_reconstruction,
-        ).to(self.device_, memory_format=memory_format_for(c))
+        self.model_ = build_attention_network(c, self.channels, self.image_size).to(self.device_, memory_format=memory_format_for(c))
         self.discriminator_ = (
             ImageMapDiscriminator(self.channels, self.image_size, base_width=c.base_width, max_width=c.max_width).to(
                 self.device_, memory_format=memory_format_for(c))
@@ -519,7 +530,12 @@ class AttentionStage:
         with torch.autocast(self.device_.type, dtype=torch.bfloat16, enabled=use_amp):
             out = model(x_in, reconstruct=reconstruct)
         logits = out.attention_logits.float()
-        bce = _attention_bce(logits, mask, balanced=c.att_balanced)
+        members = 1
+        if out.member_attention_logits is None:
+            bce = _attention_bce(logits, mask, balanced=c.att_balanced)
+        else:  # the sum of the members' own losses: each member's gradient is the one it would get alone
+            members = out.member_attention_logits.shape[0]
+            bce = sum(_attention_bce(m, mask, balanced=c.att_balanced) for m in out.member_attention_logits.float())
         scale = context.world_size  # DDP divides the summed gradients by the world size
         if reconstruct:
             recon_err = (out.reconstruction.float() - x_clean).abs().mean(dim=(1, 2, 3))
@@ -530,7 +546,7 @@ class AttentionStage:
             l_con = l_rep = l_enc = torch.zeros((), device=self.device_)
         l_att = _masked_mean(bce, clean_rows, n_clean, scale) + _masked_mean(bce, is_defect, n_defect, scale)
         total = c.w_con * l_con + c.w_rep * l_rep + c.w_enc * l_enc + c.w_att * l_att
-        losses = {"recon": l_con.item(), "repair": l_rep.item(), "latent": l_enc.item(), "attention": l_att.item()}
+        losses = {"recon": l_con.item(), "repair": l_rep.item(), "latent": l_enc.item(), "attention": l_att.item() / members}
         attention = torch.sigmoid(logits)
         if self.discriminator_ is not None:
             # the plain network (no DDP): this forward trains the generator, not the discriminator
@@ -547,7 +563,7 @@ class AttentionStage:
         g_opt.zero_grad(set_to_none=True)
         total.backward()
         g_opt.step()
-        losses["total"] = total.item()  # per rank; the mean over ranks is the global batch's value
+        losses["total"] = total.item() / members  # per rank (and member); the mean over ranks is the global batch's value
         if discriminator is not None and d_opt is not None:
             logits_d, _ = self._discriminate(discriminator, x_clean, mask, out.reconstruction.detach().float(), attention.detach())
             real_logits, fake_logits = logits_d.chunk(2)
