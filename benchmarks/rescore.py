@@ -1,7 +1,9 @@
-"""Re-score finished runs without a model: cascade fusion rules and seed ensembles of stage 1.
+"""Re-score finished runs: cascade fusion rules, seed ensembles, map statistics, flipped views.
 
     python benchmarks/rescore.py fusion RUN_DIR [RUN_DIR ...]      # e.g. runs-root/*/*/seed*
     python benchmarks/rescore.py ensemble RUN_DIR [RUN_DIR ...]    # runs of one data set, different seeds
+    python benchmarks/rescore.py maps RUN_DIR [RUN_DIR ...]        # from maps/test_maps.npz
+    python benchmarks/rescore.py flips RUN_DIR [RUN_DIR ...]       # loads checkpoints/stage1.pt
 
 Works on each run's ``scores.csv`` and ``config.yaml`` only (validation and test scores of both
 stages). Validation normals give every statistic and threshold (as the pipeline does); test labels
@@ -17,7 +19,16 @@ package's three fusion modes. Rows are grouped by data set (the run's ``run.name
 ``ensemble``: the mean of the runs' standardised stage-1 scores, for every subset size; reports
 the mean, min and max test AUROC over the subsets of each size.
 
-Appends to ``benchmarks/results/rescore_{fusion,ensemble}.{csv,md}``; never edit those by hand.
+``maps``: from the saved stage-1 maps (1 − A rounded to 8 bits) and masks: pixel AUROC by defect
+category and pooled, pooled after a Gaussian blur (σ = 8 px), the image AUROC of the top-k mean
+of the blurred per-pixel BCE for several top-k shares and with a 4 or 8 px border left out, and
+the mean map of normal test images in the last 4 columns and in the middle column.
+
+``flips``: stage 1 scores the test images as saved, flipped left-right, upside down and both; the
+image AUROC of each view, of the mean of the first two and of all four screening losses.
+
+Appends to ``benchmarks/results/rescore_{fusion,ensemble,maps,flips}.{csv,md}``; never edit those
+by hand.
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ import pandas as pd
 from _results import append_row, git_commit
 
 from twostage_ad.cascade import fit_cascade
-from twostage_ad.metrics import image_auroc
+from twostage_ad.metrics import image_auroc, pixel_auroc, pixel_auroc_by_category
 from twostage_ad.workflow import load_run_config
 
 WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0)
@@ -86,9 +97,62 @@ def ensemble_rows(run_dirs: list[Path]) -> list[dict]:
     return rows
 
 
+def _test_maps(run_dir: Path) -> tuple[dict, pd.DataFrame]:
+    """The saved test maps and the test rows of ``scores.csv`` in the same order."""
+    saved = dict(np.load(run_dir / "maps" / "test_maps.npz"))
+    table = pd.read_csv(run_dir / "scores.csv")
+    test = table[table["split"] == "test"].set_index("image").loc[saved["names"]].reset_index()
+    return saved, test
+
+
+def maps_row(run_dir: Path) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from scipy.ndimage import gaussian_filter
+
+    saved, test = _test_maps(run_dir)
+    labels, categories = test["label"].to_numpy(), test["category"].fillna("").astype(str).to_numpy()
+    maps = saved["stage1"].astype(np.float32) / 255
+    masks, has_mask = saved["masks"], saved["has_mask"]
+    row: dict = {"data": load_run_config(run_dir).run.name, "run": str(run_dir),
+                 "pixel_pooled": pixel_auroc(labels, masks, has_mask, maps).value}
+    row.update({f"pixel_{c}": v for c, v in pixel_auroc_by_category(labels, categories, masks, has_mask, maps).items()})
+    blurred = np.stack([gaussian_filter(m, 8) for m in maps])
+    row["pixel_pooled_blur8"] = pixel_auroc(labels, masks, has_mask, blurred).value
+    bce = -np.log(np.clip(1 - maps, 1 / 255, 1))  # the screening's per-pixel BCE, from the rounded map
+    smoothed = F.avg_pool2d(torch.from_numpy(bce)[:, None], 3, 1, 1, count_include_pad=False)[:, 0].numpy()
+    ranked = np.sort(smoothed.reshape(len(smoothed), -1), axis=1)
+    for share in (0.001, 0.005, 0.01, 0.02, 0.05):
+        k = max(1, round(share * ranked.shape[1]))
+        row[f"image_top{share:g}"] = image_auroc(labels, ranked[:, -k:].mean(axis=1)).value
+    k = max(1, round(0.01 * ranked.shape[1]))
+    for border in (4, 8):
+        inner = np.sort(smoothed[:, border:-border, border:-border].reshape(len(smoothed), -1), axis=1)
+        row[f"image_top0.01_border{border}"] = image_auroc(labels, inner[:, -k:].mean(axis=1)).value
+    normal = maps[labels == 0]
+    row["normal_map_last4_columns"] = float(normal[:, :, -4:].mean())
+    row["normal_map_middle_column"] = float(normal[:, :, normal.shape[2] // 2].mean())
+    return row
+
+
+def flips_row(run_dir: Path) -> dict:
+    from twostage_ad.stages.attention import AttentionStage
+
+    saved, test = _test_maps(run_dir)
+    labels, images = test["label"].to_numpy(), saved["images"]
+    stage = AttentionStage.load(run_dir / "checkpoints" / "stage1.pt", device="cpu")
+    views = {"as_saved": images, "left_right": images[:, :, ::-1], "upside_down": images[:, ::-1], "both": images[:, ::-1, ::-1]}
+    losses = {name: stage.score(np.ascontiguousarray(view), progress=False).loss for name, view in views.items()}
+    row: dict = {"data": load_run_config(run_dir).run.name, "run": str(run_dir)}
+    row.update({f"image_{name}": image_auroc(labels, loss).value for name, loss in losses.items()})
+    row["image_mean_as_saved_left_right"] = image_auroc(labels, losses["as_saved"] + losses["left_right"]).value
+    row["image_mean_of_four"] = image_auroc(labels, sum(losses.values())).value
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=("fusion", "ensemble"))
+    parser.add_argument("mode", choices=("fusion", "ensemble", "maps", "flips"))
     parser.add_argument("runs", type=Path, nargs="+", help="finished run folders (scores.csv, config.yaml)")
     parser.add_argument("--note", default="")
     args = parser.parse_args()
@@ -100,6 +164,13 @@ def main() -> None:
         for row in summary.to_dict("records"):
             row = {**stamp, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, "note": args.note}
             append_row("rescore_fusion", row, "Cascade fusion rules re-scored from saved scores (benchmarks/rescore.py; do not edit)")
+            print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    elif args.mode in ("maps", "flips"):
+        make, title = {"maps": (maps_row, "Stage-1 maps re-scored from saved test maps"),
+                       "flips": (flips_row, "Stage 1 on flipped test images")}[args.mode]
+        for run_dir in args.runs:
+            row = {**stamp, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in make(run_dir).items()}, "note": args.note}
+            append_row(f"rescore_{args.mode}", row, f"{title} (benchmarks/rescore.py; do not edit)")
             print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     else:
         for row in ensemble_rows(args.runs):

@@ -60,4 +60,4 @@ if __name__ == "__main__":
     if context.is_main:
         result["world_size"] = context.world_size
         torch.save(result, sys.argv[1])
-    shutdown_distributed()
+    shutdown_distributed(barrier=True)  # every rank arrives here together

@@ -81,3 +81,19 @@ def test_exported_stage1_of_an_attention_only_recipe_is_finite(tmp_path):
         loss, _ = scorer(to_tensor(images))
     assert torch.isfinite(loss).all()
     np.testing.assert_allclose(loss.numpy(), stage.score(images, progress=False).loss, rtol=1e-5, atol=1e-6)
+
+
+def test_an_ensemble_stage1_exports_to_onnx_and_agrees_with_eager(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    config = load_config(None, ["stage1.epochs=1", "stage1.base_width=8", "stage1.max_width=16", "stage1.ensemble_size=2",
+                                "stage1.w_con=0", "stage1.w_rep=0", "stage1.w_enc=0", "stage1.w_adv=0", "stage1.screen_con=0",
+                                "stage1.screen_enc=0", "stage2.epochs=1", "stage2.width_divisor=16", "run.overlays=0"])
+    run_dir = run_pipeline(config, tmp_path / "ensemble", progress=False).run_dir
+    written = export_run(run_dir, formats=("onnx",))
+    stage1 = TwoStageDetector.from_run(run_dir, device="cpu").stage1
+    assert len(stage1.model_.members) == 2
+    images = (np.random.default_rng(0).random((5, 32, 32, 1)) * 255).astype(np.uint8)
+    eager = stage1.score(images, progress=False)
+    loss, anomaly = ort.InferenceSession(written["onnx"][0]).run(None, {"image": to_tensor(images).numpy()})
+    np.testing.assert_allclose(loss, eager.loss, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(anomaly, eager.anomaly_maps, atol=1e-5)

@@ -87,5 +87,7 @@ def test_pixel_auroc_by_category_scores_each_kind_against_all_normals():
     assert out["dent"] == pytest.approx(1.0)
     # scratch rows: images 0, 1, 3 -> 11 normal pixels (0.5, 0.8 and nine 0.0) against the defect's 0.2
     assert out["scratch"] == pytest.approx(9 / 11)
-    pooled = pixel_auroc(labels, masks, np.ones(4, bool), maps).value
-    assert pooled not in (out["dent"], out["scratch"])
+    # pooled: 14 normal pixels against 0.9 (above all 14) and 0.2 (above the twelve zeros)
+    assert pixel_auroc(labels, masks, np.ones(4, bool), maps).value == pytest.approx(26 / 28)
+    without_masks = pixel_auroc_by_category(labels, categories, masks, np.array([True, True, True, False]), maps)
+    assert without_masks == {"dent": pytest.approx(1.0), "scratch": None}

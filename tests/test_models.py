@@ -156,7 +156,8 @@ def test_up_block_computes_its_documented_order_whatever_the_layout(conv_first, 
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"padding": 3}, {"stride": 2, "padding": 1, "bias": False}, {"dilation": 2, "padding": 2}])
+@pytest.mark.parametrize("kwargs", [{}, {"padding": 3}, {"stride": 2, "padding": 1, "bias": False}, {"dilation": 2, "padding": 2},
+                                    {"padding": "same"}])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_single_channel_conv_equals_the_plain_conv_values_and_gradients(kwargs, channels_last):
     torch.manual_seed(0)
@@ -164,8 +165,9 @@ def test_single_channel_conv_equals_the_plain_conv_values_and_gradients(kwargs, 
     plain = torch.nn.Conv2d(5, 1, 7, **kwargs)
     plain.load_state_dict(fast.state_dict())  # same parameters, same keys
     x = torch.randn(3, 5, 20, 18)
-    if channels_last:
+    if channels_last:  # the stages' layout: weights and activations channels-last
         x = x.contiguous(memory_format=torch.channels_last)
+        fast, plain = (m.to(memory_format=torch.channels_last) for m in (fast, plain))
     x_fast, x_plain = x.clone().requires_grad_(), x.clone().requires_grad_()
     out_fast, out_plain = fast(x_fast), plain(x_plain)
     torch.testing.assert_close(out_fast, out_plain, rtol=1e-5, atol=1e-5)
@@ -177,11 +179,22 @@ def test_single_channel_conv_equals_the_plain_conv_values_and_gradients(kwargs, 
         torch.testing.assert_close(p_fast.grad, p_plain.grad, rtol=1e-4, atol=1e-4, msg=name)
 
 
+def test_single_channel_conv_keeps_float64_and_rounds_bf16_once():
+    torch.manual_seed(0)
+    fast = SingleChannelConv2d(6, 3, padding=1).double()
+    plain = torch.nn.Conv2d(6, 1, 3, padding=1).double()
+    plain.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 6, 9, 9, dtype=torch.float64)
+    torch.testing.assert_close(fast(x), plain(x), rtol=1e-12, atol=1e-12)  # no detour through float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, expected = fast.float()(x.float()), plain.float()(x.float())
+    assert got.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_single_channel_conv_refuses_what_its_depthwise_form_cannot_compute():
-    with pytest.raises(ValueError, match="reflect"):
+    with pytest.raises(ValueError, match="padding_mode='reflect'"):
         SingleChannelConv2d(4, 3, padding=1, padding_mode="reflect")
-    with pytest.raises(ValueError, match="same"):
-        SingleChannelConv2d(4, 3, padding="same")
 
 
 def test_ganomaly2d_grey_decoder_ends_in_the_single_channel_conv():

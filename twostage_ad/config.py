@@ -141,8 +141,9 @@ class Stage1Config:
     attention_kv_max_tokens: int | None = None
     final_up: str = "upsample_conv"  # or conv_upsample: the last up-step convolves at half resolution
     separate_reconstruction: bool = True  # x̂ from z by its own skip-free decoder (digits 0.996 vs 0.932 shared)
-    # independently initialised networks trained side by side on the same batches; their attention
-    # logits are averaged. Costs ensemble_size x the training and scoring; attention-only training
+    # networks with their own initial weights, trained side by side on the same batches (each on its
+    # own loss), scored with their averaged attention logits; ensemble_size x the stage-1 training and
+    # scoring time; attention-only training (benchmarks/README.md entry 40)
     ensemble_size: int = 1
     epochs: int = 10
     batch_size: int = 16

@@ -173,19 +173,21 @@ def init_distributed(device: torch.device) -> tuple[DistributedContext, torch.de
     return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank), device
 
 
-def shutdown_distributed(*, wait_for_others: bool = True) -> None:
+def shutdown_distributed(*, barrier: bool = False) -> None:
     """Leave the process group ``init_distributed`` joined (a no-op without one).
 
     A process that exits with the group still alive leaves gloo's threads to the interpreter's
-    teardown, which can abort it ("terminate called without an active exception": 2-process tests
-    failed that way about once in ten runs, also after an unsynchronised ``destroy_process_group``).
-    So: a barrier, so that no rank closes its connections while another is still in a collective
-    (``wait_for_others=False`` after an error, when the others may never arrive), then a garbage
-    collection, so that no DDP wrapper left in a reference cycle keeps the group alive past it.
+    teardown, which can abort it ("terminate called without an active exception": a 2-process test
+    failed that way in about one run in ten, also with an unsynchronised ``destroy_process_group``).
+    Callers synchronise where the ranks are in step (``run_pipeline`` does before rank 0 writes the
+    run folder; ``barrier=True`` here when all ranks arrive together), so that no rank closes its
+    connections while another is still in a collective; never after an error, when the others may
+    not arrive. A garbage collection first, so that no DDP wrapper left in a reference cycle keeps
+    the group alive past it.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
-    if wait_for_others:
+    if barrier:
         dist.barrier()
     gc.collect()
     dist.destroy_process_group()

@@ -106,7 +106,6 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.quiet)
     from twostage_ad import workflow  # imports torch; keep --help fast
 
-    succeeded = False
     try:
         if args.command == "run":
             given = args.config is not None or bool(args.overrides)
@@ -144,7 +143,6 @@ def main(argv: list[str] | None = None) -> int:
                 tune_malloc=False if args.no_tune_malloc else None,
             )
             print(json.dumps(summary, indent=2))
-        succeeded = True
     except (ValueError, RuntimeError, FileExistsError, FileNotFoundError) as exc:
         # ConfigError, DataError and CalibrationError are ValueErrors; all carry a message
         # naming the field or file and the fix. Anything else is a bug and keeps its traceback.
@@ -154,9 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         from twostage_ad.distributed import shutdown_distributed
 
-        # under torchrun: leave the process group before the interpreter exits (after an error
-        # without waiting for the other ranks, which may never get there)
-        shutdown_distributed(wait_for_others=succeeded)
+        # under torchrun: leave the process group before the interpreter exits (run_pipeline
+        # synchronised the ranks where they parted; after an error no rank waits for the others)
+        shutdown_distributed()
     return 0
 
 

@@ -264,7 +264,7 @@ def _category_table(metrics: dict[str, Any]) -> str:
     """Rows = defect categories (each against the normal test images), columns = image and pixel AUROC."""
     columns = [(name, metrics.get(key) or {}) for name, key in _CATEGORY_COLUMNS]
     categories = sorted({c for _, values in columns for c in values})
-    if not categories:
+    if not any(categories):  # no categories at all (or only anomalies without one): nothing to break down
         return ""
     out = ["<tr><th>category</th>" + "".join(f"<th>{html.escape(name)}</th>" for name, _ in columns) + "</tr>"]
     for category in categories:

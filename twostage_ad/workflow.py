@@ -170,7 +170,8 @@ def _threshold_metrics(table: pd.DataFrame, cascade: Cascade) -> dict[str, Any]:
 def _per_category_auroc(test: pd.DataFrame, column: str) -> dict[str, float | None]:
     normal = test[test["label"] == 0]
     out = {}
-    for category, group in test[test["label"] == 1].groupby("category"):
+    categories = test["category"].fillna("").astype(str)  # as pixel_auroc_by_category keys them (blank after a CSV round trip)
+    for category, group in test[test["label"] == 1].groupby(categories[test["label"] == 1]):
         both = pd.concat([normal, group])
         out[str(category)] = image_auroc(both["label"].to_numpy(), both[column].to_numpy()).value
     return out
@@ -510,6 +511,9 @@ def run_pipeline(
     ``resume``: continue the interrupted run in ``output`` (``config`` may be None: the run's
     own ``config.yaml`` is used) from each stage's last complete epoch; everything after training
     is recomputed, so the result equals an uninterrupted run (seeded, CPU, no loader workers).
+
+    Under ``torchrun`` this joins the process group; call
+    :func:`twostage_ad.distributed.shutdown_distributed` when done with it (the CLI does).
     """
     if resume:
         if output is None:
@@ -606,7 +610,10 @@ def run_pipeline(
     flagged_test = np.flatnonzero(test1.loss > cascade.stage1.value)
     cascade2 = _score_stage2(stage2, decoded["test"].images[flagged_test], test1.anomaly_maps[flagged_test] if guided else None,
                              context, progress, "stage 2 score flagged test")
-    if not context.is_main:  # rank 0 computes the metrics and writes the rest of the run folder; no need to wait
+    # the ranks part here: every collective is done on every rank (so none closes its connections
+    # while another still needs them); rank 0 alone computes the metrics and writes the run folder
+    context.barrier()
+    if not context.is_main:
         return RunResult(run_dir=run_dir, metrics=None, scores=table)
     if not np.allclose(cascade2.scores, test2.scores[flagged_test], rtol=1e-4, atol=1e-5):
         log.warning("stage-2 scores of flagged images differ between batchings by up to %.3g",

@@ -266,7 +266,7 @@ class AttentionNetEnsemble(nn.Module):
         logits = torch.stack([o.attention_logits for o in outputs])  # M×B×1×S×S
         return AttentionOutput(
             reconstruction=None,
-            attention_logits=logits.mean(dim=0),
+            attention_logits=logits.float().mean(dim=0),  # one rounding less under bf16 autocast
             latent=torch.cat([o.latent for o in outputs], dim=1),
             latent_reconstructed=None,
             member_attention_logits=logits,

@@ -25,25 +25,27 @@ class SingleChannelConv2d(nn.Conv2d):
     The same convolution (same parameters and state-dict keys, values equal up to float
     reassociation), but oneDNN's kernel for a single output channel is as slow as for sixteen:
     GANomaly2D's last 7×7 conv, 16 -> 1 channels at 128×128, took 52 ms per batch of 64 on 2 cores,
-    the depthwise form 7.6 ms (``benchmarks/README.md`` entry 36). Elsewhere (CUDA) the plain
-    convolution runs, as measured nowhere else.
+    the depthwise form 7.6 ms (``benchmarks/README.md`` entry 36). The intermediate holds one map
+    per input channel (``B×Cin×H×W``). Elsewhere (CUDA) the plain convolution runs, as measured
+    nowhere else; a traced or exported graph keeps the form of the device it was traced on.
+    Half-precision inputs (autocast) are summed in float32 and rounded once, as conv kernels do.
     """
 
     def __init__(self, in_channels: int, kernel_size: int, **kwargs: object):
         super().__init__(in_channels, 1, kernel_size, **kwargs)  # type: ignore[arg-type]
-        if self.padding_mode != "zeros" or isinstance(self.padding, str):  # (groups > 1 cannot give one channel)
-            raise ValueError(
-                f"SingleChannelConv2d supports numeric zero padding only; got padding={self.padding!r}, "
-                f"padding_mode={self.padding_mode!r}"
-            )
+        if self.padding_mode != "zeros":  # (groups > 1 cannot give one output channel)
+            raise ValueError(f"SingleChannelConv2d supports zero padding only; got padding_mode={self.padding_mode!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             return super().forward(x)
         depthwise = self.weight.reshape(self.in_channels, 1, *self.kernel_size)  # 1×Cin×kh×kw -> Cin×1×kh×kw
         per_channel = F.conv2d(x, depthwise, None, self.stride, self.padding, self.dilation, groups=self.in_channels)
-        out = per_channel.sum(dim=1, keepdim=True, dtype=torch.float32).to(per_channel.dtype)  # fp32 sum, as conv kernels do
-        return out if self.bias is None else out + self.bias.view(1, 1, 1, 1).to(out.dtype)
+        half = per_channel.dtype in (torch.float16, torch.bfloat16)
+        out = per_channel.sum(dim=1, keepdim=True, dtype=torch.float32 if half else None)
+        if self.bias is not None:
+            out = out + self.bias.view(1, 1, 1, 1).to(out.dtype)
+        return out.to(per_channel.dtype)
 
 
 class DownBlock(nn.Module):

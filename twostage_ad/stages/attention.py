@@ -238,7 +238,7 @@ class ScreeningResult:
         return len(self.loss) / self.seconds if self.seconds > 0 else float("nan")
 
 
-def screening_batch(model: AttentionNet, x: torch.Tensor, config: Stage1Config) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def screening_batch(model: AttentionNet | AttentionNetEnsemble, x: torch.Tensor, config: Stage1Config) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Screening components (each ``B``) and the anomaly map ``1 − A`` (``B×H×W``) of a batch ``x``.
 
     x̂ and ẑ are computed only when a screening weight uses them; otherwise ``stage1_recon`` and
@@ -287,7 +287,7 @@ def screening_loss(components: dict[str, Any], config: Stage1Config) -> Any:
 
 
 def screening_scores(
-    model: AttentionNet,
+    model: AttentionNet | AttentionNetEnsemble,
     images: np.ndarray,
     config: Stage1Config,
     device: torch.device,
@@ -563,7 +563,8 @@ class AttentionStage:
         g_opt.zero_grad(set_to_none=True)
         total.backward()
         g_opt.step()
-        losses["total"] = total.item() / members  # per rank (and member); the mean over ranks is the global batch's value
+        # per rank and member (ensembles train the attention term alone); the mean over ranks is the global batch's
+        losses["total"] = total.item() / members
         if discriminator is not None and d_opt is not None:
             logits_d, _ = self._discriminate(discriminator, x_clean, mask, out.reconstruction.detach().float(), attention.detach())
             real_logits, fake_logits = logits_d.chunk(2)
