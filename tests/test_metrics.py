@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from twostage_ad.metrics import image_auroc, pixel_auroc, pixel_auroc_by_category, pro_score, recall_at_threshold
+from twostage_ad.metrics import image_auroc, image_auroc_by_category, pixel_auroc, pixel_auroc_by_category, pro_score, recall_at_threshold
 
 
 def test_image_auroc_hand_computed():
@@ -91,3 +91,11 @@ def test_pixel_auroc_by_category_scores_each_kind_against_all_normals():
     assert pixel_auroc(labels, masks, np.ones(4, bool), maps).value == pytest.approx(26 / 28)
     without_masks = pixel_auroc_by_category(labels, categories, masks, np.array([True, True, True, False]), maps)
     assert without_masks == {"dent": pytest.approx(1.0), "scratch": None}
+
+
+def test_image_auroc_by_category_pairs_each_kind_with_every_normal():
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    categories = np.array(["", "", "", "dent", "dent", "scratch"])
+    scores = np.array([0.1, 0.2, 0.6, 0.7, 0.3, 0.5])
+    out = image_auroc_by_category(labels, categories, scores)
+    assert out == {"dent": pytest.approx(5 / 6), "scratch": pytest.approx(2 / 3)}  # dent: 0.7 > 3 normals, 0.3 > 2; scratch: 0.5 > 2

@@ -6,11 +6,14 @@ whose mask is empty (a labelling gap, e.g. 4 MTD "Uneven" images) are left out o
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-__all__ = ["MetricResult", "image_auroc", "pixel_auroc", "pixel_auroc_by_category", "pro_score", "recall_at_threshold"]
+__all__ = ["MetricResult", "image_auroc", "image_auroc_by_category", "pixel_auroc", "pixel_auroc_by_category", "pro_score",
+           "recall_at_threshold"]
 
 
 class MetricResult(tuple):
@@ -69,6 +72,19 @@ def pixel_auroc(
     return MetricResult(float(roc_auc_score(truth, pred)), note)
 
 
+def _category_rows(labels: np.ndarray, categories: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
+    """``(category, rows)`` for each anomalous category: its anomalies together with every normal image."""
+    labels, categories = np.asarray(labels), np.asarray(categories).astype(str)
+    for category in sorted(set(categories[labels == 1])):
+        yield category, (labels == 0) | ((labels == 1) & (categories == category))
+
+
+def image_auroc_by_category(labels: np.ndarray, categories: np.ndarray, scores: np.ndarray) -> dict[str, float | None]:
+    """Image AUROC of each anomalous category's images together with all normal images."""
+    scores = np.asarray(scores)
+    return {c: image_auroc(np.asarray(labels)[rows], scores[rows]).value for c, rows in _category_rows(labels, categories)}
+
+
 def pixel_auroc_by_category(
     labels: np.ndarray, categories: np.ndarray, masks: np.ndarray, has_mask: np.ndarray, maps: np.ndarray
 ) -> dict[str, float | None]:
@@ -77,13 +93,9 @@ def pixel_auroc_by_category(
     The pooled pixel AUROC weighs categories by their defect area (on MTD, ``MT_Uneven``'s large,
     low-contrast regions hold most defect pixels); this shows how well each kind is localised.
     """
-    labels, categories = np.asarray(labels), np.asarray(categories).astype(str)
-    normal = labels == 0
-    out: dict[str, float | None] = {}
-    for category in sorted(set(categories[labels == 1])):
-        rows = normal | ((labels == 1) & (categories == category))
-        out[category] = pixel_auroc(labels[rows], masks[rows], has_mask[rows], maps[rows]).value
-    return out
+    labels = np.asarray(labels)
+    return {c: pixel_auroc(labels[rows], masks[rows], has_mask[rows], maps[rows]).value
+            for c, rows in _category_rows(labels, categories)}
 
 
 def pro_score(

@@ -36,7 +36,14 @@ from twostage_ad.config import (
 from twostage_ad.data.images import DecodedImages, decode_records, infer_channels
 from twostage_ad.data.records import DataError, load_records, split_records
 from twostage_ad.distributed import DistributedContext, init_distributed
-from twostage_ad.metrics import image_auroc, pixel_auroc, pixel_auroc_by_category, pro_score, recall_at_threshold
+from twostage_ad.metrics import (
+    image_auroc,
+    image_auroc_by_category,
+    pixel_auroc,
+    pixel_auroc_by_category,
+    pro_score,
+    recall_at_threshold,
+)
 from twostage_ad.report import (
     plot_category_distribution,
     plot_loss_distribution,
@@ -167,14 +174,13 @@ def _threshold_metrics(table: pd.DataFrame, cascade: Cascade) -> dict[str, Any]:
     }
 
 
+def _categories(test: pd.DataFrame) -> np.ndarray:
+    """Test rows' categories as strings, blank for none (NaN after a CSV round trip)."""
+    return test["category"].fillna("").astype(str).to_numpy()
+
+
 def _per_category_auroc(test: pd.DataFrame, column: str) -> dict[str, float | None]:
-    normal = test[test["label"] == 0]
-    out = {}
-    categories = test["category"].fillna("").astype(str)  # as pixel_auroc_by_category keys them (blank after a CSV round trip)
-    for category, group in test[test["label"] == 1].groupby(categories[test["label"] == 1]):
-        both = pd.concat([normal, group])
-        out[str(category)] = image_auroc(both["label"].to_numpy(), both[column].to_numpy()).value
-    return out
+    return image_auroc_by_category(test["label"].to_numpy(), _categories(test), test[column].to_numpy())
 
 
 def _thresholds_payload(run_dir: Path, cascade: Cascade) -> dict[str, Any]:
@@ -621,7 +627,7 @@ def run_pipeline(
     cascade_seconds = test1.seconds + cascade2.seconds
 
     test = table[table["split"] == "test"]
-    labels, categories = test["label"].to_numpy(), test["category"].fillna("").astype(str).to_numpy()
+    labels, categories = test["label"].to_numpy(), _categories(test)
     masks, has_mask = decoded["test"].masks, decoded["test"].has_mask
     fused_maps = fused_anomaly_map(test1.anomaly_maps, test2.maps, stage2.map_mean_, stage2.map_std_)
     pixel = {
