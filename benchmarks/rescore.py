@@ -4,6 +4,7 @@
     python benchmarks/rescore.py ensemble RUN_DIR [RUN_DIR ...]    # runs of one data set, different seeds
     python benchmarks/rescore.py maps RUN_DIR [RUN_DIR ...]        # from maps/test_maps.npz
     python benchmarks/rescore.py flips RUN_DIR [RUN_DIR ...]       # loads checkpoints/stage1.pt
+    python benchmarks/rescore.py positions RUN_DIR [RUN_DIR ...]   # loads checkpoints/stage1.pt and the data
 
 Works on each run's ``scores.csv`` and ``config.yaml`` only (validation and test scores of both
 stages). Validation normals give every statistic and threshold (as the pipeline does); test labels
@@ -27,7 +28,13 @@ the mean map of normal test images in the last 4 columns and in the middle colum
 ``flips``: stage 1 scores the test images as saved, flipped left-right, upside down and both; the
 image AUROC of each view, of the mean of the first two and of all four screening losses.
 
-Appends to ``benchmarks/results/rescore_{fusion,ensemble,maps,flips}.{csv,md}``; never edit those
+``positions``: stage 1 scores the train, validation and test images again; the per-pixel BCE maps
+of the test images are standardised position by position with the mean and standard deviation of
+the validation (or training) normals' maps before the screening's blur and top-k mean: does a
+per-position normality (tile borders, lighting) explain the false alarms? Image AUROC of the plain
+score (the run's own, recomputed), of ``map − mean``, and of ``(map − mean) / (std + 0.1)``.
+
+Appends to ``benchmarks/results/rescore_{fusion,ensemble,maps,flips,positions}.{csv,md}``; never edit those
 by hand.
 """
 
@@ -150,9 +157,43 @@ def flips_row(run_dir: Path) -> dict:
     return row
 
 
+def _topk_of_bce(bce: np.ndarray, share: float = 0.01) -> np.ndarray:
+    """The screening's image score from per-pixel BCE maps ``N×H×W``: 3×3 mean, then top-``share`` mean."""
+    import torch
+    import torch.nn.functional as F
+
+    smoothed = F.avg_pool2d(torch.from_numpy(bce)[:, None], 3, 1, 1, count_include_pad=False).flatten(1)
+    k = max(1, round(share * smoothed.shape[1]))
+    return smoothed.topk(k, dim=1).values.mean(dim=1).numpy()
+
+
+def positions_row(run_dir: Path) -> dict:
+    from twostage_ad.data.images import decode_records
+    from twostage_ad.data.records import load_records, split_records
+    from twostage_ad.stages.attention import AttentionStage
+
+    config = load_run_config(run_dir)
+    splits = split_records(load_records(config.data, seed=config.run.seed))
+    stage = AttentionStage.load(run_dir / "checkpoints" / "stage1.pt", device="cpu")
+    bce, labels = {}, {}
+    for name in ("train", "val", "test"):
+        decoded = decode_records(splits[name], config.data.image_size, config.data.channels, progress=False)
+        maps = stage.score(decoded.images, progress=False).anomaly_maps  # 1 − A
+        bce[name] = -np.log(np.clip(1.0 - maps, 1e-7, 1.0)).astype(np.float32)  # softplus(−logit)
+        labels[name] = decoded.labels
+    y = labels["test"]
+    row: dict = {"data": config.run.name, "run": str(run_dir), "image_plain": image_auroc(y, _topk_of_bce(bce["test"])).value}
+    for reference in ("val", "train"):
+        normal = bce[reference][labels[reference] == 0]
+        mean, std = normal.mean(axis=0), normal.std(axis=0)
+        row[f"image_minus_{reference}_mean"] = image_auroc(y, _topk_of_bce(bce["test"] - mean)).value
+        row[f"image_z_{reference}"] = image_auroc(y, _topk_of_bce((bce["test"] - mean) / (std + 0.1))).value
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=("fusion", "ensemble", "maps", "flips"))
+    parser.add_argument("mode", choices=("fusion", "ensemble", "maps", "flips", "positions"))
     parser.add_argument("runs", type=Path, nargs="+", help="finished run folders (scores.csv, config.yaml)")
     parser.add_argument("--note", default="")
     args = parser.parse_args()
@@ -165,9 +206,10 @@ def main() -> None:
             row = {**stamp, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, "note": args.note}
             append_row("rescore_fusion", row, "Cascade fusion rules re-scored from saved scores (benchmarks/rescore.py; do not edit)")
             print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-    elif args.mode in ("maps", "flips"):
+    elif args.mode in ("maps", "flips", "positions"):
         make, title = {"maps": (maps_row, "Stage-1 maps re-scored from saved test maps"),
-                       "flips": (flips_row, "Stage 1 on flipped test images")}[args.mode]
+                       "flips": (flips_row, "Stage 1 on flipped test images"),
+                       "positions": (positions_row, "Stage-1 maps standardised per position by normal maps")}[args.mode]
         for run_dir in args.runs:
             row = {**stamp, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in make(run_dir).items()}, "note": args.note}
             append_row(f"rescore_{args.mode}", row, f"{title} (benchmarks/rescore.py; do not edit)")
