@@ -7,9 +7,11 @@ The package stretches non-square images to ``size × size``. Here each image is 
 its longer side is ``size`` (one scale for both axes), then padded to a square by mirroring
 (``numpy.pad(mode="symmetric")``, so the surface texture continues into the padding); masks get
 the same resize (box filter, kept where any defect falls) and the same mirroring, so a defect
-mirrored into the padding is labelled as one. The copy is written as PNG with a manifest of the
-same columns to ``OUT_DIR``, which must be outside the repository (the data are not ours to copy
-in).
+mirrored into the padding is labelled as one. Images are decoded as the package decodes them
+(grey or RGB by their mode, 16-bit scaled to 8); masks are written defect = white, so a data set
+with inverted masks (PIPED) needs ``--invert-masks`` here and ``data.invert_masks=false`` in the
+run. The copy is written as PNG with a manifest of the same columns to ``OUT_DIR``, which must be
+outside the repository and the source folder (the data are not ours to copy in).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
+
+from twostage_ad.data.images import _GREY_MODES, _open_converted  # the package's own decoding
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,26 +42,36 @@ def mirror_pad(array: np.ndarray, size: int) -> np.ndarray:
     return np.pad(array, pad, mode="symmetric")
 
 
-def letterbox(manifest: Path, out_dir: Path, size: int) -> pd.DataFrame:
-    """Write the letterboxed images, masks and manifest; return the manifest."""
+def _inside(out_dir: Path, relative: str | Path) -> Path:
+    """``out_dir / relative``, refusing paths that would leave ``out_dir`` (absolute or ``..``)."""
+    target = (out_dir / relative).resolve()
+    if out_dir not in target.parents:
+        raise SystemExit(f"{str(relative)!r} would be written outside {str(out_dir)!r}; only relative manifest paths are copied")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+def letterbox(manifest: Path, out_dir: Path, size: int, invert_masks: bool = False) -> pd.DataFrame:
+    """Write the letterboxed images, masks (defect = white) and manifest; return the manifest."""
     source_root = manifest.parent
     table = pd.read_csv(manifest)
     rows = []
     for row in table.to_dict("records"):
         with Image.open(source_root / row["image"]) as opened:
-            image = opened.convert("L" if opened.mode in ("L", "I;16", "I", "1") else "RGB")
+            mode = "L" if opened.mode in _GREY_MODES else "RGB"
+        image = _open_converted(source_root / row["image"], mode, "image")
         width, height = fitted_size(*image.size, size)
         out_image = Path(row["image"]).with_suffix(".png")
-        (out_dir / out_image).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(mirror_pad(np.asarray(image.resize((width, height), Image.BILINEAR)), size)).save(out_dir / out_image)
+        Image.fromarray(mirror_pad(np.asarray(image.resize((width, height), Image.BILINEAR)), size)).save(_inside(out_dir, out_image))
         mask = row.get("mask")
         if isinstance(mask, str) and mask:
-            with Image.open(source_root / mask) as opened:
-                binary = np.asarray(opened.convert("L")) > 127
+            grey = _open_converted(source_root / mask, "L", "mask")
+            if grey.size != image.size:
+                raise SystemExit(f"mask {mask!r} is {grey.size[0]}×{grey.size[1]} but its image is {image.size[0]}×{image.size[1]}")
+            binary = (np.asarray(grey) > 127) != invert_masks
             boxed = np.asarray(Image.fromarray(binary.astype(np.uint8) * 255).resize((width, height), Image.BOX)) > 0
             mask = str(Path("masks") / Path(mask).with_suffix(".png"))
-            (out_dir / mask).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(mirror_pad(boxed.astype(np.uint8) * 255, size)).save(out_dir / mask)
+            Image.fromarray(mirror_pad(boxed.astype(np.uint8) * 255, size)).save(_inside(out_dir, mask))
         rows.append({**row, "image": str(out_image), "mask": mask if isinstance(mask, str) else ""})
     out = pd.DataFrame(rows, columns=table.columns)
     out.to_csv(out_dir / "split.csv", index=False)
@@ -69,11 +83,13 @@ def main() -> None:
     parser.add_argument("manifest", type=Path, help="split.csv of the source data set")
     parser.add_argument("out_dir", type=Path, help="where the copy goes (outside the repository)")
     parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--invert-masks", action="store_true", help="source masks mark defects black (as data.invert_masks)")
     args = parser.parse_args()
-    out_dir = args.out_dir.resolve()
-    if out_dir == REPO or REPO in out_dir.parents:
-        parser.error(f"{str(out_dir)!r} is inside the repository; write the copy elsewhere")
-    table = letterbox(args.manifest.resolve(), out_dir, args.size)
+    out_dir, source_root = args.out_dir.resolve(), args.manifest.resolve().parent
+    for other, what in ((REPO, "the repository"), (source_root, "the source data set")):
+        if out_dir == other or other in out_dir.parents or out_dir in other.parents:
+            parser.error(f"{str(out_dir)!r} overlaps {what}; write the copy elsewhere")
+    table = letterbox(args.manifest.resolve(), out_dir, args.size, args.invert_masks)
     print(f"{len(table)} images -> {out_dir / 'split.csv'}")
 
 

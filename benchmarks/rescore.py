@@ -1,4 +1,5 @@
-"""Re-score finished runs: cascade fusion rules, seed ensembles, map statistics, flipped views.
+"""Re-score finished runs: cascade fusion rules, seed ensembles, map statistics, flipped views,
+per-position normality.
 
     python benchmarks/rescore.py fusion RUN_DIR [RUN_DIR ...]      # e.g. runs-root/*/*/seed*
     python benchmarks/rescore.py ensemble RUN_DIR [RUN_DIR ...]    # runs of one data set, different seeds
@@ -6,9 +7,11 @@
     python benchmarks/rescore.py flips RUN_DIR [RUN_DIR ...]       # loads checkpoints/stage1.pt
     python benchmarks/rescore.py positions RUN_DIR [RUN_DIR ...]   # loads checkpoints/stage1.pt and the data
 
-Works on each run's ``scores.csv`` and ``config.yaml`` only (validation and test scores of both
-stages). Validation normals give every statistic and threshold (as the pipeline does); test labels
-are used only for the reported metrics.
+``fusion`` and ``ensemble`` work on each run's ``scores.csv`` and ``config.yaml`` only (validation
+and test scores of both stages), ``maps`` on its saved test maps; ``flips`` and ``positions`` load
+its stage-1 checkpoint, ``positions`` its data too. Statistics and thresholds come from normal
+images (validation normals, as the pipeline does; ``positions`` also tries training normals);
+test labels are used only for the reported metrics.
 
 ``fusion``: for every run, the cascade (stage-1 threshold from the run's calibration, flagged
 images ordered by their second-stage score) with the second-stage score ``z1 + w·z2`` for
@@ -32,7 +35,10 @@ image AUROC of each view, of the mean of the first two and of all four screening
 of the test images are standardised position by position with the mean and standard deviation of
 the validation (or training) normals' maps before the screening's blur and top-k mean: does a
 per-position normality (tile borders, lighting) explain the false alarms? Image AUROC of the plain
-score (the run's own, recomputed), of ``map − mean``, and of ``(map − mean) / (std + 0.1)``.
+score (the run's own recomputed; the mode stops if it does not match the run's ``scores.csv``), of
+``map − mean``, and of ``(map − mean) / (std + 0.1)`` (0.1 keeps positions whose normal maps
+hardly vary from dominating; typical normal-pixel BCE is 0.02–0.3). The BCE is recomputed from the
+float32 map ``1 − A`` as ``−log(A)``, exact to float32 rounding up to about 16 (logits above −16).
 
 Appends to ``benchmarks/results/rescore_{fusion,ensemble,maps,flips,positions}.{csv,md}``; never edit those
 by hand.
@@ -157,7 +163,7 @@ def flips_row(run_dir: Path) -> dict:
     return row
 
 
-def _topk_of_bce(bce: np.ndarray, share: float = 0.01) -> np.ndarray:
+def _topk_of_bce(bce: np.ndarray, share: float) -> np.ndarray:
     """The screening's image score from per-pixel BCE maps ``N×H×W``: 3×3 mean, then top-``share`` mean."""
     import torch
     import torch.nn.functional as F
@@ -181,20 +187,26 @@ def positions_row(run_dir: Path) -> dict:
         maps = stage.score(decoded.images, progress=False).anomaly_maps  # 1 − A
         bce[name] = -np.log(np.clip(1.0 - maps, 1e-7, 1.0)).astype(np.float32)  # softplus(−logit)
         labels[name] = decoded.labels
-    y = labels["test"]
-    row: dict = {"data": config.run.name, "run": str(run_dir), "image_plain": image_auroc(y, _topk_of_bce(bce["test"])).value}
+    if config.stage1.screen_con or config.stage1.screen_enc:
+        raise SystemExit(f"{run_dir}: positions needs attention-only screening (screen_con = screen_enc = 0)")
+    y, share = labels["test"], config.stage1.screen_topk
+    plain = image_auroc(y, _topk_of_bce(bce["test"], share)).value
+    _, saved = _splits(run_dir)
+    if abs(plain - image_auroc(saved["label"].to_numpy(), saved["stage1_att_topk"].to_numpy()).value) > 1e-3:
+        raise SystemExit(f"{run_dir}: the recomputed stage-1 score does not reproduce the run's own (AUROC {plain:.4f})")
+    row: dict = {"data": config.run.name, "run": str(run_dir), "image_plain": plain}
     for reference in ("val", "train"):
         normal = bce[reference][labels[reference] == 0]
         mean, std = normal.mean(axis=0), normal.std(axis=0)
-        row[f"image_minus_{reference}_mean"] = image_auroc(y, _topk_of_bce(bce["test"] - mean)).value
-        row[f"image_z_{reference}"] = image_auroc(y, _topk_of_bce((bce["test"] - mean) / (std + 0.1))).value
+        row[f"image_minus_{reference}_mean"] = image_auroc(y, _topk_of_bce(bce["test"] - mean, share)).value
+        row[f"image_z_{reference}"] = image_auroc(y, _topk_of_bce((bce["test"] - mean) / (std + 0.1), share)).value
     return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=("fusion", "ensemble", "maps", "flips", "positions"))
-    parser.add_argument("runs", type=Path, nargs="+", help="finished run folders (scores.csv, config.yaml)")
+    parser.add_argument("runs", type=Path, nargs="+", help="finished run folders (scores.csv, config.yaml; maps/, checkpoints/ for some modes)")
     parser.add_argument("--note", default="")
     args = parser.parse_args()
     stamp = {"date": time.strftime("%Y-%m-%d %H:%M"), "commit": git_commit()}
