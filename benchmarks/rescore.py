@@ -179,6 +179,8 @@ def positions_row(run_dir: Path) -> dict:
     from twostage_ad.stages.attention import AttentionStage
 
     config = load_run_config(run_dir)
+    if config.stage1.screen_con or config.stage1.screen_enc:
+        raise SystemExit(f"{run_dir}: positions needs attention-only screening (screen_con = screen_enc = 0)")
     splits = split_records(load_records(config.data, seed=config.run.seed))
     stage = AttentionStage.load(run_dir / "checkpoints" / "stage1.pt", device="cpu")
     bce, labels = {}, {}
@@ -187,8 +189,6 @@ def positions_row(run_dir: Path) -> dict:
         maps = stage.score(decoded.images, progress=False).anomaly_maps  # 1 − A
         bce[name] = -np.log(np.clip(1.0 - maps, 1e-7, 1.0)).astype(np.float32)  # softplus(−logit)
         labels[name] = decoded.labels
-    if config.stage1.screen_con or config.stage1.screen_enc:
-        raise SystemExit(f"{run_dir}: positions needs attention-only screening (screen_con = screen_enc = 0)")
     y, share = labels["test"], config.stage1.screen_topk
     plain = image_auroc(y, _topk_of_bce(bce["test"], share)).value
     _, saved = _splits(run_dir)
