@@ -1,4 +1,4 @@
-"""Accuracy benchmark (issue 5): our cascade and anomalib's GANomaly on MTD and every PIPED class.
+"""Accuracy benchmark: our cascade and anomalib's GANomaly on MTD and every PIPED class.
 
     python benchmarks/accuracy.py                                   # everything: 3 seeds, both data sets, the peer
     python benchmarks/accuracy.py --datasets piped --classes PA_BDP01_TL --seeds 0   # a slice
@@ -34,16 +34,17 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import numpy as np
 import pandas as pd
-from _results import RESULTS, git_commit, markdown_table
 
 from twostage_ad.config import load_config
 from twostage_ad.runs import read_json, write_atomic, write_text_atomic
 from twostage_ad.workflow import run_pipeline
 
+from _results import RESULTS, git_commit, markdown_table
+
 log = logging.getLogger("accuracy")
 REPO = Path(__file__).resolve().parent.parent
 PIPELINES = {"mtd": REPO / "pipelines" / "mtd.yaml", "piped": REPO / "pipelines" / "piped.yaml"}
-GOALS = {"mtd": 0.90, "piped": 0.90}  # image and pixel AUROC, issue 5
+GOALS = {"mtd": 0.90, "piped": 0.90}  # image and pixel AUROC goals
 
 
 def classes_of(dataset: str) -> list[str | None]:
@@ -175,7 +176,7 @@ def markdown(summary: pd.DataFrame, runs: pd.DataFrame, args: argparse.Namespace
         "cascade's deployment path (stage 1 on all test images, stage 2 on flagged ones) and the peer's forward passes, "
         "both on decoded tensors, 2 CPU cores.\n\n"
     )
-    return header + markdown_table(table) + "\n## Goals (issue 5)\n\n" + "\n".join(goals) + "\n"
+    return header + markdown_table(table) + "\n## Goals\n\n" + "\n".join(goals) + "\n"
 
 
 def main() -> None:

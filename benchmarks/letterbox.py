@@ -1,4 +1,4 @@
-"""Write an aspect-preserving copy of a manifest data set, for the experiment of entry 42.
+"""Write an aspect-preserving copy of a manifest data set, for the aspect-ratio experiment (docs/experiments.md).
 
     python benchmarks/letterbox.py ../shared/data/mtd/split.csv /tmp/mtd_letterbox [--size 128]
     python -m twostage_ad.pipeline run --config pipelines/mtd.yaml --set data.path=/tmp/mtd_letterbox/split.csv
@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from twostage_ad.data.images import _GREY_MODES, _open_converted  # the package's own decoding
+from twostage_ad.data.images import decode_native  # the package's own decoding
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -57,15 +57,13 @@ def letterbox(manifest: Path, out_dir: Path, size: int, invert_masks: bool = Fal
     table = pd.read_csv(manifest)
     rows = []
     for row in table.to_dict("records"):
-        with Image.open(source_root / row["image"]) as opened:
-            mode = "L" if opened.mode in _GREY_MODES else "RGB"
-        image = _open_converted(source_root / row["image"], mode, "image")
+        image = decode_native(source_root / row["image"])
         width, height = fitted_size(*image.size, size)
         out_image = Path(row["image"]).with_suffix(".png")
         Image.fromarray(mirror_pad(np.asarray(image.resize((width, height), Image.BILINEAR)), size)).save(_inside(out_dir, out_image))
         mask = row.get("mask")
         if isinstance(mask, str) and mask:
-            grey = _open_converted(source_root / mask, "L", "mask")
+            grey = decode_native(source_root / mask, mode="L", what="mask")
             if grey.size != image.size:
                 raise SystemExit(f"mask {mask!r} is {grey.size[0]}×{grey.size[1]} but its image is {image.size[0]}×{image.size[1]}")
             binary = (np.asarray(grey) > 127) != invert_masks

@@ -4,7 +4,7 @@
 
 For each run folder (e.g. the accuracy benchmark's): decode its validation and test images as the
 run did, load both trained stages, and score the test split with the stage-1 network in float32
-and under bf16 autocast (``stage1.score_bf16``). One row per run: image AUROC and stage-1 pixel
+and under bf16 autocast (``run.precision: bf16``). One row per run: image AUROC and stage-1 pixel
 AUROC of both, the largest relative change of a screening loss, the Spearman rank correlation
 of the two score lists, and scoring images/s of each (median of ``--repeats`` passes). Stage 2 is
 checked the same way as a diagnostic (the package has no bf16 option for it: its score is a
@@ -17,23 +17,24 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import numpy as np
 import torch
-from _results import append_row, git_commit, timed_median
 from scipy.stats import spearmanr
 
 from twostage_ad.allocator import tune_malloc
 from twostage_ad.data.images import decode_records
 from twostage_ad.data.records import load_records, split_records
+from twostage_ad.device import has_fast_bf16
 from twostage_ad.metrics import image_auroc, pixel_auroc
-from twostage_ad.stages.attention import AttentionStage, has_fast_bf16
+from twostage_ad.stages.attention import AttentionStage
 from twostage_ad.stages.patch_scorer import PatchScorerStage
 from twostage_ad.workflow import load_run_config
+
+from _results import append_row, git_commit, timed_median
 
 
 def compare(run_dir: Path, repeats: int) -> dict:
@@ -50,7 +51,7 @@ def compare(run_dir: Path, repeats: int) -> dict:
     guided = stage2.config.guidance != "none"
     results = {}
     for precision, bf16 in (("fp32", False), ("bf16", True)):
-        stage1.config = replace(stage1.config, score_bf16=bf16)
+        stage1.precision = "bf16" if bf16 else "float32"
         stage1.score(test.images[:8], progress=False)  # warm-up
         first, seconds = timed_median(lambda: stage1.score(test.images, progress=False), repeats)
         results[precision] = (first, len(labels) / seconds)
@@ -70,7 +71,7 @@ def compare(run_dir: Path, repeats: int) -> dict:
     }
     # stage 2, diagnostic: its network under bf16 autocast (normalisation fixed in float32, with
     # float32 stage-1 guidance maps for validation and test alike)
-    stage1.config = replace(stage1.config, score_bf16=False)
+    stage1.precision = "float32"
     val_maps = stage1.score(val.images, progress=False).anomaly_maps if guided else None
     stage2.fit_normalisation(val.images, stage1_maps=val_maps)
     maps = s32.anomaly_maps if guided else None

@@ -53,11 +53,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from _results import append_row, git_commit
 
 from twostage_ad.cascade import fit_cascade
 from twostage_ad.metrics import image_auroc, pixel_auroc, pixel_auroc_by_category
 from twostage_ad.workflow import load_run_config
+
+from _results import append_row, git_commit
 
 WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0)
 
@@ -164,13 +165,12 @@ def flips_row(run_dir: Path) -> dict:
 
 
 def _topk_of_bce(bce: np.ndarray, share: float) -> np.ndarray:
-    """The screening's image score from per-pixel BCE maps ``N×H×W``: 3×3 mean, then top-``share`` mean."""
+    """The screening's image score from per-pixel BCE maps ``N×H×W`` (the package's own top-k)."""
     import torch
-    import torch.nn.functional as F
 
-    smoothed = F.avg_pool2d(torch.from_numpy(bce)[:, None], 3, 1, 1, count_include_pad=False).flatten(1)
-    k = max(1, round(share * smoothed.shape[1]))
-    return smoothed.topk(k, dim=1).values.mean(dim=1).numpy()
+    from twostage_ad.stages.attention import screening_topk
+
+    return screening_topk(torch.from_numpy(bce)[:, None], share).numpy()
 
 
 def positions_row(run_dir: Path) -> dict:

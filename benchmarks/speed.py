@@ -16,7 +16,7 @@ setting (``--allocator``: the pipeline's glibc tuning by default, see twostage_a
 The peer, anomalib's GANomaly, is timed in the same run by ``benchmarks/peer_anomalib.py speed``
 in its own environment (random weights: its speed does not depend on them); ``peer_score_ips``
 is the peer as anomalib runs it (float32), and when the config scores stage 1 in bf16
-(``stage1.score_bf16``) the peer is also timed under bf16 autocast (``peer_score_ips_bf16``). Appends the rows to
+(``run.precision`` resolves to bf16) the peer is also timed under bf16 autocast (``peer_score_ips_bf16``). Appends the rows to
 ``benchmarks/results/speed.{csv,md}``; never edit those by hand.
 """
 
@@ -35,14 +35,17 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import numpy as np
 import torch
-from _results import append_row, git_commit, timed_median
 from torch.utils.flop_counter import FlopCounterMode
 
 from twostage_ad.allocator import tune_malloc
 from twostage_ad.config import Config, load_config
+from twostage_ad.detector import apply_run_settings
+from twostage_ad.device import resolve_precision
 from twostage_ad.models.ganomaly2d import GANomaly2D, PatchDiscriminator
-from twostage_ad.stages.attention import AttentionStage, build_attention_network, screening_batch
+from twostage_ad.stages.attention import AttentionStage, build_attention_network, screening_batch, uses_reconstruction
 from twostage_ad.stages.patch_scorer import PatchScorerStage
+
+from _results import append_row, git_commit, timed_median
 
 
 def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
@@ -111,11 +114,13 @@ def measure(size: int, n_images: int, config: Config, flag_rate: float, repeats:
     flops_d2 = forward_flops(PatchDiscriminator(channels, width_divisor=c2.width_divisor), x)
 
     stage1 = AttentionStage(config=c1, augment=config.augment, image_size=size, channels=channels, device="cpu")
+    apply_run_settings(stage1, config.run)  # precision, layout, scoring batch as a run sets them
     stage1.fit(images, progress=False)
     train1 = n_images / stage1.train_seconds_
     stage1.score(images[:8], progress=False)  # warm-up
     maps1 = stage1.score(images, progress=False).anomaly_maps
     stage2 = PatchScorerStage(config=c2, image_size=size, channels=channels, device="cpu")
+    apply_run_settings(stage2, config.run)
     stage2.fit(images, progress=False)
     train2 = n_images / stage2.train_seconds_
     guided = c2.guidance != "none"
@@ -174,12 +179,14 @@ def main() -> None:
     if not args.no_peer and not args.peer_python.is_file():
         parser.error(f"no peer interpreter at {args.peer_python}: run benchmarks/setup_peer_env.sh or pass --no-peer")
     config = load_config(args.config, args.overrides)
-    peer = {} if args.no_peer else peer_speed(args.peer_python, args.sizes, args.images, config.stage1.score_batch_size,
+    peer = {} if args.no_peer else peer_speed(args.peer_python, args.sizes, args.images, config.run.score_batch_size,
                                                   args.repeats, tuned)
     # the peer as anomalib runs it is float32; its bf16-autocast speed too, for a like-for-like row
     # when our stage 1 scores in bf16
-    peer_bf16 = {} if args.no_peer or not config.stage1.score_bf16 else peer_speed(
-        args.peer_python, args.sizes, args.images, config.stage1.score_batch_size, args.repeats, tuned, bf16=True)
+    ours_bf16 = resolve_precision(config.run.precision, torch.device("cpu"),
+                                  bf16_allowed=not uses_reconstruction(config.stage1)) == "bf16"
+    peer_bf16 = {} if args.no_peer or not ours_bf16 else peer_speed(
+        args.peer_python, args.sizes, args.images, config.run.score_batch_size, args.repeats, tuned, bf16=True)
     torch.manual_seed(0)
     for size in args.sizes:
         ours = measure(size, args.images, config, args.flag_rate, args.repeats)

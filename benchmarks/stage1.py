@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from _results import append_row, git_commit
 
 from twostage_ad.config import load_config
 from twostage_ad.workflow import run_pipeline
+
+from _results import append_row, git_commit
 
 
 def main() -> None:

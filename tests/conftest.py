@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
@@ -65,3 +64,8 @@ def mvtec_layout(tmp_path: Path, rng: np.random.Generator) -> Path:
         mask[5:15, 5:15] = 255
         write_image(root / "ground_truth" / "crack" / f"{i:03d}_mask.png", mask)
     return root.parent
+
+
+# Stage 1 with every objective trained and screened (the digits demo's setting; the package
+# defaults train and screen the attention head alone): tests of those terms spell it out.
+ALL_OBJECTIVES = {"w_con": 1.0, "w_enc": 1.0, "w_adv": 0.1, "w_rep": 1.0, "screen_con": 1.0, "screen_enc": 1.0}

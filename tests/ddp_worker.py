@@ -25,7 +25,10 @@ def sgd(params, lr, betas=None, weight_decay=0.0):  # noqa: ARG001 - Adam's sign
 def train(context) -> dict:
     images = (np.random.default_rng(0).random((16, 32, 32, 1)) * 255).astype(np.uint8)
     torch.optim.Adam = sgd  # the stages look Adam up when they build their optimisers
-    stage1 = AttentionStage(Stage1Config(epochs=2, batch_size=8, base_width=8, max_width=32), AugmentConfig(probability=0.5),
+    # every stage-1 objective on (the digits demo's): the masked means and feature matching run under DDP
+    objectives = {"w_con": 1.0, "w_enc": 1.0, "w_adv": 0.1, "w_rep": 1.0, "screen_con": 1.0, "screen_enc": 1.0}
+    stage1 = AttentionStage(config=Stage1Config(epochs=2, batch_size=8, base_width=8, max_width=32, **objectives),
+                            augment=AugmentConfig(probability=0.5),
                             image_size=32, channels=1, device="cpu")
     stage1.fit(images, progress=False, context=context)
     stage2 = PatchScorerStage(Stage2Config(epochs=2, batch_size=8, width_divisor=16, guidance="none"), image_size=32,

@@ -68,7 +68,7 @@ def test_the_run_setting_decides_whether_the_allocator_is_tuned(monkeypatch):
 
     calls = []
     monkeypatch.setattr(workflow, "tune_malloc", lambda: calls.append(1) or True)
-    workflow._apply_process_settings(0, False)
+    workflow.apply_process_settings(0, False)
     assert calls == []
-    workflow._apply_process_settings(0, True)
+    workflow.apply_process_settings(0, True)
     assert calls == [1]

@@ -1,4 +1,4 @@
-"""Messy input: every case gets one clear message naming the file or field and the fix (issue 7)."""
+"""Messy input: every case gets one clear message naming the file or field and the fix."""
 
 import json
 import logging
@@ -64,7 +64,7 @@ def _all_training_images_unreadable(tmp_path, rng):
 @pytest.mark.parametrize(
     "build, error, message",
     [
-        (_seed_root_without_train, DataError, "seed layout needs training normals: folder"),
+        (_seed_root_without_train, DataError, "folders layout needs training normals: folder"),
         (_empty_train_folder, DataError, "no normal training image"),
         (_manifest_without_split, DataError, "lacks column(s) ['split']"),
         (_no_normal_training_images, DataError, "no normal training image"),

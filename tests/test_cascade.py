@@ -1,4 +1,4 @@
-"""The cascade rule and score (DESIGN §2): flagged above unflagged, each ordered by its own stage."""
+"""The cascade rule and score (docs/design.md §2): flagged above unflagged, each ordered by its own stage."""
 
 import numpy as np
 import pytest

@@ -9,7 +9,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_default_config_is_the_digits_pipeline_file():
-    assert load_config(REPO / "pipelines" / "digits.yaml") == Config().validate()
+    assert load_config(None) == load_config(REPO / "pipelines" / "digits.yaml")
+
+
+@pytest.mark.parametrize("name", ["mtd", "piped"])
+def test_the_real_data_recipe_is_the_package_default(name):
+    """The shipped real-data configs say where the data is; every method setting is the default."""
+    config, default = config_to_dict(load_config(REPO / "pipelines" / f"{name}.yaml")), config_to_dict(Config().validate())
+    for section in config:
+        if section not in ("data", "run"):
+            assert config[section] == default[section], section
+    assert {k for k in config["run"] if config["run"][k] != default["run"][k]} == {"name"}
 
 
 @pytest.mark.parametrize("name", ["digits", "mtd", "piped"])
@@ -53,7 +63,7 @@ def test_int_is_accepted_for_float_fields():
         ("calibration.q=1.5", "calibration.q must be in (0, 1), got 1.5"),
         ("run.device=tpu", "run.device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
         ("data.source=manifest", "data.path must be a folder or CSV path"),
-        ("stage1.amp=yes please", "stage1.amp must be true or false"),
+        ("run.amp=yes please", "run.amp must be true or false"),
         ("epochs=3", "must look like section.field"),
         ("stage1.bottleneck_size=16", "stage1.bottleneck_size must be at most data.image_size / 4 = 8"),
         ("stage1.base_width=2", "stage1.base_width must be an integer >= 4"),
@@ -110,8 +120,8 @@ def test_ensembles_train_the_attention_head_only():
 
 
 def test_bf16_scoring_needs_attention_only_screening():
-    with pytest.raises(ConfigError, match="stage1.screen_con must be 0 with score_bf16"):
-        load_config(None, ["stage1.score_bf16=true", "stage1.screen_enc=0"])
-    with pytest.raises(ConfigError, match="stage1.screen_enc must be 0 with score_bf16"):
-        load_config(None, ["stage1.score_bf16=true", "stage1.screen_con=0"])
-    assert load_config(None, ["stage1.score_bf16=true", "stage1.screen_con=0", "stage1.screen_enc=0"]).stage1.score_bf16
+    with pytest.raises(ConfigError, match="stage1.screen_con must be 0 with run.precision bf16"):
+        load_config(None, ["run.precision=bf16", "stage1.screen_enc=0"])
+    with pytest.raises(ConfigError, match="stage1.screen_enc must be 0 with run.precision bf16"):
+        load_config(None, ["run.precision=bf16", "stage1.screen_con=0"])
+    assert load_config(None, ["run.precision=bf16", "stage1.screen_con=0", "stage1.screen_enc=0"]).run.precision == "bf16"

@@ -109,3 +109,28 @@ def test_unfinished_run_is_refused(run, tmp_path):
     (partial / "thresholds.json").unlink()
     with pytest.raises(FileNotFoundError, match="thresholds.json is missing"):
         TwoStageDetector.from_run(partial)
+
+
+def test_a_detector_fits_from_arrays_and_predicts_what_fit_scored():
+    """The Python API needs no run folder: fit on arrays, then predict gives fit's validation scores."""
+    from twostage_ad.config import load_config as load
+
+    from conftest import textured
+
+    rng = np.random.default_rng(0)
+    train = np.stack([textured(rng, size=32)[..., None] for _ in range(12)])
+    val = np.stack([textured(rng, size=32)[..., None] for _ in range(8)])
+    config = load(None, [*TINY, "data.channels=1"])
+    detector = TwoStageDetector.from_config(config, device="cpu")
+    with pytest.raises(RuntimeError, match="not calibrated"):
+        detector.predict(val, progress=False)
+    detector.fit(train, val, np.zeros(len(val), int), config.calibration, progress=False)
+    predicted = detector.predict(val, all_stages=True, progress=False)
+    fitted = detector.validation_
+    np.testing.assert_allclose([p.stage1_loss for p in predicted.images], fitted.stage1.loss, rtol=1e-5)
+    np.testing.assert_allclose([p.stage2_score for p in predicted.images], fitted.stage2.scores, rtol=1e-5)
+    assert [p.flagged for p in predicted.images] == list(fitted.decided.flagged)
+    # the deployment path runs stage 2 on the flagged images only, with the same decisions
+    deployed = detector.predict(val, progress=False)
+    assert [p.decision for p in deployed.images] == [p.decision for p in predicted.images]
+    assert [p.stage2_score is None for p in deployed.images] == [not f for f in fitted.decided.flagged]

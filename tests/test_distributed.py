@@ -159,10 +159,26 @@ def test_torchrun_scoring_is_sharded_by_index_and_equals_one_process(single_run,
     ours, theirs = pd.read_csv(run_dir / "scores.csv"), pd.read_csv(single_run / "scores.csv")
     assert ours["image"].tolist() == theirs["image"].tolist()
     for column in ("stage1_loss", "stage1_att_topk", "stage2_score", "cascade_score"):
-        np.testing.assert_allclose(ours[column], theirs[column], rtol=1e-5, atol=1e-6, err_msg=column)
+        # shards change batch shapes and so the float32 kernels' summation order: agreement to float32
+        # rounding of the column's largest magnitude (a score near zero is a difference of larger terms)
+        scale = max(1.0, float(theirs[column].abs().max()))
+        np.testing.assert_allclose(ours[column], theirs[column], rtol=1e-5, atol=1e-5 * scale, err_msg=column)
     assert (ours["decision"] == theirs["decision"]).all()
     maps, reference_maps = (np.load(d / "maps" / "test_maps.npz") for d in (run_dir, single_run))
     np.testing.assert_array_equal(maps["stage1"], reference_maps["stage1"])
+
+
+def _kill_launcher_and_ranks(pid: int) -> None:
+    """SIGKILL a torchrun launcher and its ranks, which it starts in sessions of their own."""
+    try:
+        ranks = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        ranks = []
+    for group in (pid, *ranks):
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _checkpoint_epoch(path: Path) -> int:
@@ -189,15 +205,13 @@ def test_a_killed_torchrun_run_resumes_under_torchrun_to_the_uninterrupted_resul
         deadline = time.time() + 300
         while _checkpoint_epoch(checkpoint) < 2 and time.time() < deadline and proc.poll() is None:
             time.sleep(0.02)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, as a lost node would
-        except ProcessLookupError:
-            pass
+        _kill_launcher_and_ranks(proc.pid)  # as a lost node would
         proc.wait()
     killed_at = _checkpoint_epoch(checkpoint)
     assert 2 <= killed_at < 6, f"the run was not caught mid-training (epoch {killed_at}): {log.read_text()[-2000:]}"
     assert not (run_dir / "scores.csv").exists()
     before_kill = load_checkpoint(checkpoint)["history"]
+    assert len(before_kill) == killed_at  # nothing trained on after the kill
     resumed = _torchrun("-m", "twostage_ad.pipeline", "-q", "run", "--output", str(run_dir), "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     # resumed, not retrained: the epochs before the kill are the killed run's own (their timings included)

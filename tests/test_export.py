@@ -87,7 +87,8 @@ def test_an_ensemble_stage1_exports_to_onnx_and_agrees_with_eager(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     config = load_config(None, ["stage1.epochs=1", "stage1.base_width=8", "stage1.max_width=16", "stage1.ensemble_size=2",
                                 "stage1.w_con=0", "stage1.w_rep=0", "stage1.w_enc=0", "stage1.w_adv=0", "stage1.screen_con=0",
-                                "stage1.screen_enc=0", "stage2.epochs=1", "stage2.width_divisor=16", "run.overlays=0"])
+                                "stage1.screen_enc=0", "stage2.epochs=1", "stage2.width_divisor=16", "run.overlays=0",
+                                "run.precision=float32"])  # the export is float32; auto may score in bf16
     run_dir = run_pipeline(config, tmp_path / "ensemble", progress=False).run_dir
     written = export_run(run_dir, formats=("onnx",))
     stage1 = TwoStageDetector.from_run(run_dir, device="cpu").stage1

@@ -34,7 +34,7 @@ def test_attention_net_shapes_finiteness_and_gradients(size, channels):
     assert out.attention_logits.shape == (2, 1, size, size)
     assert out.latent.shape == out.latent_reconstructed.shape == (2, 32, 4, 4)
     assert out.reconstruction.abs().max() <= 1.0
-    assert 0.0 <= out.attention.min() and out.attention.max() <= 1.0
+    assert out.attention.min() >= 0.0 and out.attention.max() <= 1.0
     for tensor in (out.reconstruction, out.attention_logits, out.latent, out.latent_reconstructed):
         assert torch.isfinite(tensor).all()
     loss = out.reconstruction.mean() + out.attention_logits.mean() + (out.latent - out.latent_reconstructed).pow(2).mean()

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from twostage_ad.config import Stage2Config
-from twostage_ad.stages.patch_scorer import PatchScorerStage, discriminator_loss, generator_loss, guide
+from twostage_ad.stages.losses import discriminator_loss, generator_loss
+from twostage_ad.stages.patch_scorer import PatchScorerStage, guide
 
 from conftest import textured
 
@@ -120,9 +121,9 @@ def test_losses_hand_computed():
 
 
 def test_collapsed_discriminator_is_reinitialised(monkeypatch):
-    from twostage_ad.stages import patch_scorer
+    from twostage_ad.stages import training
 
-    monkeypatch.setattr(patch_scorer, "COLLAPSE_LOSS", 10.0)  # every step counts as collapsed
+    monkeypatch.setattr(training, "COLLAPSE_LOSS", 10.0)  # every step counts as collapsed
     rng = np.random.default_rng(0)
     images = np.stack([textured(rng, size=32)[..., None] for _ in range(8)])
     stage = PatchScorerStage(Stage2Config(epochs=1, width_divisor=16, batch_size=4), image_size=32, channels=1, device="cpu")

@@ -7,28 +7,28 @@ import numpy as np
 import pytest
 import torch
 
+from twostage_ad import device as device_module
 from twostage_ad.config import AugmentConfig, Stage1Config
 from twostage_ad.data.images import to_tensor
+from twostage_ad.device import has_fast_bf16
 from twostage_ad.models.attention_net import AttentionNet
-from twostage_ad.stages import attention as attention_module
 from twostage_ad.stages.attention import (
     SCREENING_COMPONENTS,
     AttentionStage,
     DefectDataset,
-    _attention_bce,
-    has_fast_bf16,
     screening_loss,
     screening_scores,
 )
+from twostage_ad.stages.losses import attention_bce
 
-from conftest import textured
+from conftest import ALL_OBJECTIVES, textured
 
 
 @pytest.fixture(scope="module")
 def fitted_stage():
     rng = np.random.default_rng(0)
     images = np.stack([textured(rng, size=32)[..., None] for _ in range(12)])
-    config = Stage1Config(epochs=1, base_width=8, max_width=16, batch_size=6)
+    config = Stage1Config(epochs=1, base_width=8, max_width=16, batch_size=6, **ALL_OBJECTIVES)
     return AttentionStage(config=config, image_size=32, channels=1, device="cpu", seed=0).fit(images, progress=False), images
 
 
@@ -73,7 +73,7 @@ def test_screening_loss_is_the_documented_weighted_sum(fitted_stage):
 def test_training_is_reproducible_with_a_seed():
     rng = np.random.default_rng(0)
     images = np.stack([textured(rng, size=32)[..., None] for _ in range(8)])
-    config = Stage1Config(epochs=1, base_width=4, max_width=8, batch_size=4)
+    config = Stage1Config(epochs=1, base_width=4, max_width=8, batch_size=4, **ALL_OBJECTIVES)
     a = AttentionStage(config=config, image_size=32, channels=1, device="cpu", seed=7).fit(images, progress=False)
     b = AttentionStage(config=config, image_size=32, channels=1, device="cpu", seed=7).fit(images, progress=False)
     np.testing.assert_allclose(a.score(images, progress=False).loss, b.score(images, progress=False).loss, rtol=1e-6)
@@ -123,11 +123,11 @@ def test_balanced_bce_weighs_defect_and_normal_pixels_equally():
     logits = torch.full((1, 1, 10, 10), 2.0)  # everything called normal
     per_pixel_defect = torch.nn.functional.softplus(torch.tensor(2.0)).item()  # BCE(2, target 0)
     per_pixel_normal = torch.nn.functional.softplus(torch.tensor(-2.0)).item()  # BCE(2, target 1)
-    plain = _attention_bce(logits, mask, balanced=False).item()
-    balanced = _attention_bce(logits, mask, balanced=True).item()
+    plain = attention_bce(logits, mask, balanced=False).item()
+    balanced = attention_bce(logits, mask, balanced=True).item()
     assert plain == pytest.approx(0.01 * per_pixel_defect + 0.99 * per_pixel_normal, rel=1e-5)
     assert balanced == pytest.approx(0.5 * (per_pixel_defect + per_pixel_normal), rel=1e-5)
-    clean = _attention_bce(logits, torch.ones_like(mask), balanced=True).item()
+    clean = attention_bce(logits, torch.ones_like(mask), balanced=True).item()
     assert clean == pytest.approx(per_pixel_normal, rel=1e-5)
 
 
@@ -147,9 +147,9 @@ def test_adversarial_branch_is_built_and_trained_only_when_weighted(tmp_path, w_
 
 
 def test_collapsed_discriminator_is_reinitialised_and_logged(monkeypatch, caplog):
-    from twostage_ad.stages import attention
+    from twostage_ad.stages import training
 
-    monkeypatch.setattr(attention, "COLLAPSE_LOSS", 10.0)  # every step counts as collapsed
+    monkeypatch.setattr(training, "COLLAPSE_LOSS", 10.0)  # every step counts as collapsed
     rng = np.random.default_rng(0)
     images = np.stack([textured(rng, size=32)[..., None] for _ in range(8)])
     config = Stage1Config(epochs=1, base_width=8, max_width=16, batch_size=4, w_adv=0.1)
@@ -161,7 +161,7 @@ def test_collapsed_discriminator_is_reinitialised_and_logged(monkeypatch, caplog
 
 def test_reinitialise_discriminator_draws_fresh_weights_and_forgets_the_optimiser():
     from twostage_ad.models.attention_net import ImageMapDiscriminator
-    from twostage_ad.stages.attention import reinitialise_discriminator
+    from twostage_ad.stages.training import reinitialise_discriminator
 
     disc = ImageMapDiscriminator(1, 32, base_width=8, max_width=16)
     optimizer = torch.optim.Adam(disc.parameters())
@@ -221,7 +221,7 @@ def test_an_ensemble_member_trains_exactly_as_it_would_alone(tmp_path):
 
 def test_channels_last_is_a_layout_not_a_different_model(fitted_stage):
     stage, images = fitted_stage
-    assert stage.config.channels_last
+    assert stage.channels_last
     assert stage.model_.encoder.blocks[0].conv.weight.is_contiguous(memory_format=torch.channels_last)
     nhwc = stage.score(images, progress=False)
     stage.model_.to(memory_format=torch.contiguous_format)
@@ -239,10 +239,10 @@ def test_bf16_scoring_runs_the_network_in_bf16_and_returns_float32(fitted_stage)
     stage.config = replace(original, screen_con=0.0, screen_enc=0.0)  # bf16 scoring needs attention-only screening
     try:
         full = stage.score(images, progress=False)
-        stage.config = replace(stage.config, score_bf16=True)
+        stage.precision = "bf16"
         half = stage.score(images, progress=False)
     finally:
-        stage.config = original
+        stage.config, stage.precision = original, "float32"
     assert half.loss.dtype == np.float32 and half.anomaly_maps.dtype == np.float32
     assert not np.array_equal(half.anomaly_maps, full.anomaly_maps)  # the network did run in bf16
     np.testing.assert_allclose(half.loss, full.loss, rtol=0.05)  # bf16 keeps ~3 significant digits
@@ -251,14 +251,15 @@ def test_bf16_scoring_runs_the_network_in_bf16_and_returns_float32(fitted_stage)
 
 def test_bf16_scoring_warns_where_bf16_would_be_emulated(fitted_stage, monkeypatch):
     stage, images = fitted_stage
-    monkeypatch.setattr("twostage_ad.stages.attention.has_fast_bf16", lambda device: False)
+    monkeypatch.setattr("twostage_ad.device.has_fast_bf16", lambda device: False)
     original = stage.config
-    stage.config = replace(original, score_bf16=True, screen_con=0.0, screen_enc=0.0)
+    stage.config = replace(original, screen_con=0.0, screen_enc=0.0)
+    stage.precision = "bf16"
     try:
         with pytest.warns(RuntimeWarning, match="has no native bf16"):
             stage.score(images[:2], progress=False)
     finally:
-        stage.config = original
+        stage.config, stage.precision = original, "float32"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         stage.score(images[:2], progress=False)  # float32 scoring: nothing to warn about
@@ -266,13 +267,22 @@ def test_bf16_scoring_warns_where_bf16_would_be_emulated(fitted_stage, monkeypat
 
 def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
-    real_path = attention_module.Path
+    real_path = device_module.Path
 
     def fake_path(name):
         return cpuinfo if name == "/proc/cpuinfo" else real_path(name)
 
-    monkeypatch.setattr(attention_module, "Path", fake_path)
+    monkeypatch.setattr(device_module, "Path", fake_path)
+    # kernels free to use AVX-512 (whatever this process's ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     cpuinfo.write_text("flags : fpu avx512f avx512bw avx512vl\n")  # AVX-512 without bf16: emulated
     assert not has_fast_bf16(torch.device("cpu"))
     cpuinfo.write_text("flags : fpu avx512f avx512_bf16\n")
     assert has_fast_bf16(torch.device("cpu"))
+    # the same CPU with its kernels held to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2 or ATEN_CPU_CAPABILITY=avx2): emulated
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not has_fast_bf16(torch.device("cpu"))
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not has_fast_bf16(torch.device("cpu"))

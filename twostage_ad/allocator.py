@@ -7,7 +7,7 @@ is such an allocation, so the kernel zero-fills it one 4 KiB page fault at a tim
 batch: at 128 px, stage-1 scoring spent more than half its time in those faults (profiled as
 ``aten::copy_`` and ``upsample_bilinear2d``). With the thresholds raised, freed blocks are reused.
 Measured on 2 CPU cores at 128 px (``benchmarks/speed.py --allocator system|tuned``, same
-commit; benchmarks/README.md, entry 24): stage-1 scoring 94 -> 201 images/s, stage 2 186 -> 342,
+commit; docs/experiments.md, allocator): stage-1 scoring 94 -> 201 images/s, stage 2 186 -> 342,
 stage-1 training 39 -> 50. PyTorch's CPU performance guide gives the same advice in the form of
 jemalloc/tcmalloc; this needs no preloaded library.
 

@@ -39,7 +39,7 @@ class Threshold:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "Threshold":
+    def from_dict(cls, values: dict[str, Any]) -> Threshold:
         return cls(method=values["method"], params=dict(values["params"]), value=float(values["value"]), stats=dict(values.get("stats", {})))
 
 

@@ -1,4 +1,4 @@
-"""The two-stage decision and the one continuous cascade score (DESIGN §2, cascade).
+"""The two-stage decision and the one continuous cascade score (docs/design.md §2, cascade).
 
 Rule: an image is *flagged* when its stage-1 screening loss ``s1 > τ₁``. Unflagged images are
 decided normal and never reach stage 2. A flagged image is anomalous when its second-stage score
@@ -91,7 +91,7 @@ class Cascade:
         return out
 
     @classmethod
-    def from_dict(cls, thresholds: dict[str, Any]) -> "Cascade":
+    def from_dict(cls, thresholds: dict[str, Any]) -> Cascade:
         """From ``thresholds.json``: ``stage1`` and ``stage2`` thresholds and the ``cascade`` statistics."""
         try:
             stats = thresholds["cascade"]

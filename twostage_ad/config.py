@@ -1,7 +1,13 @@
 """Configuration: dataclasses, YAML loading, ``--set a.b=c`` overrides and validation.
 
-The defaults of :class:`Config` *are* the embedded default pipeline (scikit-learn's bundled
-digits, ``pipelines/digits.yaml`` spells them out), so ``run`` with no config needs no file.
+The defaults of :class:`Config` *are* the real-data recipe (one recipe for every data set;
+``pipelines/mtd.yaml`` and ``piped.yaml`` only say where the data is). ``run`` with no config
+runs the embedded demo, ``twostage_ad/configs/digits.yaml`` (also ``pipelines/digits.yaml``):
+scikit-learn's bundled digits at 32 px, which overrides the recipe where digits differ.
+
+Three tiers: what a user sets (``data``, ``calibration``, ``run``, each stage's ``epochs`` and
+``batch_size``), each stage's model / training / scoring fields, and nothing unused. Fields that
+were removed or moved are migrated with a warning (:mod:`twostage_ad.migration`).
 
 Every field is checked when a config is built; an error names the field and quotes the bad value,
 e.g. ``ConfigError: stage1.epochs must be an integer >= 1, got -3``.
@@ -10,12 +16,13 @@ e.g. ``ConfigError: stage1.epochs must be an integer >= 1, got -3``.
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
 import typing
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar
 
 import yaml
 
@@ -36,7 +43,10 @@ __all__ = [
     "save_config",
 ]
 
-DATA_SOURCES = ("digits", "seed", "mvtec", "manifest")
+DATA_SOURCES = ("digits", "folders", "mvtec", "manifest")
+SOURCE_ALIASES = {"seed": "folders"}  # the folders layout's first name, still accepted
+PRECISIONS = ("auto", "float32", "bf16")
+DEMO_CONFIG = "configs/digits.yaml"  # inside the package: what `run` does with no --config
 DEFECT_KINDS = ("cutout", "cutpaste", "blob", "crack")
 CALIBRATION_METHODS = ("quantile", "meanstd", "fpr", "youden", "f1", "recall")
 SCORE_REDUCTIONS = ("max", "topk")
@@ -61,16 +71,18 @@ def _is_power_of_two(n: int) -> bool:
 class DataConfig:
     """Where the images come from and how they are decoded.
 
-    ``source``: ``digits`` (bundled, no download), ``seed`` (``root/train/0.normal``,
-    ``root/test/0.normal``, ``root/test/1.abnormal``), ``mvtec`` (``root/train/good`` ...) or
+    ``source``: ``digits`` (bundled, no download), ``folders`` (``root/train/0.normal``,
+    ``root/test/0.normal``, ``root/test/1.abnormal``; ``seed`` is an alias), ``mvtec`` (``root/train/good`` ...) or
     ``manifest`` (a CSV with columns ``image,label,split,mask,category``). Relative paths in a
     config file are resolved against the config file's folder.
     """
 
+    section: ClassVar[str] = "data"
+
     source: str = "digits"
     path: str | None = None
     category: str | None = None
-    image_size: int = 32
+    image_size: int = 128
     channels: int = 0  # 0 = decide from the first training image (1 grey, 3 colour)
     normal_digit: int = 0  # digits only: the digit that is "normal"
     val_fraction: float = 0.15  # share of train normals carved out for calibration if no val split
@@ -78,7 +90,7 @@ class DataConfig:
     allow_outside_paths: bool = False  # manifest paths may leave the CSV's folder (absolute, ..)
 
     def validate(self, prefix: str = "data") -> None:
-        _check(self.source in DATA_SOURCES, f"{prefix}.source", f"one of {DATA_SOURCES}", self.source)
+        _check(self.source in DATA_SOURCES or self.source in SOURCE_ALIASES, f"{prefix}.source", f"one of {DATA_SOURCES}", self.source)
         if self.source != "digits":
             _check(bool(self.path), f"{prefix}.path", f"a folder or CSV path for source {self.source!r}", self.path)
         _check(
@@ -94,17 +106,18 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    """Hard augmentation: synthetic defects with a known mask (DESIGN §2).
+    """Hard augmentation: synthetic defects with a known mask (docs/design.md §2).
 
     ``kinds`` are drawn uniformly per image: ``cutout`` (albumentations CoarseDropout, random
     fill), ``cutpaste`` (a patch moved, rotated and colour-jittered), ``blob`` (a Perlin-noise
-    shaped region filled with a foreign texture at random opacity, DRAEM style) and ``crack`` (thin
+    shaped region filled with a foreign texture at an opacity drawn from U[0.25, 1], DRAEM style) and ``crack`` (thin
     random-walk lines, dark or bright).
     """
 
+    section: ClassVar[str] = "augment"
+
     kinds: list[str] = field(default_factory=lambda: list(DEFECT_KINDS))
     probability: float = 0.5  # share of each training batch that gets a synthetic defect
-    opacity_min: float = 0.25  # lowest blend opacity of a blob defect (1.0 = fully replaced)
     max_area: float = 0.25  # largest share of the image one defect may cover (cracks, thin lines, ignore it)
 
     def validate(self, prefix: str = "augment") -> None:
@@ -115,13 +128,12 @@ class AugmentConfig:
             self.kinds,
         )
         _check(0.0 < self.probability < 1.0, f"{prefix}.probability", "in (0, 1)", self.probability)
-        _check(0.0 < self.opacity_min <= 1.0, f"{prefix}.opacity_min", "in (0, 1]", self.opacity_min)
         _check(0.0 < self.max_area <= 1.0, f"{prefix}.max_area", "in (0, 1]", self.max_area)
 
 
 @dataclass
 class Stage1Config:
-    """The attention network and its training (DESIGN §2, stage 1).
+    """The attention network and its training (docs/design.md §2, stage 1).
 
     Training loss: ``w_con·L1(x̂, x) + w_enc·L2(z, ẑ) + w_att·[BCE(A(x), 1) + BCE(A(x_aug), M)]
     + w_adv·feature-matching + w_rep·L1(x̂_aug, x)``, all mean-reduced. ``w_adv = 0`` skips the
@@ -131,47 +143,47 @@ class Stage1Config:
     screen_enc·L2(z, ẑ) + screen_att·topk_mean(−log A)``, where the attention term averages the
     per-pixel BCE against "normal everywhere" over the ``screen_topk`` most anomalous share of
     pixels (after a small blur), so that a small defect is not diluted by a large normal part.
+
+    The defaults are the real-data recipe: the attention head alone is trained and screens (on
+    local defects the reconstruction, latent and adversarial objectives compete with it for the
+    shared decoder; docs/experiments.md). The digits demo turns them on for semantic anomalies.
     """
+
+    section: ClassVar[str] = "stage1"
+    scoring_fields: ClassVar[tuple[str, ...]] = ("screen_con", "screen_enc", "screen_att", "screen_topk")
+
+    # model
 
     base_width: int = 16  # measured: 16/128 trains 2.7x faster than 32/256 at 128 px on 2 cores
     max_width: int = 128
     bottleneck_size: int = 4  # spatial size of the latent map z
     attention_max_tokens: int = 1024  # self-attention only where H·W <= this
     # keys/values max-pooled to at most this many positions (BigGAN-style); None = all positions
-    attention_kv_max_tokens: int | None = None
-    final_up: str = "upsample_conv"  # or conv_upsample: the last up-step convolves at half resolution
+    attention_kv_max_tokens: int | None = 256
+    final_up: str = "conv_upsample"  # or upsample_conv: conv_upsample convolves the last up-step at half resolution
     separate_reconstruction: bool = True  # x̂ from z by its own skip-free decoder (digits 0.996 vs 0.932 shared)
     # networks with their own initial weights, trained side by side on the same batches (each on its
     # own loss), scored with their averaged attention logits; ensemble_size x the stage-1 training and
-    # scoring time; attention-only training (benchmarks/README.md entry 40)
+    # scoring time; attention-only training (docs/experiments.md, ensembles)
     ensemble_size: int = 1
-    epochs: int = 10
+    # training
+    epochs: int = 40
     batch_size: int = 16
     lr: float = 5e-4
-    lr_schedule: str = "constant"  # constant | cosine (decay to 0 over the epochs; measured no gain on MTD)
     weight_decay: float = 0.0
-    w_con: float = 1.0
-    w_enc: float = 1.0
+    w_con: float = 0.0
+    w_enc: float = 0.0
     w_att: float = 1.0
-    w_adv: float = 0.1
-    w_rep: float = 1.0
-    att_balanced: bool = True  # defect and normal pixels weigh half each in BCE(A(x_aug), M)
-    screen_con: float = 1.0
-    screen_enc: float = 1.0
+    w_adv: float = 0.0
+    w_rep: float = 0.0
+    # scoring
+    screen_con: float = 0.0
+    screen_enc: float = 0.0
     screen_att: float = 1.0
     screen_topk: float = 0.01
-    score_batch_size: int = 64
-    amp: bool = False  # bf16 autocast in training (CUDA, or CPUs with bf16 instructions)
-    # bf16 autocast for the network in scoring (validation, test, predict); the loss and maps are
-    # float32. MTD, PIPED: AUROC within 0.0002, 1.3-1.5x faster on a CPU with avx512_bf16, slower on
-    # CPUs without bf16 instructions (benchmarks/README.md, entry 27). Needs attention-only screening
-    # (screen_con = screen_enc = 0, as measured); stage 2 has no such option: its score is a
-    # difference of two latents, which loses its digits to bf16 rounding.
-    score_bf16: bool = False
-    channels_last: bool = True  # NHWC weights and activations: faster convolutions on CPUs and tensor cores
 
     def validate(self, prefix: str = "stage1") -> None:
-        for name in ("base_width", "max_width", "ensemble_size", "epochs", "batch_size", "score_batch_size"):
+        for name in ("base_width", "max_width", "ensemble_size", "epochs", "batch_size"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, f"{prefix}.{name}", "an integer >= 1", value)
         _check(self.max_width >= self.base_width, f"{prefix}.max_width", f">= base_width ({self.base_width})", self.max_width)
@@ -185,15 +197,7 @@ class Stage1Config:
         _check(self.attention_kv_max_tokens is None or (isinstance(self.attention_kv_max_tokens, int) and self.attention_kv_max_tokens >= 1),
                f"{prefix}.attention_kv_max_tokens", "an integer >= 1 or null", self.attention_kv_max_tokens)
         _check(self.final_up in ("upsample_conv", "conv_upsample"), f"{prefix}.final_up", "upsample_conv or conv_upsample", self.final_up)
-        for name in ("screen_con", "screen_enc"):  # bf16 scoring was measured with the attention term alone
-            _check(
-                not (self.score_bf16 and getattr(self, name) != 0),
-                f"{prefix}.{name}",
-                "0 with score_bf16 (reconstruction and latent errors are differences that bf16 rounding distorts)",
-                getattr(self, name),
-            )
         _check(self.lr > 0, f"{prefix}.lr", "> 0", self.lr)
-        _check(self.lr_schedule in ("cosine", "constant"), f"{prefix}.lr_schedule", "cosine or constant", self.lr_schedule)
         _check(self.weight_decay >= 0, f"{prefix}.weight_decay", ">= 0", self.weight_decay)
         for name in ("w_con", "w_enc", "w_att", "w_adv", "w_rep", "screen_con", "screen_enc", "screen_att"):
             value = getattr(self, name)
@@ -211,7 +215,7 @@ class Stage1Config:
 
 @dataclass
 class Stage2Config:
-    """The GANomaly2D patch scorer and its training (DESIGN §2, stage 2).
+    """The GANomaly2D patch scorer and its training (docs/design.md §2, stage 2).
 
     Generator loss ``w_adv·BCE(D(x̂), 1) + w_con·L1(x̂, x) + w_enc·L2(z, ẑ)`` (GANomaly's
     1 / 50 / 1), all mean-reduced; D learns ``BCE(D(x), 1) + BCE(D(x̂), 0)`` with logits.
@@ -221,32 +225,34 @@ class Stage2Config:
     normals' cells (fixed once, never per batch), bilinear-upsampled to the image. Image score:
     ``max`` of the map or the mean of its ``score_topk`` highest share of pixels (``topk``).
 
-    ``guidance: attention`` weighs each latent cell's difference by ``guidance_floor + (1 −
-    guidance_floor)·max(1 − A)`` over the cell, A = stage 1's attention (1 = normal): stage 2's
-    evidence counts fully where stage 1 also sees something and ``guidance_floor`` elsewhere.
+    ``guidance: attention`` weighs each latent cell's difference by ``0.25 + 0.75·max(1 − A)``
+    over the cell, A = stage 1's attention (1 = normal): stage 2's evidence counts fully where
+    stage 1 also sees something and a quarter elsewhere.
     """
 
+    section: ClassVar[str] = "stage2"
+    scoring_fields: ClassVar[tuple[str, ...]] = ("score_reduction", "score_topk", "guidance")
+
+    # model
     width_divisor: int = 4  # r: widths 64/r ... 1024/r (GANomaly2D: r = 1)
+    # training
     epochs: int = 15
     batch_size: int = 16
     lr: float = 2e-4
     w_adv: float = 1.0
     w_con: float = 50.0
     w_enc: float = 1.0
+    # scoring
     score_reduction: str = "max"
     score_topk: float = 0.01
-    guidance: str = "attention"  # MTD: stage-2 AUROC 0.551 vs 0.503, PRO 0.33 vs 0.22 (benchmarks/README.md)
-    guidance_floor: float = 0.25
-    score_batch_size: int = 64
-    amp: bool = False  # bf16 autocast in training (CUDA, or CPUs with bf16 instructions)
-    channels_last: bool = True  # NHWC weights and activations: faster convolutions on CPUs and tensor cores
+    guidance: str = "attention"  # MTD: stage-2 AUROC 0.551 vs 0.503, PRO 0.33 vs 0.22 (docs/experiments.md)
 
     def validate(self, prefix: str = "stage2") -> None:
         _check(
             isinstance(self.width_divisor, int) and self.width_divisor >= 1 and 64 % self.width_divisor == 0,
             f"{prefix}.width_divisor", "a divisor of 64 (1, 2, 4, 8, 16, 32 or 64)", self.width_divisor,
         )
-        for name in ("epochs", "batch_size", "score_batch_size"):
+        for name in ("epochs", "batch_size"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, f"{prefix}.{name}", "an integer >= 1", value)
         _check(self.lr > 0, f"{prefix}.lr", "> 0", self.lr)
@@ -257,12 +263,11 @@ class Stage2Config:
         _check(self.score_reduction in SCORE_REDUCTIONS, f"{prefix}.score_reduction", f"one of {SCORE_REDUCTIONS}", self.score_reduction)
         _check(0.0 < self.score_topk <= 1.0, f"{prefix}.score_topk", "in (0, 1]", self.score_topk)
         _check(self.guidance in GUIDANCE_MODES, f"{prefix}.guidance", f"one of {GUIDANCE_MODES}", self.guidance)
-        _check(0.0 <= self.guidance_floor <= 1.0, f"{prefix}.guidance_floor", "in [0, 1]", self.guidance_floor)
 
 
 @dataclass
 class CascadeConfig:
-    """How the two stages make one decision and one score (DESIGN §2, cascade).
+    """How the two stages make one decision and one score (docs/design.md §2, cascade).
 
     An image is *flagged* when its stage-1 screening loss exceeds τ₁; unflagged images are normal
     without running stage 2. A flagged image is anomalous when its second-stage score exceeds τ₂.
@@ -272,7 +277,7 @@ class CascadeConfig:
     """
 
     # max: cascade AUROC within 0.003 of the best fusion and above sum on MTD (0.844 vs 0.840),
-    # PIPED (0.993 vs 0.986) and digits (0.9993 vs 0.9989) — benchmarks/README.md, entry 22
+    # PIPED (0.993 vs 0.986) and digits (0.9993 vs 0.9989) — docs/experiments.md, fusion
     fusion: str = "max"
 
     def validate(self, prefix: str = "cascade") -> None:
@@ -306,11 +311,23 @@ class CalibrationConfig:
 
 @dataclass
 class RunConfig:
-    """Run-wide settings: seed, device, where outputs go, how many overlays to draw."""
+    """Run-wide settings: seed, device and precision, where outputs go, how many overlays to draw.
 
-    name: str = "digits"
+    ``precision``: what stage 1 scores in. ``auto`` = bf16 autocast only where the CPU
+    (avx512_bf16, AMX) or GPU has bf16 natively and the screening is attention-only, float32
+    elsewhere; ``bf16`` forces it (emulated and slower without native bf16, with a warning). Its
+    loss and maps stay float32; stage 2 always scores in float32 (its score is a difference of two
+    latents, which bf16 rounding distorts). MTD, PIPED: AUROC within 0.0002 of float32, 1.3-1.5x
+    faster with native bf16 (docs/experiments.md, precision).
+    """
+
+    name: str = "run"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto | float32 | bf16 (stage-1 scoring)
+    amp: bool = False  # bf16 autocast in training, both stages (GPUs, CPUs with native bf16)
+    channels_last: bool = True  # NHWC weights and activations: faster convolutions on CPUs and tensor cores
+    score_batch_size: int = 64  # images per scoring batch, both stages
     output_root: str = "runs"
     num_workers: int = 0
     threads: int = 0  # torch intra-op threads; 0 = torch's default
@@ -326,6 +343,9 @@ class RunConfig:
             self.device,
         )
         _check(self.seed >= 0, f"{prefix}.seed", "an integer >= 0", self.seed)
+        _check(self.precision in PRECISIONS, f"{prefix}.precision", f"one of {PRECISIONS}", self.precision)
+        _check(isinstance(self.score_batch_size, int) and self.score_batch_size >= 1, f"{prefix}.score_batch_size",
+               "an integer >= 1", self.score_batch_size)
         _check(self.num_workers >= 0, f"{prefix}.num_workers", ">= 0", self.num_workers)
         _check(self.threads >= 0, f"{prefix}.threads", ">= 0", self.threads)
         _check(self.overlays >= 0, f"{prefix}.overlays", ">= 0", self.overlays)
@@ -333,7 +353,7 @@ class RunConfig:
 
 @dataclass
 class Config:
-    """The whole pipeline configuration. ``Config()`` is the digits default."""
+    """The whole pipeline configuration. ``Config()`` is the real-data recipe."""
 
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -343,7 +363,7 @@ class Config:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate(f.name)
         levels = self.data.image_size // self.stage1.bottleneck_size
@@ -354,67 +374,11 @@ class Config:
             self.stage1.bottleneck_size,
         )
         _check(self.stage1.base_width >= 4, "stage1.base_width", "an integer >= 4 (self-attention needs 8 channels)", self.stage1.base_width)
+        for name in ("screen_con", "screen_enc"):  # bf16 scoring was measured with the attention term alone
+            _check(not (self.run.precision == "bf16" and getattr(self.stage1, name) != 0), f"stage1.{name}",
+                   "0 with run.precision bf16 (reconstruction and latent errors are differences that bf16 rounding distorts)",
+                   getattr(self.stage1, name))
         return self
-
-
-# --------------------------------------------------------------------------------------------
-# dict <-> dataclass with type checking
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, field_name: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; allow int -> float; reject NaN / inf."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        non_none = [a for a in args if a is not type(None)]
-        return _coerce(value, non_none[0], field_name)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{field_name} must be a list, got {value!r}")
-        return [_coerce(v, args[0], f"{field_name}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{field_name} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{field_name} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{field_name} must be a number, got {value!r}")
-        if not math.isfinite(float(value)):
-            raise ConfigError(f"{field_name} must be a finite number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{field_name} must be a string, got {value!r}")
-        return value
-    raise ConfigError(f"{field_name}: unsupported type {_type_name(tp)}")  # pragma: no cover
-
-
-def _section_from_dict(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
-    if not isinstance(values, Mapping):
-        raise ConfigError(f"{prefix} must be a mapping of fields, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"unknown field {prefix}.{unknown[0]} (known fields of {prefix}: {', '.join(sorted(known))})")
-    kwargs = {}
-    for name, value in values.items():
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _section_from_dict(tp, value, f"{prefix}.{name}")
-        else:
-            kwargs[name] = _coerce(value, tp, f"{prefix}.{name}")
-    return cls(**kwargs)
 
 
 def config_from_dict(values: Mapping[str, Any] | None) -> Config:
@@ -422,11 +386,15 @@ def config_from_dict(values: Mapping[str, Any] | None) -> Config:
     values = values or {}
     if not isinstance(values, Mapping):
         raise ConfigError(f"a config must be a mapping of sections, got {values!r}")
+    from twostage_ad.config_types import section_from_dict  # both import this module
+    from twostage_ad.migration import migrate_config
+
+    values = migrate_config(values)
     hints = typing.get_type_hints(Config)
     unknown = sorted(set(values) - set(hints))
     if unknown:
         raise ConfigError(f"unknown config section {unknown[0]!r} (known: {', '.join(hints)})")
-    sections = {name: _section_from_dict(hints[name], values[name] or {}, name) for name in values}
+    sections = {name: section_from_dict(hints[name], values[name] or {}, name) for name in values}
     return Config(**sections).validate()
 
 
@@ -456,13 +424,17 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or the digits default when ``path`` is None) and apply overrides.
+    """Load a YAML config (or the embedded digits demo when ``path`` is None) and apply overrides.
+
+    A config file overrides the package defaults (the real-data recipe) field by field.
 
     Relative ``data.path`` values are resolved against the YAML file's folder, so configs work
     from any working directory.
     """
     values: dict[str, Any] = {}
-    if path is not None:
+    if path is None:
+        values = yaml.safe_load(resources.files("twostage_ad").joinpath(DEMO_CONFIG).read_text(encoding="utf-8"))
+    else:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
@@ -478,7 +450,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             data["path"] = str((path.parent / data["path"]).resolve())
             values["data"] = data
     apply_overrides(values, list(overrides or []))
-    return config_from_dict(values)
+    config = config_from_dict(values)
+    if path is None and config.data.source != "digits":
+        warnings.warn(f"data.source {config.data.source!r} without a config file: the digits demo's stage settings apply "
+                      "(reconstruction objectives, 10 epochs); start from pipelines/mtd.yaml or any config file for the "
+                      "real-data recipe", UserWarning, stacklevel=2)
+    return config
 
 
 def save_config(config: Config, path: str | Path) -> None:

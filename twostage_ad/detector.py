@@ -1,9 +1,10 @@
-"""A trained run as one object: ``TwoStageDetector.from_run(run_dir).predict(images)``.
+"""Both stages and the calibrated cascade as one object: the only cascade path of the package.
 
-The deployment path of the cascade: stage 1 screens every image, stage 2 scores only the flagged
-ones, and the thresholds and validation statistics saved by ``run`` / ``calibrate`` make the
-decision. The numbers equal those ``run`` wrote to ``scores.csv`` for the same pixels (the
-scoring is deterministic and batch-independent).
+``TwoStageDetector.from_config(config).fit(...)`` trains stage 1, stage 2 and the cascade's
+thresholds (what ``run`` does); ``TwoStageDetector.from_run(run_dir).predict(images)`` scores new
+images the way a deployment does: stage 1 screens every image, stage 2 scores only the flagged
+ones. Scoring is deterministic and batch-independent, so ``predict`` returns the numbers ``run``
+wrote to ``scores.csv`` for the same pixels. Under ``torchrun`` scoring is sharded by index.
 """
 
 from __future__ import annotations
@@ -11,23 +12,48 @@ from __future__ import annotations
 import glob
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 
-from twostage_ad.cascade import Cascade
+from twostage_ad.cascade import Cascade, CascadeOutput, fit_cascade
+from twostage_ad.config import CalibrationConfig, Config, ConfigError, RunConfig
 from twostage_ad.data.images import decode_records
 from twostage_ad.data.records import IMAGE_EXTENSIONS, DataError, Record
+from twostage_ad.device import memory_format_for
+from twostage_ad.distributed import DistributedContext
 from twostage_ad.runs import RUN_FILES, read_json
-from twostage_ad.stages.attention import SCREENING_COMPONENTS, AttentionStage
-from twostage_ad.stages.patch_scorer import PatchScorerStage
+from twostage_ad.stages.attention import SCREENING_COMPONENTS, AttentionStage, ScreeningResult
+from twostage_ad.stages.patch_scorer import PatchScoreResult, PatchScorerStage
+from twostage_ad.stages.training import TrainableStage
 
-__all__ = ["ImagePrediction", "Predictions", "TwoStageDetector", "expand_image_paths"]
+__all__ = ["CascadeScores", "ImagePrediction", "Predictions", "TwoStageDetector", "expand_image_paths"]
 
 log = logging.getLogger(__name__)
+
+PREDICTION_COLUMNS = ["image", "stage1_loss", *SCREENING_COMPONENTS, "stage2_score", "flagged",
+                      "stage2_decision_score", "cascade_score", "decision"]
+
+
+@dataclass
+class CascadeScores:
+    """Both stages' outputs for N images, in order. Stage 2 ran where ``ran_stage2``; elsewhere its
+    scores are NaN and its maps zero. ``decided`` is None before the cascade is calibrated."""
+
+    stage1: ScreeningResult
+    stage2: PatchScoreResult
+    ran_stage2: np.ndarray
+    decided: CascadeOutput | None = None
+
+    def __len__(self) -> int:
+        return len(self.stage1.loss)
+
+    @property
+    def seconds(self) -> float:
+        return self.stage1.seconds + self.stage2.seconds
 
 
 @dataclass
@@ -76,9 +102,7 @@ class Predictions:
             }
             for p in self.images
         ]
-        columns = ["image", "stage1_loss", *SCREENING_COMPONENTS, "stage2_score", "flagged",
-                   "stage2_decision_score", "cascade_score", "decision"]
-        return pd.DataFrame(rows, columns=columns)
+        return pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
 
 
 def expand_image_paths(inputs: Iterable[str | Path]) -> list[Path]:
@@ -104,10 +128,36 @@ def expand_image_paths(inputs: Iterable[str | Path]) -> list[Path]:
     return paths
 
 
-class TwoStageDetector:
-    """Both trained stages and the calibrated cascade of a run folder."""
+def apply_run_settings(stage: TrainableStage, run: RunConfig) -> None:
+    """A run's compute settings on a stage (also a loaded one): amp, layout, scoring batch, precision."""
+    stage.amp, stage.score_batch_size = run.amp, run.score_batch_size
+    if isinstance(stage, AttentionStage):
+        stage.precision = run.precision
+    if stage.channels_last != run.channels_last:
+        stage.channels_last = run.channels_last
+        if hasattr(stage, "model_"):
+            stage.model_.to(memory_format=memory_format_for(run.channels_last))
 
-    def __init__(self, stage1: AttentionStage, stage2: PatchScorerStage, cascade: Cascade, *, name: str = ""):
+
+def _load_reused(stage: TrainableStage, checkpoint: str | Path, run: RunConfig) -> TrainableStage:
+    """A trained stage from ``checkpoint`` with ``stage``'s scoring fields and ``run``'s compute settings."""
+    loaded = type(stage).load(checkpoint, device=stage.device)
+    if (loaded.image_size, loaded.channels) != (stage.image_size, stage.channels):
+        raise ConfigError(
+            f"checkpoint {str(checkpoint)!r} was trained on {loaded.image_size}px, {loaded.channels} channel(s); this run uses "
+            f"{stage.image_size}px, {stage.channels} channel(s): set data.image_size / data.channels to match"
+        )
+    loaded.config = replace(loaded.config, **{f: getattr(stage.config, f) for f in type(stage.config).scoring_fields})
+    apply_run_settings(loaded, run)
+    loaded.train_seconds_ = 0.0
+    log.info("%s reused from %s (trained %d epochs)", stage.stage_name, checkpoint, len(loaded.history_))
+    return loaded
+
+
+class TwoStageDetector:
+    """Stage 1 (:class:`AttentionStage`), stage 2 (:class:`PatchScorerStage`) and their :class:`Cascade`."""
+
+    def __init__(self, stage1: AttentionStage, stage2: PatchScorerStage, cascade: Cascade | None = None, *, name: str = ""):
         if (stage1.image_size, stage1.channels) != (stage2.image_size, stage2.channels):
             raise ValueError(
                 f"stage 1 ({stage1.image_size}px, {stage1.channels} ch) and stage 2 "
@@ -126,19 +176,165 @@ class TwoStageDetector:
     def channels(self) -> int:
         return self.stage1.channels
 
+    @property
+    def guided(self) -> bool:
+        """Whether stage 2 weighs its cells by stage 1's map (``stage2.guidance``)."""
+        return self.stage2.config.guidance != "none"
+
+    # -- building and training ------------------------------------------------------------------
     @classmethod
-    def from_run(cls, run_dir: str | Path, device: str = "auto") -> "TwoStageDetector":
-        """Load ``checkpoints/stage{1,2}.pt`` (weights only) and the current ``thresholds.json``."""
+    def from_config(cls, config: Config, *, device: str = "auto", reuse: dict[str, str | Path | None] | None = None) -> TwoStageDetector:
+        """Unfitted stages as ``config`` describes them (``data.channels`` must be resolved, not 0).
+
+        ``reuse``: ``{"stage1": path, "stage2": path}`` of trained stages to load now instead of
+        training them in :meth:`fit`; their model and training fields come from the checkpoint
+        (``detector.stage1.config``), their scoring fields and compute settings from ``config``.
+        """
+        if config.data.channels == 0:
+            raise ConfigError("data.channels must be 1 or 3 here (0 = decide from the first training image)")
+        shared = {"image_size": config.data.image_size, "channels": config.data.channels, "device": device,
+                  "seed": config.run.seed, "num_workers": config.run.num_workers}
+        stage1 = AttentionStage(config=config.stage1, augment=config.augment, **shared)
+        stage2 = PatchScorerStage(config=config.stage2, **shared)
+        for stage in (stage1, stage2):
+            apply_run_settings(stage, config.run)
+        detector = cls(stage1, stage2, name=config.run.name)
+        detector.reused_ = {name: str(path) for name, path in (reuse or {}).items() if path is not None}
+        if "stage1" in detector.reused_:
+            detector.stage1 = _load_reused(stage1, detector.reused_["stage1"], config.run)
+        if "stage2" in detector.reused_:
+            detector.stage2 = _load_reused(stage2, detector.reused_["stage2"], config.run)
+        return detector
+
+    def fit(
+        self,
+        train: np.ndarray,
+        val: np.ndarray,
+        val_labels: np.ndarray,
+        calibration: CalibrationConfig | None,
+        *,
+        fusion: str = "max",
+        checkpoint_dir: str | Path | None = None,
+        resume: bool = False,
+        progress: bool = True,
+        context: DistributedContext | None = None,
+    ) -> TwoStageDetector:
+        """Train both stages on uint8 ``N×H×W×C`` normal ``train`` images, fix stage 2's map
+        statistics on the validation normals, score the validation images (``validation_``, a
+        :class:`CascadeScores`) and, unless ``calibration`` is None, :meth:`calibrate` τ₁ and τ₂ on
+        them. Test labels are never involved.
+
+        ``checkpoint_dir``: where each stage checkpoints every epoch (``stage1.pt``, ``stage2.pt``;
+        a reused stage is copied there); ``resume``: continue from the checkpoints in it.
+        """
+        context = context or DistributedContext()
+        folder = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self._fit_stage(self.stage1, train, folder, resume, progress, context)
+        first = self._score_stage1(val, context, progress, "stage 1 score val")
+        self._fit_stage(self.stage2, train, folder, resume, progress, context)
+        normal = np.asarray(val_labels) == 0
+        self.stage2.fit_normalisation(val[normal], stage1_maps=first.anomaly_maps[normal] if self.guided else None)
+        if folder is not None and context.is_main:
+            self.stage2.save(folder / "stage2.pt")  # now with its map statistics
+        second = self._score_stage2(val, first.anomaly_maps, context, progress, "stage 2 score val")
+        self.validation_ = CascadeScores(first, second, np.ones(len(val), bool))
+        self.validation_labels_ = np.asarray(val_labels)
+        return self if calibration is None else self.calibrate(calibration, fusion=fusion)
+
+    def calibrate(self, calibration: CalibrationConfig, *, fusion: str = "max") -> TwoStageDetector:
+        """Pick τ₁ and τ₂ (and the fusion statistics) from the validation scores of :meth:`fit`."""
+        if not hasattr(self, "validation_"):
+            raise RuntimeError("no validation scores to calibrate on: call fit() first")
+        first, second = self.validation_.stage1, self.validation_.stage2
+        self.cascade = fit_cascade(first.loss, second.scores, self.validation_labels_, calibration, fusion=fusion)
+        self.validation_.decided = self.cascade.apply(first.loss, second.scores)
+        return self
+
+    def _fit_stage(self, stage: TrainableStage, train: np.ndarray, folder: Path | None, resume: bool, progress: bool,
+                   context: DistributedContext) -> None:
+        """Train ``stage`` with per-epoch checkpoints in ``folder``, or copy a reused one there."""
+        path = None if folder is None else folder / f"{stage.config_name}.pt"
+        if stage.config_name not in getattr(self, "reused_", {}):
+            stage.fit(train, checkpoint_path=path, progress=progress, resume=resume, context=context)
+        elif path is not None and context.is_main:
+            stage.save(path)
+
+    # -- scoring ---------------------------------------------------------------------------------
+    def _score_stage1(self, images: np.ndarray, context: DistributedContext, progress: bool, desc: str,
+                      batch_size: int | None = None) -> ScreeningResult:
+        """Each rank scores its contiguous shard; every rank gets all results, in order."""
+        start = time.perf_counter()
+        part = self.stage1.score(images[context.shard(len(images))], batch_size=batch_size, progress=progress, desc=desc)
+        if not context.enabled:
+            return part
+        return ScreeningResult(
+            loss=context.gather(part.loss),
+            components={k: context.gather(v) for k, v in part.components.items()},
+            anomaly_maps=context.gather(part.anomaly_maps),
+            seconds=time.perf_counter() - start,
+        )
+
+    def _score_stage2(self, images: np.ndarray, stage1_maps: np.ndarray, context: DistributedContext, progress: bool,
+                      desc: str, batch_size: int | None = None) -> PatchScoreResult:
+        start = time.perf_counter()
+        shard = context.shard(len(images))
+        maps = stage1_maps[shard] if self.guided else None
+        part = self.stage2.score(images[shard], stage1_maps=maps, batch_size=batch_size, progress=progress, desc=desc)
+        if not context.enabled:
+            return part
+        return PatchScoreResult(scores=context.gather(part.scores), maps=context.gather(part.maps), seconds=time.perf_counter() - start)
+
+    def score(
+        self,
+        images: np.ndarray,
+        *,
+        all_stages: bool = True,
+        batch_size: int | None = None,
+        progress: bool = True,
+        desc: str = "",
+        context: DistributedContext | None = None,
+    ) -> CascadeScores:
+        """Both stages on uint8 ``N×S×S×C`` images: stage 1 on every image, stage 2 on every image
+        (``all_stages``, for analysis) or on the flagged ones only (the deployment path); then the
+        cascade's decisions when it is calibrated. Timed per stage."""
+        context = context or DistributedContext()
+        suffix = f" {desc}" if desc else ""
+        first = self._score_stage1(images, context, progress, f"stage 1 score{suffix}", batch_size)
+        if all_stages:
+            run2 = np.ones(len(images), bool)
+        elif self.cascade is None:
+            raise RuntimeError("the cascade is not calibrated: call fit() or from_run() first, or score with all_stages=True")
+        else:
+            run2 = first.loss > self.cascade.stage1.value
+        part = self._score_stage2(images[run2], first.anomaly_maps[run2], context, progress, f"stage 2 score{suffix}", batch_size)
+        scores = np.full(len(images), np.nan)
+        scores[run2] = part.scores
+        maps = np.zeros((len(images), *images.shape[1:3]), np.float32)
+        maps[run2] = part.maps
+        second = PatchScoreResult(scores=scores, maps=maps, seconds=part.seconds)
+        decided = None if self.cascade is None else self.cascade.apply(first.loss, scores)
+        return CascadeScores(first, second, run2, decided)
+
+    # -- deployment ------------------------------------------------------------------------------
+    @classmethod
+    def from_run(cls, run_dir: str | Path, device: str = "auto") -> TwoStageDetector:
+        """Load ``checkpoints/stage{1,2}.pt`` (weights only), the run's compute settings and the
+        current ``thresholds.json``."""
+        from twostage_ad.runs import load_run_config
+
         run_dir = Path(run_dir)
         checkpoints = run_dir / RUN_FILES["checkpoints"]
         thresholds_path = run_dir / RUN_FILES["thresholds"]
-        for path in (checkpoints / "stage1.pt", checkpoints / "stage2.pt", thresholds_path):
+        for path in (run_dir / RUN_FILES["config"], checkpoints / "stage1.pt", checkpoints / "stage2.pt", thresholds_path):
             if not path.is_file():
                 raise FileNotFoundError(f"{str(run_dir)!r} is not a finished run: {path.relative_to(run_dir)} is missing")
         stage1 = AttentionStage.load(checkpoints / "stage1.pt", device=device)
         stage2 = PatchScorerStage.load(checkpoints / "stage2.pt", device=device)
         if not hasattr(stage2, "map_mean_"):
             raise ValueError(f"{str(checkpoints / 'stage2.pt')!r} has no map statistics: the run did not finish")
+        run = load_run_config(run_dir).run
+        for stage in (stage1, stage2):
+            apply_run_settings(stage, run)
         return cls(stage1, stage2, Cascade.from_dict(read_json(thresholds_path)), name=run_dir.name)
 
     def _decode(self, images: Sequence[str | Path] | np.ndarray) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
@@ -169,35 +365,27 @@ class TwoStageDetector:
         stage-2 score and map, for analysis; decisions are the same). Unreadable files are
         skipped and listed in ``Predictions.failed``.
         """
+        if self.cascade is None:
+            raise RuntimeError("the cascade is not calibrated: call fit() or from_run() first")
         names, pixels, failed = self._decode(images)
         for name, reason in failed:
             log.warning("skipped %s: %s", name, reason)
         start = time.perf_counter()
-        first = self.stage1.score(pixels, batch_size=batch_size, progress=progress, desc="stage 1")
-        flagged = first.loss > self.cascade.stage1.value
-        run2 = np.ones(len(pixels), bool) if all_stages else flagged
-        guided = self.stage2.config.guidance != "none"
-        second = self.stage2.score(pixels[run2], stage1_maps=first.anomaly_maps[run2] if guided else None,
-                                   batch_size=batch_size, progress=progress, desc="stage 2")
-        stage2_scores = np.full(len(pixels), np.nan)
-        stage2_scores[run2] = second.scores
-        decided = self.cascade.apply(first.loss, stage2_scores)
+        scored = self.score(pixels, all_stages=all_stages, batch_size=batch_size, progress=progress)
         seconds = time.perf_counter() - start
-        stage2_maps: list[np.ndarray | None] = [None] * len(pixels)
-        for slot, index in enumerate(np.flatnonzero(run2)):
-            stage2_maps[index] = second.maps[slot]
+        first, second, decided = scored.stage1, scored.stage2, scored.decided
         results = [
             ImagePrediction(
                 image=names[i],
                 stage1_loss=float(first.loss[i]),
                 flagged=bool(decided.flagged[i]),
-                stage2_score=float(stage2_scores[i]) if run2[i] else None,
+                stage2_score=float(second.scores[i]) if scored.ran_stage2[i] else None,
                 stage2_decision_score=float(decided.second_score[i]) if decided.flagged[i] else None,
                 cascade_score=float(decided.cascade_score[i]),
                 decision=int(decided.decision[i]),
                 components={k: float(v[i]) for k, v in first.components.items()},
                 stage1_map=first.anomaly_maps[i] if maps else None,
-                stage2_map=stage2_maps[i] if maps else None,
+                stage2_map=second.maps[i] if maps and scored.ran_stage2[i] else None,
             )
             for i in range(len(pixels))
         ]

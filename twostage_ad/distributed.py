@@ -9,7 +9,7 @@ every loss term is a mean over the global batch. Three places need care for that
 
 - BatchNorm in stage 2's generator: its batch statistics must be global — ``SyncBatchNorm`` on
   CUDA, :class:`GlobalBatchNorm2d` (the same maths with an autograd all-reduce) on the CPU,
-  where ``SyncBatchNorm`` refuses to run (DESIGN §8).
+  where ``SyncBatchNorm`` refuses to run (docs/design.md §8).
 - Means over a subset of rows (stage 1's clean / defect rows) and batch means inside a loss
   (stage 1's feature matching): :meth:`DistributedContext.sum` with autograd makes them global.
 - Synthetic defects: drawn per image from ``(seed, epoch, index)``, so which rank draws an image

@@ -10,7 +10,7 @@ and :meth:`PatchScorerStage.score` compute, with the run's weights and constants
 The cascade itself (τ₁, τ₂, the fusion statistics) is plain arithmetic on these outputs; its
 constants are written next to the models as ``cascade.json``. Inputs are images scaled as
 ``pixel / 127.5 − 1`` (``twostage_ad.data.images.to_tensor``). The graphs are float32 even when the
-run scores stage 1 with ``stage1.score_bf16`` (its scores then differ from the run's by bf16 rounding).
+run scores stage 1 in bf16 (``run.precision``; its scores then differ from the run's by bf16 rounding).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import warnings
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -42,7 +41,7 @@ class Stage1Scorer(nn.Module):
     def __init__(self, detector: TwoStageDetector):
         super().__init__()
         self.model = detector.stage1.model_.eval()
-        self.config = replace(detector.stage1.config, score_bf16=False)  # exported graphs are float32
+        self.config = detector.stage1.config  # exported graphs are float32 (screening_batch's default)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         components, anomaly = screening_batch(self.model, x, self.config)

@@ -5,12 +5,14 @@
 - ROC curves of stage 1, stage 2 and the cascade with their AUROC in the legend;
 - training curves of both stages;
 - overlays: test anomalies with their ground truth outlined and the anomaly map on one global
-  colour scale (``1 − A`` in [0, 1], fixed, never per image), a colour bar and the 0.5 contour.
+  colour scale (``1 − A`` in [0, 1], fixed, never per image), a colour bar and the 0.5 contour;
+- :func:`build_report`: all of them and ``report.html`` from a run folder.
 """
 
 from __future__ import annotations
 
 import html
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,8 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from twostage_ad.runs import write_atomic, write_text_atomic
+from twostage_ad.cascade import Cascade
+from twostage_ad.runs import RUN_FILES, TEST_MAPS, load_run_config, read_json, read_scores, write_atomic, write_text_atomic
 
 __all__ = [
     "plot_loss_distribution",
@@ -30,7 +33,10 @@ __all__ = [
     "plot_overlays",
     "plot_map_pairs",
     "write_html_report",
+    "build_report",
 ]
+
+log = logging.getLogger(__name__)
 
 LABEL_NAMES = {0: "normal", 1: "anomalous"}
 PALETTE = {"normal": "#4C72B0", "anomalous": "#DD5246"}
@@ -323,3 +329,95 @@ configuration: <a href="config.yaml">config.yaml</a>.</p>
     path = run_dir / "report.html"
     write_text_atomic(path, page)
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# the whole report, from a run folder's saved files alone
+
+
+def _auroc_text(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def build_report(run_dir: str | Path, *, log_scale: bool = False, examples: int | None = None) -> Path:
+    """Draw every plot and write ``report.html`` from a run folder's files; no model is loaded.
+
+    Score distributions (by label and by defect category, threshold lines, optional log scale),
+    ROC curves of both stages and the cascade, training curves, heat-map overlays (stage 1 on test
+    anomalies, stage 2 on flagged test images) and the worst false negatives and false positives
+    of the cascade with both maps, all on colour scales fixed from validation normals.
+    """
+    run_dir = Path(run_dir)
+    table = read_scores(run_dir)[0]
+    metrics = read_json(run_dir / RUN_FILES["metrics"])
+    cascade = Cascade.from_dict(read_json(run_dir / RUN_FILES["thresholds"]))
+    config = load_run_config(run_dir)
+    count = config.run.overlays if examples is None else examples
+    plots = run_dir / RUN_FILES["plots"]
+    auroc = metrics.get("image_auroc", {})
+    test = table[table["split"] == "test"].reset_index(drop=True)
+    tau2 = cascade.stage2.value if cascade.fusion == "stage2" else None
+    distributions = (("stage1_loss", cascade.stage1.value, "stage 1 screening loss", "stage1"),
+                     ("stage2_score", tau2, "stage 2 image score (every test image)", "stage2"),
+                     ("cascade_score", 1.5, "cascade score (> 1 flagged, > 1.5 anomalous)", "cascade"))
+    for column, threshold, name, key in distributions:
+        title = f"{name}, AUROC {_auroc_text(auroc.get(key))}"
+        plot_loss_distribution(table, column, threshold, plots / f"{column}_distribution.png", title=title, log_scale=log_scale)
+        if test.loc[test["label"] == 1, "category"].nunique() > 1:
+            plot_category_distribution(table, column, threshold, plots / f"{column}_by_category.png", title=title, log_scale=log_scale)
+    plot_roc_curves(table, {"stage 1": "stage1_loss", "stage 2": "stage2_score", "cascade": "cascade_score"}, plots / "roc.png")
+    history_path = run_dir / RUN_FILES["history"]
+    history = read_json(history_path) if history_path.is_file() else {}
+    for stage, rows in history.items():
+        plot_training_curves([{k: v for k, v in h.items() if k != "discriminator_resets"} for h in rows],
+                             plots / f"{stage}_training.png", title=f"{stage.replace('stage', 'stage ')} training")
+    maps_path = run_dir / RUN_FILES["maps"] / TEST_MAPS
+    if maps_path.is_file() and count > 0:
+        _draw_maps(run_dir, maps_path, test, table, cascade, count, config.run.seed)
+    return write_html_report(run_dir, metrics, title=f"twostage_ad run {run_dir.name}")
+
+
+def _draw_maps(run_dir: Path, maps_path: Path, test: pd.DataFrame, table: pd.DataFrame, cascade: Cascade, count: int, seed: int) -> None:
+    with np.load(maps_path) as saved:
+        names, images, masks = saved["names"], saved["images"], saved["masks"]
+        stage1 = saved["stage1"].astype(np.float32) / 255.0
+        stage2 = saved["stage2"].astype(np.float32)
+    if list(names) != test["image"].tolist():
+        log.warning("%s does not match scores.csv; heat maps left out of the report", maps_path)
+        return
+    labels = test["label"].to_numpy()
+    # stage-2 colour scale fixed from validation normals: it ends, and the contour is drawn, at the
+    # highest image score a validation normal reached (τ₂ itself when stage 2 decides alone)
+    val_normal = table[(table["split"] == "val") & (table["label"] == 0)]["stage2_score"]
+    level = cascade.stage2.value if cascade.fusion == "stage2" else float(val_normal.max())
+    level = level if np.isfinite(level) and level > 0 else 1.0
+    plots = run_dir / RUN_FILES["plots"]
+
+    def title(i: int) -> str:
+        return f"{test['category'][i]}: {Path(test['image'][i]).name} ({'anomalous' if labels[i] else 'normal'})"
+
+    chosen = _pick(np.flatnonzero(labels == 1), count, seed)
+    if len(chosen):
+        plot_overlays(images[chosen], stage1[chosen], masks[chosen], [title(i) for i in chosen], plots / "stage1_overlays.png")
+    chosen = _pick(np.flatnonzero(test["flagged"].to_numpy(bool)), count, seed)
+    if len(chosen):
+        plot_overlays(images[chosen], stage2[chosen], masks[chosen], [title(i) for i in chosen], plots / "stage2_overlays_flagged.png",
+                      vmax=level, contour=level * 0.999, map_label="stage 2 (validation-normal σ)")
+    decision, score = test["decision"].to_numpy(int), test["cascade_score"].to_numpy(float)
+    worst = {
+        "worst_false_negatives.png": np.flatnonzero((labels == 1) & (decision == 0)),
+        "worst_false_positives.png": np.flatnonzero((labels == 0) & (decision == 1)),
+    }
+    for name, candidates in worst.items():
+        ordered = candidates[np.argsort(score[candidates])]
+        ordered = ordered[: min(count, 6)] if "negatives" in name else ordered[::-1][: min(count, 6)]
+        if len(ordered):
+            titles = [f"{title(i)}, cascade {score[i]:.3f}" for i in ordered]
+            plot_map_pairs(images[ordered], stage1[ordered], stage2[ordered], masks[ordered], titles, plots / name,
+                           stage2_max=level, stage2_level=level * 0.999)
+
+
+def _pick(candidates: np.ndarray, count: int, seed: int) -> np.ndarray:
+    if count == 0 or len(candidates) == 0:
+        return np.zeros(0, dtype=int)
+    return np.sort(np.random.default_rng(seed).choice(candidates, size=min(count, len(candidates)), replace=False))

@@ -1,7 +1,9 @@
-"""The run folder (DESIGN §7): creation without clobbering, atomic writes, weights-only checkpoints.
+"""The run folder (docs/design.md §7): its files, read and written here and nowhere else.
 
-Every file is written to a temporary name in the same folder and then renamed over the target,
-so a killed process never leaves a half-written file that later loads.
+Creation without clobbering, atomic writes (every file is written to a temporary name in the same
+folder and then renamed over the target, so a killed process never leaves a half-written file
+that later loads), weights-only checkpoints, and the readers and writers of ``config.yaml``,
+``scores.csv``, ``thresholds.json`` and ``maps/test_maps.npz``.
 """
 
 from __future__ import annotations
@@ -12,10 +14,18 @@ import os
 import pickle
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import pandas as pd
 import torch
+import yaml
+
+if TYPE_CHECKING:
+    from twostage_ad.cascade import Cascade
+    from twostage_ad.config import Config
 
 __all__ = [
     "RunExistsError",
@@ -28,6 +38,12 @@ __all__ = [
     "read_json",
     "save_checkpoint",
     "load_checkpoint",
+    "load_run_config",
+    "write_scores",
+    "read_scores",
+    "write_thresholds",
+    "write_test_maps",
+    "TEST_MAPS",
 ]
 
 log = logging.getLogger(__name__)
@@ -44,6 +60,8 @@ RUN_FILES = {
     "history": "history.json",
     "reused": "reused.json",
 }
+TEST_MAPS = "test_maps.npz"  # in maps/
+SCORE_KEYS = ["image", "label", "split", "category"]  # the columns an unreadable image's row has
 
 
 class RunExistsError(FileExistsError):
@@ -172,3 +190,83 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"checkpoint {str(path)!r} cannot be loaded safely: it is truncated, corrupt or holds objects that would "
             f"run code (only tensors and plain values are accepted): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         ) from exc
+
+
+# --------------------------------------------------------------------------------------------
+# the files of a run
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    """The resolved ``config.yaml`` of a run (old fields migrated, with a warning)."""
+    from twostage_ad.config import ConfigError, config_from_dict
+
+    path = Path(run_dir) / RUN_FILES["config"]
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a run folder: {RUN_FILES['config']} is missing")
+    try:
+        return config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")))
+    except (yaml.YAMLError, ConfigError) as exc:
+        raise ConfigError(f"{str(path)!r}: {exc}") from exc
+
+
+def write_scores(run_dir: Path, table: pd.DataFrame, errors: pd.DataFrame | None = None) -> None:
+    """``scores.csv``: the scored rows, then one row per unreadable val/test image (``error`` set)."""
+    out = table.assign(error="")
+    if errors is not None and len(errors):
+        out = pd.concat([out, errors], ignore_index=True)
+    # 17 significant digits: exact round trip, so `calibrate` and `predict` see the scores `run` saw
+    write_atomic(run_dir / RUN_FILES["scores"], lambda tmp: out.to_csv(tmp, index=False, float_format="%.17g"))
+
+
+def read_scores(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``scores.csv`` -> (scored rows, unreadable rows with their ``error``)."""
+    path = run_dir / RUN_FILES["scores"]
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} has no {RUN_FILES['scores']}: run the pipeline first")
+    # round_trip: the C parser's default float conversion can miss the written value by an ulp
+    table = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"image": str, "category": str, "error": str},
+                        float_precision="round_trip")
+    if "error" not in table.columns:
+        return table, table.iloc[0:0]
+    failed = table["error"].fillna("").astype(str) != ""
+    scored = table[~failed].drop(columns="error").reset_index(drop=True)
+    if "flagged" in scored.columns:
+        scored["flagged"] = scored["flagged"].astype(str).str.lower() == "true"
+    return scored, table[failed][[*SCORE_KEYS, "error"]]
+
+
+def write_thresholds(run_dir: Path, cascade: Cascade) -> None:
+    """``thresholds.json`` from a fitted cascade; every earlier threshold is kept under ``history``."""
+    path = run_dir / RUN_FILES["thresholds"]
+    history: list[dict[str, Any]] = []
+    if path.is_file():
+        previous = read_json(path)
+        history = list(previous.get("history", []))
+        for stage in ("stage1", "stage2"):
+            if previous.get(stage):
+                history.append({"stage": stage, **previous[stage]})
+    now = time.strftime("%Y-%m-%dT%H:%M:%S")
+    write_json(path, {
+        "stage1": {**cascade.stage1.to_dict(), "calibrated_at": now},
+        "stage2": {**cascade.stage2.to_dict(), "calibrated_at": now, "applies_to": f"second-stage score (fusion {cascade.fusion!r})"},
+        "cascade": {k: v for k, v in cascade.to_dict().items() if k not in ("stage1", "stage2")},
+        "history": history,
+    })
+
+
+def write_test_maps(run_dir: Path, *, images: np.ndarray, stage1: np.ndarray, stage2: np.ndarray, masks: np.ndarray,
+                    has_mask: np.ndarray, names: list[str]) -> None:
+    """``maps/test_maps.npz``: the test images as the models saw them (uint8 N×H×W×C), stage-1 maps
+    ``1 − A`` as uint8 (0–255 = 0–1), stage-2 maps in validation-normal σ (float16), masks, names."""
+    write_atomic(
+        run_dir / RUN_FILES["maps"] / TEST_MAPS,
+        lambda tmp: np.savez_compressed(
+            tmp,
+            stage1=np.clip(np.rint(stage1 * 255), 0, 255).astype(np.uint8),
+            stage2=np.clip(stage2, -6e4, 6e4).astype(np.float16),
+            masks=masks,
+            has_mask=has_mask,
+            images=images,
+            names=np.array(names),
+        ),
+    )

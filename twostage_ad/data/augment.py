@@ -1,4 +1,4 @@
-"""Hard augmentation: synthetic defects with a known mask, on albumentations (DESIGN §2).
+"""Hard augmentation: synthetic defects with a known mask, on albumentations (docs/design.md §2).
 
 Each transform takes a normal uint8 image ``H×W×C`` and a mask of ones, and returns the image with
 one synthetic defect and the mask with 0 where the defect changed the image (1 = normal, the
@@ -230,7 +230,7 @@ def build_defect_augmentation(config: AugmentConfig, seed: int | None = None) ->
             p=1.0,
         ),
         "cutpaste": lambda: CutPasteDefect(max_area=config.max_area, p=1.0),
-        "blob": lambda: BlobDefect(max_area=config.max_area, opacity_min=config.opacity_min, p=1.0),
+        "blob": lambda: BlobDefect(max_area=config.max_area, p=1.0),
         "crack": lambda: CrackDefect(max_area=config.max_area, p=1.0),
     }
     compose = A.Compose([A.OneOf([makers[k]() for k in config.kinds], p=1.0)], seed=seed, strict=True)

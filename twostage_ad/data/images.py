@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from twostage_ad.data.records import DataError, Record
 
-__all__ = ["DecodedImages", "read_image", "read_mask", "infer_channels", "decode_records", "to_tensor"]
+__all__ = ["DecodedImages", "decode_native", "decode_records", "infer_channels", "read_image", "read_mask", "to_tensor"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,19 @@ def _open_converted(path: str | Path, mode: str, what: str) -> Image.Image:
             return _to_8bit(opened).convert(mode)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"cannot read {what} {str(path)!r}: {exc}") from exc
+
+
+def decode_native(path: str | Path, *, mode: str | None = None, what: str = "image") -> Image.Image:
+    """An image file fully decoded at its native size as the package decodes it (16-bit and float
+    images by their mode's range): Pillow ``mode`` ``L`` or ``RGB``, default ``L`` for grey files
+    and ``RGB`` otherwise. ``DataError`` names the file when it cannot be read."""
+    if mode is None:
+        try:
+            with Image.open(path) as opened:
+                mode = "L" if opened.mode in _GREY_MODES else "RGB"
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise DataError(f"cannot read {what} {str(path)!r}: {exc}") from exc
+    return _open_converted(path, mode, what)
 
 
 def _resized_array(image: Image.Image, size: int) -> np.ndarray:

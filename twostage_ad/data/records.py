@@ -1,4 +1,4 @@
-"""Readers that turn each supported data layout into one list of :class:`Record` (DESIGN §3).
+"""Readers that turn each supported data layout into one list of :class:`Record` (docs/design.md §3).
 
 Layouts:
 - seed: ``root/train/0.normal``, ``root/test/0.normal``, ``root/test/1.abnormal``
@@ -26,6 +26,7 @@ __all__ = [
     "DataError",
     "Record",
     "IMAGE_EXTENSIONS",
+    "read_folders_layout",
     "read_seed_layout",
     "read_mvtec_layout",
     "read_manifest",
@@ -72,10 +73,10 @@ def _require_dir(path: Path, what: str) -> None:
         raise DataError(f"{what}: folder {str(path)!r} does not exist")
 
 
-def read_seed_layout(root: str | Path) -> list[Record]:
+def read_folders_layout(root: str | Path) -> list[Record]:
     """``root/train/0.normal``, optional ``root/val/0.normal``, ``root/test/{0.normal,1.abnormal}``."""
     root = Path(root)
-    _require_dir(root / "train" / "0.normal", "seed layout needs training normals")
+    _require_dir(root / "train" / "0.normal", "folders layout needs training normals")
     records: list[Record] = []
     for split in SPLITS:
         for label, sub in ((0, "0.normal"), (1, "1.abnormal")):
@@ -87,6 +88,9 @@ def read_seed_layout(root: str | Path) -> list[Record]:
                     Record(name=str(path.relative_to(root)), label=label, split=split, category=sub, image=path)
                 )
     return records
+
+
+read_seed_layout = read_folders_layout  # the folders layout's first name ("seed"), kept for callers
 
 
 def read_mvtec_layout(root: str | Path, category: str | None = None) -> list[Record]:
@@ -226,15 +230,15 @@ def load_records(config: DataConfig, seed: int = 0) -> list[Record]:
     """Read the configured source, carve a validation split if needed, check the basics."""
     if config.source == "digits":
         records = read_digits(config.normal_digit, seed=seed)
-    elif config.source == "seed":
-        records = read_seed_layout(config.path)
+    elif config.source in ("folders", "seed"):  # "seed": the folders layout's first name
+        records = read_folders_layout(config.path)
     elif config.source == "mvtec":
         records = read_mvtec_layout(config.path, config.category)
     elif config.source == "manifest":
         records = read_manifest(config.path, config.category, allow_outside=config.allow_outside_paths)
     else:  # validated in DataConfig; kept for direct callers
         raise DataError(f"unknown data source {config.source!r}")
-    if config.category and config.source in ("seed", "digits"):
+    if config.category and config.source in ("folders", "seed", "digits"):
         log.warning("data.category=%r is ignored for source %r", config.category, config.source)
     train_anomalies = [r.name for r in records if r.split == "train" and r.label == 1]
     if train_anomalies:

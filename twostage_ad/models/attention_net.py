@@ -1,4 +1,4 @@
-"""Stage-1 attention network: a skip-CBAM encoder–decoder with SAGAN self-attention (DESIGN §2).
+"""Stage-1 attention network: a skip-CBAM encoder–decoder with SAGAN self-attention (docs/design.md §2).
 
 After the seed "Skip-CBAM-SelfAttention-GANomaly", without its faults: any square power-of-two
 size from 32 to 512 (the depth follows the size), mean-reduced losses live elsewhere, and the
@@ -12,7 +12,7 @@ Shapes for an input ``B×C×S×S`` with ``n = log2(S / bottleneck_size)`` down-s
 
 Deviations from the seed: bilinear upsample + 3×3 conv instead of transposed convs; the raw input
 is concatenated before the heads so thin defects keep full-resolution evidence; the discriminator
-uses InstanceNorm (DDP-safe, see DESIGN §8).
+uses InstanceNorm (DDP-safe, see docs/design.md §8).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ class SingleChannelConv2d(nn.Conv2d):
     The same convolution (same parameters and state-dict keys, values equal up to float
     reassociation), but oneDNN's kernel for a single output channel is as slow as for sixteen:
     GANomaly2D's last 7×7 conv, 16 -> 1 channels at 128×128, took 52 ms per batch of 64 on 2 cores,
-    the depthwise form 7.6 ms (``benchmarks/README.md`` entry 36). The intermediate holds one map
+    the depthwise form 7.6 ms (docs/experiments.md, speed). The intermediate holds one map
     per input channel (``B×Cin×H×W``). Elsewhere (CUDA) the plain convolution runs, as measured
     nowhere else; a traced or exported graph keeps the form of the device it was traced on.
     Half-precision inputs (autocast) are summed in float32 and rounded once, as conv kernels do.

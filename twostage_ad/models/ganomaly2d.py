@@ -1,4 +1,4 @@
-"""Stage-2 patch scorer: GANomaly2D, a GANomaly whose latent is a spatial map (DESIGN §2).
+"""Stage-2 patch scorer: GANomaly2D, a GANomaly whose latent is a spatial map (docs/design.md §2).
 
 GANomaly: Akçay et al., "GANomaly: Semi-Supervised Anomaly Detection via Adversarial Training",
 ACCV 2018 — generator encoder G_E, decoder G_D, a second encoder E that re-encodes the
@@ -15,7 +15,7 @@ Shapes for an input ``B×C×H×W`` (H, W multiples of ``2**n_down``; widths ``64
 
 Deviations from the public code: D returns logits (no sigmoid), D uses InstanceNorm instead of
 BatchNorm (it sees real and fake in one concatenated forward; InstanceNorm keeps the two from
-sharing statistics and is DDP-safe, DESIGN §8), and the score map is returned raw — normalising
+sharing statistics and is DDP-safe, docs/design.md §8), and the score map is returned raw — normalising
 it is the stage's job, with statistics of validation normals, never of the batch.
 """
 

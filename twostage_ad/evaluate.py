@@ -1,0 +1,155 @@
+"""Evaluation: the score table, the cascade's decisions on it, and every metric of ``metrics.json``.
+
+Pure functions of scores, labels and maps (no model, no files): ``run`` and ``calibrate`` both
+call :func:`decide` and :func:`threshold_metrics`, so a re-calibrated run reports exactly what a
+run with those thresholds would (docs/design.md §7). Test labels are used here only, to measure.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from twostage_ad.cascade import Cascade, fused_anomaly_map
+from twostage_ad.data.records import Record
+from twostage_ad.metrics import (
+    MetricResult,
+    image_auroc,
+    image_auroc_by_category,
+    pixel_auroc,
+    pixel_auroc_by_category,
+    pro_score,
+    recall_at_threshold,
+)
+from twostage_ad.stages.attention import SCREENING_COMPONENTS
+
+__all__ = ["PRO_MAX_FPR", "decide", "map_metrics", "merge_threshold_metrics", "score_metrics", "score_table", "threshold_metrics"]
+
+PRO_MAX_FPR = 0.3
+
+
+def score_table(records: list[Record], stage1_loss: np.ndarray, components: dict[str, np.ndarray], stage2_score: np.ndarray) -> pd.DataFrame:
+    """One row per scored image: ``image, label, split, category, stage1_loss``, its components, ``stage2_score``."""
+    table = pd.DataFrame({
+        "image": [r.name for r in records],
+        "label": [r.label for r in records],
+        "split": [r.split for r in records],
+        "category": [r.category for r in records],
+        "stage1_loss": stage1_loss,
+    })
+    for name in SCREENING_COMPONENTS:
+        table[name] = components[name]
+    table["stage2_score"] = stage2_score
+    return table
+
+
+def decide(table: pd.DataFrame, cascade: Cascade) -> pd.DataFrame:
+    """The table with the cascade's columns: ``flagged, stage2_decision_score, cascade_score, decision``."""
+    out = cascade.apply(table["stage1_loss"].to_numpy(), table["stage2_score"].to_numpy())
+    return table.assign(flagged=out.flagged, stage2_decision_score=out.second_score, cascade_score=out.cascade_score,
+                        decision=out.decision)
+
+
+def _test_rows(table: pd.DataFrame) -> pd.DataFrame:
+    return table[table["split"] == "test"]
+
+
+def _categories(test: pd.DataFrame) -> np.ndarray:
+    """Test rows' categories as strings, blank for none (NaN after a CSV round trip)."""
+    return test["category"].fillna("").astype(str).to_numpy()
+
+
+def _by_category(test: pd.DataFrame, column: str) -> dict[str, float | None]:
+    return image_auroc_by_category(test["label"].to_numpy(), _categories(test), test[column].to_numpy())
+
+
+def _notes(prefix: str, results: dict[str, MetricResult]) -> dict[str, str]:
+    return {f"{prefix}.{k}": m.reason for k, m in results.items() if m.reason}
+
+
+def _confusion(test: pd.DataFrame, column: str) -> dict[str, int]:
+    """Counts on the test split; positive = predicted anomalous, truth = label 1."""
+    predicted = test[column].astype(bool).to_numpy()
+    truth = test["label"].to_numpy() == 1
+    return {
+        "true_positive": int((predicted & truth).sum()),
+        "false_positive": int((predicted & ~truth).sum()),
+        "true_negative": int((~predicted & ~truth).sum()),
+        "false_negative": int((~predicted & truth).sum()),
+    }
+
+
+def score_metrics(table: pd.DataFrame) -> dict[str, Any]:
+    """Image AUROC of each stage alone (and of each screening component), overall and by category."""
+    test = _test_rows(table)
+    labels = test["label"].to_numpy()
+    image = {"stage1": image_auroc(labels, test["stage1_loss"].to_numpy()), "stage2": image_auroc(labels, test["stage2_score"].to_numpy())}
+    return {
+        "image_auroc": {k: m.value for k, m in image.items()},
+        "image_auroc_stage1_components": {name: image_auroc(labels, test[name].to_numpy()).value for name in SCREENING_COMPONENTS},
+        "image_auroc_stage1_by_category": _by_category(test, "stage1_loss"),
+        "image_auroc_stage2_by_category": _by_category(test, "stage2_score"),
+        "notes": _notes("image_auroc", image),
+    }
+
+
+def map_metrics(
+    table: pd.DataFrame, masks: np.ndarray, has_mask: np.ndarray, stage1_maps: np.ndarray, stage2_maps: np.ndarray,
+    map_mean: float, map_std: float,
+) -> dict[str, Any]:
+    """Pixel AUROC and PRO of stage 1's map, stage 2's map and their fusion, on the test rows in order."""
+    test = _test_rows(table)
+    labels, categories = test["label"].to_numpy(), _categories(test)
+    fused = fused_anomaly_map(stage1_maps, stage2_maps, map_mean, map_std)
+    maps = {"stage1": stage1_maps, "stage2": stage2_maps, "fused": fused}
+    pixel = {k: pixel_auroc(labels, masks, has_mask, m) for k, m in maps.items()}
+    pro = {k: pro_score(labels, masks, has_mask, m, max_fpr=PRO_MAX_FPR) for k, m in maps.items()}
+    return {
+        "pixel_auroc": {k: m.value for k, m in pixel.items()},
+        "pixel_auroc_stage1_by_category": pixel_auroc_by_category(labels, categories, masks, has_mask, stage1_maps),
+        "pixel_auroc_fused_by_category": pixel_auroc_by_category(labels, categories, masks, has_mask, fused),
+        "pro": {k: m.value for k, m in pro.items()},
+        "pro_max_fpr": PRO_MAX_FPR,
+        "notes": {**_notes("pixel_auroc", pixel), **_notes("pro", pro)},
+    }
+
+
+def threshold_metrics(table: pd.DataFrame, cascade: Cascade) -> dict[str, Any]:
+    """Everything that depends on τ₁ and τ₂, from a :func:`decide`-d table: flag share, recalls and
+    false-positive rates, the cascade's AUROC (moving τ₁ changes which images stage 2 orders),
+    thresholds, calibration methods and confusion counts."""
+    test = _test_rows(table)
+    labels = test["label"].to_numpy()
+    normal, anomalous = labels == 0, labels == 1
+    cascade_auroc = image_auroc(labels, test["cascade_score"].to_numpy())
+    return {
+        "flagged_fraction": float(test["flagged"].mean()) if len(test) else None,
+        "stage1_recall_at_threshold": recall_at_threshold(labels, test["stage1_loss"].to_numpy(), cascade.stage1.value).value,
+        "stage1_false_positive_rate": float(test.loc[normal, "flagged"].mean()) if normal.any() else None,
+        "cascade_recall": float(test.loc[anomalous, "decision"].mean()) if anomalous.any() else None,
+        "cascade_false_positive_rate": float(test.loc[normal, "decision"].mean()) if normal.any() else None,
+        "image_auroc_cascade": cascade_auroc,
+        "image_auroc_cascade_by_category": _by_category(test, "cascade_score"),
+        "thresholds": {"stage1": cascade.stage1.value, "stage2": cascade.stage2.value},
+        "calibration": {
+            "stage1": {"method": cascade.stage1.method, "params": cascade.stage1.params},
+            "stage2": {"method": cascade.stage2.method, "params": cascade.stage2.params},
+            "fusion": cascade.fusion,
+        },
+        "confusion": {"stage1_flag": _confusion(test, "flagged"), "cascade_decision": _confusion(test, "decision")},
+    }
+
+
+def merge_threshold_metrics(metrics: dict[str, Any], table: pd.DataFrame, cascade: Cascade) -> dict[str, Any]:
+    """``metrics`` with every threshold-dependent entry replaced by this cascade's."""
+    extra = threshold_metrics(table, cascade)
+    cascade_auroc: MetricResult = extra.pop("image_auroc_cascade")
+    merged = {**metrics, **extra}
+    merged["image_auroc"] = {**metrics.get("image_auroc", {}), "cascade": cascade_auroc.value}
+    notes = {k: v for k, v in metrics.get("notes", {}).items() if k != "image_auroc.cascade"}
+    if cascade_auroc.reason:
+        notes["image_auroc.cascade"] = cascade_auroc.reason
+    merged["notes"] = notes
+    return merged
