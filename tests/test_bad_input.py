@@ -13,6 +13,9 @@ from twostage_ad.workflow import run_pipeline
 
 from conftest import textured, write_image
 
+# these configs start from the digits demo (small, fast) on other data sources, knowingly
+pytestmark = pytest.mark.filterwarnings("ignore:data.source .* without a config file:UserWarning")
+
 TINY = ["stage1.epochs=1", "stage1.base_width=8", "stage1.max_width=16", "stage2.epochs=1",
         "stage2.width_divisor=16", "run.overlays=0"]
 

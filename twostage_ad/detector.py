@@ -325,7 +325,7 @@ class TwoStageDetector:
         run_dir = Path(run_dir)
         checkpoints = run_dir / RUN_FILES["checkpoints"]
         thresholds_path = run_dir / RUN_FILES["thresholds"]
-        for path in (run_dir / RUN_FILES["config"], checkpoints / "stage1.pt", checkpoints / "stage2.pt", thresholds_path):
+        for path in (checkpoints / "stage1.pt", checkpoints / "stage2.pt", thresholds_path):  # config.yaml: load_run_config
             if not path.is_file():
                 raise FileNotFoundError(f"{str(run_dir)!r} is not a finished run: {path.relative_to(run_dir)} is missing")
         stage1 = AttentionStage.load(checkpoints / "stage1.pt", device=device)
