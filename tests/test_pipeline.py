@@ -204,3 +204,14 @@ def test_recalibrate_example_runs_on_a_finished_run(tiny_run, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("τ₁") == 3
     assert json.loads((run_dir / "thresholds.json").read_text())["stage1"]["method"] == "quantile"
+
+
+def test_run_reports_the_synthetic_validation_score(tiny_run):
+    """metrics.json carries the test-label-free score: validation normals vs synthetic defects on them."""
+    synthetic = json.loads((tiny_run.run_dir / "metrics.json").read_text())["synthetic_val"]
+    val_normals = int(((tiny_run.scores["split"] == "val") & (tiny_run.scores["label"] == 0)).sum())
+    assert 0 < synthetic["images"] <= val_normals
+    for key in ("stage1", "stage2", "cascade"):
+        assert 0.0 <= synthetic["image_auroc"][key] <= 1.0
+    assert set(synthetic["image_auroc_stage1_by_kind"]) <= {"cutout", "cutpaste", "blob", "crack"}
+    assert 0.0 <= synthetic["stage1_recall_at_threshold"] <= 1.0 and 0.0 <= synthetic["pixel_auroc_stage1"] <= 1.0

@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 
 from twostage_ad.cascade import Cascade, CascadeOutput, fit_cascade
-from twostage_ad.config import CalibrationConfig, Config, ConfigError, RunConfig
+from twostage_ad.config import AugmentConfig, CalibrationConfig, Config, ConfigError, RunConfig
+from twostage_ad.data.augment import synthetic_defects
 from twostage_ad.data.images import decode_records
 from twostage_ad.data.records import IMAGE_EXTENSIONS, DataError, Record
 from twostage_ad.device import memory_format_for
@@ -314,6 +315,18 @@ class TwoStageDetector:
         second = PatchScoreResult(scores=scores, maps=maps, seconds=part.seconds)
         decided = None if self.cascade is None else self.cascade.apply(first.loss, scores)
         return CascadeScores(first, second, run2, decided)
+
+    def score_synthetic(
+        self, normals: np.ndarray, augment: AugmentConfig, *, seed: int = 0, progress: bool = True,
+        context: DistributedContext | None = None,
+    ) -> tuple[CascadeScores, np.ndarray, list[str]] | None:
+        """Both stages on validation ``normals`` with one synthetic defect each, drawn apart from
+        training's (:func:`~twostage_ad.data.augment.synthetic_defects`): ``(scores, masks N×H×W
+        with 1 = defect, kinds)``, or None with fewer than 2 normals."""
+        if len(normals) < 2:
+            return None
+        images, masks, kinds = synthetic_defects(normals, augment, seed=seed)
+        return self.score(images, all_stages=True, progress=progress, desc="synthetic val", context=context), masks, kinds
 
     # -- deployment ------------------------------------------------------------------------------
     @classmethod

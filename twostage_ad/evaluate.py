@@ -7,7 +7,7 @@ run with those thresholds would (docs/design.md §7). Test labels are used here 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -25,7 +25,11 @@ from twostage_ad.metrics import (
 )
 from twostage_ad.stages.attention import SCREENING_COMPONENTS
 
-__all__ = ["PRO_MAX_FPR", "decide", "map_metrics", "merge_threshold_metrics", "score_metrics", "score_table", "threshold_metrics"]
+if TYPE_CHECKING:
+    from twostage_ad.detector import CascadeScores
+
+__all__ = ["PRO_MAX_FPR", "decide", "map_metrics", "merge_threshold_metrics", "score_metrics", "score_table",
+           "synthetic_validation_metrics", "threshold_metrics"]
 
 PRO_MAX_FPR = 0.3
 
@@ -153,3 +157,34 @@ def merge_threshold_metrics(metrics: dict[str, Any], table: pd.DataFrame, cascad
         notes["image_auroc.cascade"] = cascade_auroc.reason
     merged["notes"] = notes
     return merged
+
+
+def synthetic_validation_metrics(
+    validation: CascadeScores, val_labels: np.ndarray, synthetic: CascadeScores, masks: np.ndarray, kinds: list[str],
+    cascade: Cascade,
+) -> dict[str, Any]:
+    """How well the run separates the validation normals from the same normals with a synthetic
+    defect each (drawn apart from training's): a score for choosing settings without test labels.
+
+    ``validation``: the scored validation split (``val_labels``); ``synthetic``: the defective
+    copies of its normals, ``masks`` ``N×H×W`` (1 = defect) and ``kinds``; ``cascade``: the
+    calibrated cascade (the screen's recall on the synthetic defects is at its τ₁).
+    """
+    normal = np.asarray(val_labels) == 0
+    parts = [
+        (validation.stage1.loss[normal], validation.stage2.scores[normal], validation.stage1.anomaly_maps[normal]),
+        (synthetic.stage1.loss, synthetic.stage2.scores, synthetic.stage1.anomaly_maps),
+    ]
+    labels = np.r_[np.zeros(normal.sum(), int), np.ones(len(synthetic), int)]
+    stage1, stage2 = (np.r_[parts[0][i], parts[1][i]] for i in (0, 1))
+    scores = {"stage1": stage1, "stage2": stage2, "cascade": cascade.apply(stage1, stage2).cascade_score}
+    all_masks = np.concatenate([np.zeros_like(parts[0][2], dtype=np.uint8), masks])
+    pixel = pixel_auroc(labels, all_masks, np.ones(len(labels), bool), np.concatenate([parts[0][2], parts[1][2]]))
+    categories = np.array(["normal"] * int(normal.sum()) + list(kinds))
+    return {
+        "images": len(synthetic),
+        "image_auroc": {k: image_auroc(labels, v).value for k, v in scores.items()},
+        "pixel_auroc_stage1": pixel.value,
+        "image_auroc_stage1_by_kind": image_auroc_by_category(labels, categories, stage1),
+        "stage1_recall_at_threshold": recall_at_threshold(labels, stage1, cascade.stage1.value).value,
+    }

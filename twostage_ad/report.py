@@ -247,13 +247,16 @@ PLOT_CAPTIONS = {
 def _stage_table(metrics: dict[str, Any]) -> str:
     """Rows = metrics, columns = stage 1 / stage 2 / cascade (fused maps for pixel metrics)."""
     rows = [("image AUROC", "image_auroc", ("stage1", "stage2", "cascade")),
+            ("image AUROC, synthetic defects on validation normals (no test label)", "synthetic_image_auroc",
+             ("stage1", "stage2", "cascade")),
             ("pixel AUROC", "pixel_auroc", ("stage1", "stage2", "fused")),
             ("PRO (FPR ≤ 0.3)", "pro", ("stage1", "stage2", "fused")),
             ("threshold (τ₁; τ₂ on the second-stage score)", "thresholds", ("stage1", "stage2", None)),
             ("images/s", "images_per_s", ("stage1", "stage2", "cascade"))]
     out = ["<tr><th></th><th>stage 1</th><th>stage 2</th><th>cascade (fused maps)</th></tr>"]
+    synthetic = metrics.get("synthetic_val") or {}
     for name, group, keys in rows:
-        values = metrics.get(group)
+        values = synthetic.get("image_auroc") if group == "synthetic_image_auroc" else metrics.get(group)
         cells = [_fmt(values.get(k)) if isinstance(values, dict) and k else "—" for k in keys]
         out.append(f"<tr><td>{name}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return "<table>" + "".join(out) + "</table>"

@@ -31,7 +31,14 @@ from twostage_ad.data.records import DataError, Record, load_records, split_reco
 from twostage_ad.detector import CascadeScores, TwoStageDetector, expand_image_paths
 from twostage_ad.device import resolve_device
 from twostage_ad.distributed import DistributedContext, init_distributed
-from twostage_ad.evaluate import decide, map_metrics, merge_threshold_metrics, score_metrics, score_table
+from twostage_ad.evaluate import (
+    decide,
+    map_metrics,
+    merge_threshold_metrics,
+    score_metrics,
+    score_table,
+    synthetic_validation_metrics,
+)
 from twostage_ad.report import build_report
 from twostage_ad.runs import (
     RUN_FILES,
@@ -262,6 +269,8 @@ def run_pipeline(
     detector.fit(decoded["train"].images, decoded["val"].images, decoded["val"].labels, None,
                  checkpoint_dir=run_dir / RUN_FILES["checkpoints"], resume=resume, progress=progress, context=context)
     test = detector.score(decoded["test"].images, all_stages=True, progress=progress, desc="test", context=context)
+    synthetic = detector.score_synthetic(decoded["val"].images[decoded["val"].labels == 0], config.augment,
+                                         seed=config.run.seed, progress=progress, context=context)
     table = pd.concat([_table(decoded["val"], detector.validation_), _table(decoded["test"], test)], ignore_index=True)
     # the ranks part here: every collective is done on every rank (so none closes its connections
     # while another still needs them); rank 0 alone computes the metrics and writes the run folder
@@ -283,6 +292,8 @@ def run_pipeline(
     write_json(run_dir / RUN_FILES["history"], {"stage1": detector.stage1.history_, "stage2": detector.stage2.history_})
     metrics = _run_metrics(table, detector, decoded, test, reuse, seconds={"decode": decode_seconds}, context=context,
                            device=device)
+    metrics["synthetic_val"] = None if synthetic is None else synthetic_validation_metrics(
+        detector.validation_, decoded["val"].labels, *synthetic, detector.cascade)
     metrics["seconds"]["total"] = time.perf_counter() - started
     write_json(run_dir / RUN_FILES["metrics"], metrics)
     build_report(run_dir)

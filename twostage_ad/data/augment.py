@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from twostage_ad.config import AugmentConfig  # noqa: E402
 
-__all__ = ["perlin_noise", "CutPasteDefect", "BlobDefect", "CrackDefect", "build_defect_augmentation", "apply_defect"]
+__all__ = ["BlobDefect", "CrackDefect", "CutPasteDefect", "apply_defect", "build_defect_augmentation", "perlin_noise", "synthetic_defects"]
 
 _VISIBLE = 3.0  # grey levels of mean absolute change below which a pixel is not labelled defect
 
@@ -247,3 +247,36 @@ def apply_defect(
         data["texture"] = texture
     out = augmentation(**data)
     return out["image"], out["mask"]
+
+
+VALIDATION_SEED_OFFSET = 1_000_003  # synthetic validation defects never share training's random stream
+
+
+def synthetic_defects(
+    images: np.ndarray, config: AugmentConfig, *, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """One synthetic defect on each uint8 ``N×H×W×C`` image, for a validation score without test labels.
+
+    The kinds of ``config.kinds`` take turns (image ``i`` gets kind ``i mod K``), each drawn from
+    ``seed + VALIDATION_SEED_OFFSET``, apart from training's stream; a blob's texture is the next
+    image. Images whose defect changed no visible pixel are left out. Returns ``(defective images,
+    masks N×H×W with 1 = defect as ground-truth masks have it, kinds)``.
+    """
+    if images.ndim != 4 or len(images) < 2:
+        raise ValueError(f"expected at least 2 images N×H×W×C, got shape {images.shape}")
+    kinds = list(config.kinds)
+    augmentations = {k: build_defect_augmentation(AugmentConfig(kinds=[k], probability=config.probability,
+                                                                max_area=config.max_area), seed=seed + VALIDATION_SEED_OFFSET + n)
+                     for n, k in enumerate(kinds)}
+    out_images, out_masks, out_kinds = [], [], []
+    for i, image in enumerate(images):
+        kind = kinds[i % len(kinds)]
+        defective, mask = apply_defect(augmentations[kind], image, images[(i + 1) % len(images)])
+        if (mask == 0).any():
+            out_images.append(defective)
+            out_masks.append((mask == 0).astype(np.uint8))
+            out_kinds.append(kind)
+    height, width = images.shape[1:3]
+    if not out_images:
+        return images[:0], np.zeros((0, height, width), np.uint8), []
+    return np.stack(out_images), np.stack(out_masks), out_kinds
