@@ -1,0 +1,79 @@
+"""The synthetic-defect validation score of finished runs, beside their test AUROC.
+
+    python benchmarks/synthetic_val.py RUN_DIR [RUN_DIR ...] [--seed N] [--note "..."]
+
+For each run: its validation normals are scored against copies with one synthetic defect each
+(``twostage_ad.data.augment.synthetic_defects``, drawn from ``--seed`` plus a fixed offset, apart
+from training's stream) — the score ``run`` writes to ``metrics.json`` as ``synthetic_val`` — and
+the run's own test AUROC is copied beside it, so that the two rankings of several runs (variants
+of a recipe) can be compared. No model is trained; test labels are only read from the run's
+``metrics.json``, never used to compute the synthetic score. Each run appends one row to
+``benchmarks/results/synthetic_val.csv`` and rewrites ``synthetic_val.md``; with two or more runs,
+the Spearman rank correlation of synthetic and test stage-1 AUROC is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from scipy.stats import spearmanr
+
+from twostage_ad.data.images import decode_records
+from twostage_ad.data.records import load_records, split_records
+from twostage_ad.detector import TwoStageDetector
+from twostage_ad.evaluate import synthetic_validation_metrics
+from twostage_ad.runs import RUN_FILES, load_run_config, read_json
+
+from _results import append_row, git_commit
+
+
+def row_for(run_dir: Path, seed: int | None) -> dict:
+    config = load_run_config(run_dir)
+    seed = config.run.seed if seed is None else seed
+    val = decode_records(split_records(load_records(config.data, seed=config.run.seed))["val"], config.data.image_size,
+                         config.data.channels, config.data.invert_masks, progress=False)
+    detector = TwoStageDetector.from_run(run_dir, device="cpu")
+    validation = detector.score(val.images, all_stages=True, progress=False)
+    synthetic = detector.score_synthetic(val.images[val.labels == 0], config.augment, seed=seed, progress=False)
+    if synthetic is None:
+        raise SystemExit(f"{run_dir}: fewer than 2 validation normals")
+    score = synthetic_validation_metrics(validation, val.labels, *synthetic, detector.cascade)
+    test = read_json(run_dir / RUN_FILES["metrics"])
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "commit": git_commit(),
+        "run": str(run_dir),
+        "seed": seed,
+        "synthetic_images": score["images"],
+        **{f"synthetic_image_auroc_{k}": v for k, v in score["image_auroc"].items()},
+        "synthetic_pixel_auroc_stage1": score["pixel_auroc_stage1"],
+        "synthetic_stage1_recall": score["stage1_recall_at_threshold"],
+        **{f"synthetic_{kind}": v for kind, v in score["image_auroc_stage1_by_kind"].items()},
+        **{f"test_image_auroc_{k}": v for k, v in test["image_auroc"].items()},
+        "test_pixel_auroc_stage1": test["pixel_auroc"]["stage1"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", type=Path, nargs="+", help="finished run folders")
+    parser.add_argument("--seed", type=int, help="synthetic-defect seed (default: each run's run.seed)")
+    parser.add_argument("--note", default="")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    rows = []
+    for run_dir in args.runs:
+        row = {**row_for(run_dir, args.seed), "note": args.note}
+        append_row("synthetic_val", row, "Synthetic-defect validation score beside test AUROC (benchmarks/synthetic_val.py)")
+        rows.append(row)
+        print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+    if len(rows) >= 2:
+        rho = spearmanr([r["synthetic_image_auroc_stage1"] for r in rows], [r["test_image_auroc_stage1"] for r in rows]).statistic
+        print(f"Spearman rank correlation, synthetic vs test stage-1 image AUROC over {len(rows)} runs: {rho:.3f}")
+
+
+if __name__ == "__main__":
+    main()
