@@ -6,7 +6,7 @@ import pytest
 from twostage_ad.calibration import Threshold
 from twostage_ad.cascade import Cascade
 from twostage_ad.config import AugmentConfig
-from twostage_ad.data.augment import build_defect_augmentation, synthetic_defects
+from twostage_ad.data.augment import HELD_OUT_KINDS, build_defect_augmentation, held_out_defect, synthetic_defects
 from twostage_ad.detector import CascadeScores
 from twostage_ad.evaluate import synthetic_validation_metrics
 from twostage_ad.stages.attention import ScreeningResult
@@ -18,7 +18,7 @@ from conftest import textured
 @pytest.fixture
 def normals():
     rng = np.random.default_rng(0)
-    return np.stack([textured(rng, size=32)[..., None] for _ in range(8)])
+    return np.stack([textured(rng, size=32)[..., None] for _ in range(12)])
 
 
 def test_each_normal_gets_one_visible_defect_kind_by_kind_reproducibly(normals):
@@ -28,7 +28,9 @@ def test_each_normal_gets_one_visible_defect_kind_by_kind_reproducibly(normals):
     np.testing.assert_array_equal(images, again)
     np.testing.assert_array_equal(masks, masks_again)
     assert set(np.unique(masks)) <= {0, 1} and masks.reshape(len(masks), -1).max(axis=1).min() == 1  # 1 = defect, never empty
-    assert kinds == [AugmentConfig().kinds[i % 4] for i in range(len(kinds))] and len(kinds) >= 6
+    order = [*AugmentConfig().kinds, *HELD_OUT_KINDS]  # the training kinds, then kinds training never draws
+    assert len(kinds) >= 10 and set(kinds) == set(order)
+    assert all(kinds.index(k) <= order.index(k) for k in set(kinds))  # in turn (a skipped invisible one shifts them)
     changed = np.abs(images.astype(int) - normals[: len(images)].astype(int)).sum(axis=(1, 2, 3))
     assert (changed > 0).all()
     other_seed, _, _ = synthetic_defects(normals, AugmentConfig(), seed=4)
@@ -42,6 +44,18 @@ def test_validation_defects_are_drawn_apart_from_training(normals):
     trained_on = training(image=normals[0], mask=np.ones((32, 32), np.uint8), texture=normals[1])["image"]
     validation, _, _ = synthetic_defects(normals[:2], config, seed=3)
     assert not np.array_equal(trained_on, validation[0])
+
+
+@pytest.mark.parametrize("kind", HELD_OUT_KINDS)
+def test_held_out_kinds_change_only_what_their_mask_marks(normals, kind):
+    rng = np.random.default_rng(5)
+    for image in normals[:4]:
+        defective, mask = held_out_defect(kind, image, rng)
+        change = np.abs(defective.astype(int) - image.astype(int))[..., 0]
+        assert (mask == 0).any() and defective.dtype == np.uint8
+        assert change[mask == 1].max() < 3 and change[mask == 0].min() >= 3  # mask = the visibly changed pixels
+    with pytest.raises(ValueError, match="kind must be one of"):
+        held_out_defect("smudge", normals[0], rng)
 
 
 def test_too_few_images_are_refused():
@@ -76,4 +90,7 @@ def test_synthetic_validation_metrics_hand_computed():
     assert out["pixel_auroc_stage1"] == pytest.approx(1.0)
     assert out["image_auroc_stage1_by_kind"] == {"cutout": pytest.approx(2 / 3), "crack": pytest.approx(3 / 6)}
     assert out["stage1_recall_at_threshold"] == pytest.approx(2 / 3)  # 2.5 and 4 exceed τ₁ = 2
+    assert out["image_auroc_stage1_held_out_kinds"] is None  # no held-out kind among them: one class only
+    held = synthetic_validation_metrics(validation, labels, synthetic, masks, ["cutout", "scratch", "stain"], cascade)
+    assert held["image_auroc_stage1_held_out_kinds"] == pytest.approx(3 / 6)  # 4 > {1,2,3}, 0.5 > {}
     assert 0.0 <= out["image_auroc"]["cascade"] <= 1.0

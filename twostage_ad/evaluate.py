@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from twostage_ad.cascade import Cascade, fused_anomaly_map
+from twostage_ad.data.augment import HELD_OUT_KINDS
 from twostage_ad.data.records import Record
 from twostage_ad.metrics import (
     MetricResult,
@@ -167,7 +168,8 @@ def synthetic_validation_metrics(
     defect each (drawn apart from training's): a score for choosing settings without test labels.
 
     ``validation``: the scored validation split (``val_labels``); ``synthetic``: the defective
-    copies of its normals, ``masks`` ``N×H×W`` (1 = defect) and ``kinds``; ``cascade``: the
+    copies of its normals, ``masks`` ``N×H×W`` (1 = defect) and ``kinds`` (``HELD_OUT_KINDS`` are
+    never drawn in training; ``image_auroc_stage1_held_out_kinds`` scores those alone); ``cascade``: the
     calibrated cascade (the screen's recall on the synthetic defects is at its τ₁).
     """
     normal = np.asarray(val_labels) == 0
@@ -181,10 +183,12 @@ def synthetic_validation_metrics(
     all_masks = np.concatenate([np.zeros_like(parts[0][2], dtype=np.uint8), masks])
     pixel = pixel_auroc(labels, all_masks, np.ones(len(labels), bool), np.concatenate([parts[0][2], parts[1][2]]))
     categories = np.array(["normal"] * int(normal.sum()) + list(kinds))
+    held_out = (labels == 0) | np.isin(categories, HELD_OUT_KINDS)  # kinds training never drew
     return {
         "images": len(synthetic),
         "image_auroc": {k: image_auroc(labels, v).value for k, v in scores.items()},
         "pixel_auroc_stage1": pixel.value,
         "image_auroc_stage1_by_kind": image_auroc_by_category(labels, categories, stage1),
+        "image_auroc_stage1_held_out_kinds": image_auroc(labels[held_out], stage1[held_out]).value,
         "stage1_recall_at_threshold": recall_at_threshold(labels, stage1, cascade.stage1.value).value,
     }

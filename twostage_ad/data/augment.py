@@ -30,7 +30,8 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from twostage_ad.config import AugmentConfig  # noqa: E402
 
-__all__ = ["BlobDefect", "CrackDefect", "CutPasteDefect", "apply_defect", "build_defect_augmentation", "perlin_noise", "synthetic_defects"]
+__all__ = ["HELD_OUT_KINDS", "BlobDefect", "CrackDefect", "CutPasteDefect", "apply_defect", "build_defect_augmentation",
+           "held_out_defect", "perlin_noise", "synthetic_defects"]
 
 _VISIBLE = 3.0  # grey levels of mean absolute change below which a pixel is not labelled defect
 
@@ -250,28 +251,72 @@ def apply_defect(
 
 
 VALIDATION_SEED_OFFSET = 1_000_003  # synthetic validation defects never share training's random stream
+# kinds that training never draws: the validation score also measures defects the network was not shown
+HELD_OUT_KINDS = ("scratch", "stain")
+
+
+def _visible(image: np.ndarray, defective: np.ndarray) -> np.ndarray:
+    """Mask ``H×W`` (1 normal, 0 defect) of the pixels a defect changed visibly."""
+    change = np.abs(defective.astype(np.float32) - image.astype(np.float32)).mean(axis=-1)
+    return (change < _VISIBLE).astype(np.uint8)
+
+
+def held_out_defect(kind: str, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A defect of a kind training never draws, on uint8 ``H×W×C``: ``(defective, mask 1 normal / 0 defect)``.
+
+    ``scratch``: one to three straight lines (training's cracks wander), 1–2 px, 15–60 grey levels
+    darker or brighter. ``stain``: a smooth low-contrast round shading, 12–40 grey levels at its
+    centre, radius 4–15 % of the side (training's blobs are textured and sharp-edged).
+    """
+    height, width = image.shape[:2]
+    side = max(height, width)
+    base = image.astype(np.float32)
+    if kind == "scratch":
+        canvas = Image.new("L", (width, height), 0)
+        draw = ImageDraw.Draw(canvas)
+        for _ in range(int(rng.integers(1, 4))):
+            y, x, angle = rng.uniform(0, height), rng.uniform(0, width), rng.uniform(0, np.pi)
+            half = rng.uniform(0.1, 0.3) * side
+            dx, dy = half * np.cos(angle), half * np.sin(angle)
+            draw.line([(x - dx, y - dy), (x + dx, y + dy)], fill=255, width=int(rng.integers(1, 3)))
+        weight = (np.asarray(canvas, dtype=np.float32) / 255.0)[..., None]
+        delta = rng.uniform(15, 60) * (1 if rng.random() < 0.5 else -1)
+    elif kind == "stain":
+        cy, cx, radius = rng.uniform(0.15, 0.85) * height, rng.uniform(0.15, 0.85) * width, rng.uniform(0.04, 0.15) * side
+        yy, xx = np.mgrid[0:height, 0:width]
+        weight = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * radius**2)).astype(np.float32)[..., None]
+        delta = rng.uniform(12, 40) * (1 if rng.random() < 0.5 else -1)
+    else:
+        raise ValueError(f"kind must be one of {HELD_OUT_KINDS}, got {kind!r}")
+    defective = np.clip(np.rint(base + delta * weight), 0, 255).astype(np.uint8)
+    return defective, _visible(image, defective)
 
 
 def synthetic_defects(
-    images: np.ndarray, config: AugmentConfig, *, seed: int = 0
+    images: np.ndarray, config: AugmentConfig, *, seed: int = 0, held_out: tuple[str, ...] = HELD_OUT_KINDS
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """One synthetic defect on each uint8 ``N×H×W×C`` image, for a validation score without test labels.
 
-    The kinds of ``config.kinds`` take turns (image ``i`` gets kind ``i mod K``), each drawn from
+    The kinds of ``config.kinds`` and the ``held_out`` kinds (never drawn in training,
+    :func:`held_out_defect`) take turns (image ``i`` gets kind ``i mod K``), each drawn from
     ``seed + VALIDATION_SEED_OFFSET``, apart from training's stream; a blob's texture is the next
     image. Images whose defect changed no visible pixel are left out. Returns ``(defective images,
     masks N×H×W with 1 = defect as ground-truth masks have it, kinds)``.
     """
     if images.ndim != 4 or len(images) < 2:
         raise ValueError(f"expected at least 2 images N×H×W×C, got shape {images.shape}")
-    kinds = list(config.kinds)
+    kinds = [*config.kinds, *held_out]
     augmentations = {k: build_defect_augmentation(AugmentConfig(kinds=[k], probability=config.probability,
                                                                 max_area=config.max_area), seed=seed + VALIDATION_SEED_OFFSET + n)
-                     for n, k in enumerate(kinds)}
+                     for n, k in enumerate(config.kinds)}
+    rng = np.random.default_rng(seed + VALIDATION_SEED_OFFSET)
     out_images, out_masks, out_kinds = [], [], []
     for i, image in enumerate(images):
         kind = kinds[i % len(kinds)]
-        defective, mask = apply_defect(augmentations[kind], image, images[(i + 1) % len(images)])
+        if kind in augmentations:
+            defective, mask = apply_defect(augmentations[kind], image, images[(i + 1) % len(images)])
+        else:
+            defective, mask = held_out_defect(kind, image, rng)
         if (mask == 0).any():
             out_images.append(defective)
             out_masks.append((mask == 0).astype(np.uint8))
