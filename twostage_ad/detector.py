@@ -26,6 +26,7 @@ from twostage_ad.data.images import decode_records
 from twostage_ad.data.records import IMAGE_EXTENSIONS, DataError, Record
 from twostage_ad.device import memory_format_for
 from twostage_ad.distributed import DistributedContext
+from twostage_ad.evaluate import DECISION_COLUMNS
 from twostage_ad.runs import RUN_FILES, read_json
 from twostage_ad.stages.attention import SCREENING_COMPONENTS, AttentionStage, ScreeningResult
 from twostage_ad.stages.patch_scorer import PatchScoreResult, PatchScorerStage
@@ -35,8 +36,8 @@ __all__ = ["CascadeScores", "ImagePrediction", "Predictions", "TwoStageDetector"
 
 log = logging.getLogger(__name__)
 
-PREDICTION_COLUMNS = ["image", "stage1_loss", *SCREENING_COMPONENTS, "stage2_score", "flagged",
-                      "stage2_decision_score", "cascade_score", "decision"]
+# the columns of scores.csv that need no label
+PREDICTION_COLUMNS = ["image", "stage1_loss", *SCREENING_COMPONENTS, "stage2_score", *DECISION_COLUMNS]
 
 
 @dataclass

@@ -29,10 +29,11 @@ from twostage_ad.stages.attention import SCREENING_COMPONENTS
 if TYPE_CHECKING:
     from twostage_ad.detector import CascadeScores
 
-__all__ = ["PRO_MAX_FPR", "decide", "map_metrics", "merge_threshold_metrics", "score_metrics", "score_table",
+__all__ = ["DECISION_COLUMNS", "PRO_MAX_FPR", "decide", "map_metrics", "merge_threshold_metrics", "score_metrics", "score_table",
            "synthetic_validation_metrics", "threshold_metrics"]
 
 PRO_MAX_FPR = 0.3
+DECISION_COLUMNS = ("flagged", "stage2_decision_score", "cascade_score", "decision")  # what decide() adds
 
 
 def score_table(records: list[Record], stage1_loss: np.ndarray, components: dict[str, np.ndarray], stage2_score: np.ndarray) -> pd.DataFrame:
@@ -53,8 +54,7 @@ def score_table(records: list[Record], stage1_loss: np.ndarray, components: dict
 def decide(table: pd.DataFrame, cascade: Cascade) -> pd.DataFrame:
     """The table with the cascade's columns: ``flagged, stage2_decision_score, cascade_score, decision``."""
     out = cascade.apply(table["stage1_loss"].to_numpy(), table["stage2_score"].to_numpy())
-    return table.assign(flagged=out.flagged, stage2_decision_score=out.second_score, cascade_score=out.cascade_score,
-                        decision=out.decision)
+    return table.assign(**dict(zip(DECISION_COLUMNS, (out.flagged, out.second_score, out.cascade_score, out.decision))))
 
 
 def _test_rows(table: pd.DataFrame) -> pd.DataFrame:

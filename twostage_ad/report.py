@@ -33,6 +33,7 @@ __all__ = [
     "plot_overlays",
     "plot_map_pairs",
     "write_html_report",
+    "auroc_text",
     "build_report",
 ]
 
@@ -338,7 +339,8 @@ configuration: <a href="config.yaml">config.yaml</a>.</p>
 # the whole report, from a run folder's saved files alone
 
 
-def _auroc_text(value: float | None) -> str:
+def auroc_text(value: float | None) -> str:
+    """An AUROC for people: four decimals, ``n/a`` when undefined."""
     return "n/a" if value is None else f"{value:.4f}"
 
 
@@ -364,7 +366,7 @@ def build_report(run_dir: str | Path, *, log_scale: bool = False, examples: int 
                      ("stage2_score", tau2, "stage 2 image score (every test image)", "stage2"),
                      ("cascade_score", 1.5, "cascade score (> 1 flagged, > 1.5 anomalous)", "cascade"))
     for column, threshold, name, key in distributions:
-        title = f"{name}, AUROC {_auroc_text(auroc.get(key))}"
+        title = f"{name}, AUROC {auroc_text(auroc.get(key))}"
         plot_loss_distribution(table, column, threshold, plots / f"{column}_distribution.png", title=title, log_scale=log_scale)
         if test.loc[test["label"] == 1, "category"].nunique() > 1:
             plot_category_distribution(table, column, threshold, plots / f"{column}_by_category.png", title=title, log_scale=log_scale)

@@ -39,7 +39,7 @@ from twostage_ad.evaluate import (
     score_table,
     synthetic_validation_metrics,
 )
-from twostage_ad.report import build_report
+from twostage_ad.report import auroc_text, build_report
 from twostage_ad.runs import (
     RUN_FILES,
     SCORE_KEYS,
@@ -95,10 +95,6 @@ def apply_process_settings(threads: int, malloc: bool) -> None:
         torch.set_num_threads(threads)
     if malloc and not tune_malloc():
         log.debug("allocator tuning not applied (not glibc, or refused); running with the system defaults")
-
-
-def _auroc_text(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _check_calibration_feasible(val_labels: list[int], calibration: CalibrationConfig) -> None:
@@ -300,8 +296,8 @@ def run_pipeline(
     log.info(
         "done in %.1f s: image AUROC stage 1 %s, stage 2 %s, cascade %s; pixel AUROC %s / %s / fused %s; "
         "flagged %.1f%% of test images -> %s",
-        metrics["seconds"]["total"], *(_auroc_text(metrics["image_auroc"][k]) for k in ("stage1", "stage2", "cascade")),
-        *(_auroc_text(metrics["pixel_auroc"][k]) for k in ("stage1", "stage2", "fused")),
+        metrics["seconds"]["total"], *(auroc_text(metrics["image_auroc"][k]) for k in ("stage1", "stage2", "cascade")),
+        *(auroc_text(metrics["pixel_auroc"][k]) for k in ("stage1", "stage2", "fused")),
         100 * (metrics["flagged_fraction"] or 0.0), run_dir,
     )
     return RunResult(run_dir=run_dir, metrics=metrics, scores=table)
@@ -416,7 +412,7 @@ def calibrate_run(
     build_report(run_dir)
     log.info("τ₁ %.6g (%s %s), τ₂ %.6g (%s %s): flags %.1f%% of test images, cascade AUROC %s",
              cascade.stage1.value, cascade.stage1.method, cascade.stage1.params, cascade.stage2.value, cascade.stage2.method,
-             cascade.stage2.params, 100 * (metrics.get("flagged_fraction") or 0.0), _auroc_text(metrics["image_auroc"].get("cascade")))
+             cascade.stage2.params, 100 * (metrics.get("flagged_fraction") or 0.0), auroc_text(metrics["image_auroc"].get("cascade")))
     return cascade
 
 
