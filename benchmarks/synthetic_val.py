@@ -1,6 +1,7 @@
 """The synthetic-defect validation score of finished runs, beside their test AUROC.
 
     python benchmarks/synthetic_val.py RUN_DIR [RUN_DIR ...] [--seed N] [--note "..."]
+    python benchmarks/synthetic_val.py RUN_DIR --variant stage1.position_normality=false
 
 For each run: its validation normals are scored against copies with one synthetic defect each
 (``twostage_ad.data.augment.synthetic_defects``, drawn from ``--seed`` plus a fixed offset, apart
@@ -10,6 +11,11 @@ of a recipe) can be compared. No model is trained; test labels are only read fro
 ``metrics.json``, never used to compute the synthetic score. Each run appends one row to
 ``benchmarks/results/synthetic_val.csv`` and rewrites ``synthetic_val.md``; with two or more runs,
 the Spearman rank correlation of synthetic and test stage-1 AUROC is printed.
+
+``--variant section.field=value`` (repeatable) changes a *scoring* field of a finished run's
+stages (``stage1.position_normality``, ``stage1.screen_topk``, ...) without retraining: the
+thresholds are re-calibrated on the validation scores as ``run`` would, and the test AUROC beside
+it is recomputed from a fresh scoring of the test split instead of copied.
 """
 
 from __future__ import annotations
@@ -17,35 +23,70 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from scipy.stats import spearmanr
 
+from twostage_ad.cascade import fit_cascade
+from twostage_ad.config import apply_overrides
 from twostage_ad.data.images import decode_records
 from twostage_ad.data.records import load_records, split_records
 from twostage_ad.detector import TwoStageDetector
 from twostage_ad.evaluate import synthetic_validation_metrics
+from twostage_ad.metrics import image_auroc
 from twostage_ad.runs import RUN_FILES, load_run_config, read_json
 
 from _results import append_row, git_commit
 
 
-def row_for(run_dir: Path, seed: int | None) -> dict:
+def apply_variant(detector: TwoStageDetector, variant: list[str]) -> None:
+    """``section.field=value`` strings onto the stages' scoring fields (anything else is refused)."""
+    changes: dict[str, dict] = {}
+    apply_overrides(changes, variant)
+    for section, fields in changes.items():
+        stage = {"stage1": detector.stage1, "stage2": detector.stage2}.get(section)
+        if stage is None or not set(fields) <= set(type(stage.config).scoring_fields):
+            raise SystemExit(f"--variant changes scoring fields of stage1 / stage2 only, got {section}: {sorted(fields)}")
+        stage.config = replace(stage.config, **fields)
+        stage.config.validate()
+
+
+def _decode(config, split: str):
+    records = split_records(load_records(config.data, seed=config.run.seed))[split]
+    return decode_records(records, config.data.image_size, config.data.channels, config.data.invert_masks, progress=False)
+
+
+def row_for(run_dir: Path, seed: int | None, variant: list[str] | None = None) -> dict:
     config = load_run_config(run_dir)
     seed = config.run.seed if seed is None else seed
-    val = decode_records(split_records(load_records(config.data, seed=config.run.seed))["val"], config.data.image_size,
-                         config.data.channels, config.data.invert_masks, progress=False)
+    val = _decode(config, "val")
     detector = TwoStageDetector.from_run(run_dir, device="cpu")
+    if variant:
+        apply_variant(detector, variant)
     validation = detector.score(val.images, all_stages=True, progress=False)
+    if variant:  # thresholds for the changed scores, as run calibrates them
+        detector.cascade = fit_cascade(validation.stage1.loss, validation.stage2.scores, val.labels, config.calibration,
+                                       fusion=config.cascade.fusion)
     synthetic = detector.score_synthetic(val.images[val.labels == 0], config.augment, seed=seed, progress=False)
     if synthetic is None:
         raise SystemExit(f"{run_dir}: fewer than 2 validation normals")
     score = synthetic_validation_metrics(validation, val.labels, *synthetic, detector.cascade)
     test = read_json(run_dir / RUN_FILES["metrics"])
+    if variant:
+        test_split = _decode(config, "test")
+        scored = detector.score(test_split.images, all_stages=True, progress=False)
+        first, second = scored.stage1.loss, scored.stage2.scores
+        cascade = detector.cascade.apply(first, second).cascade_score
+        test = {"image_auroc": {"stage1": image_auroc(test_split.labels, first).value,
+                                "stage2": image_auroc(test_split.labels, second).value,
+                                "cascade": image_auroc(test_split.labels, cascade).value},
+                "pixel_auroc": {"stage1": None}}
     return {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "commit": git_commit(),
         "run": str(run_dir),
+        "variant": " ".join(variant or []),
         "seed": seed,
         "synthetic_images": score["images"],
         **{f"synthetic_image_auroc_{k}": v for k, v in score["image_auroc"].items()},
@@ -62,12 +103,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", type=Path, nargs="+", help="finished run folders")
     parser.add_argument("--seed", type=int, help="synthetic-defect seed (default: each run's run.seed)")
+    parser.add_argument("--variant", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="score with a changed scoring field (repeatable); thresholds re-calibrated, test AUROC recomputed")
     parser.add_argument("--note", default="")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     rows = []
     for run_dir in args.runs:
-        row = {**row_for(run_dir, args.seed), "note": args.note}
+        row = {**row_for(run_dir, args.seed, args.variant), "note": args.note}
         append_row("synthetic_val", row, "Synthetic-defect validation score beside test AUROC (benchmarks/synthetic_val.py)")
         rows.append(row)
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from twostage_ad.models.attention_net import AttentionNet, AttentionNetEnsemble, ImageMapDiscriminator, kv_pool_for
 from twostage_ad.models.blocks import CBAM, SelfAttention2d, SingleChannelConv2d, UpBlock
 from twostage_ad.models.ganomaly2d import GANomaly2D, PatchDiscriminator, patch_widths
+from twostage_ad.models.repair_net import RepairNet, RepairThenAttend
 
 
 def _open_gates(module: torch.nn.Module) -> None:
@@ -40,6 +41,44 @@ def test_attention_net_shapes_finiteness_and_gradients(size, channels):
     loss = out.reconstruction.mean() + out.attention_logits.mean() + (out.latent - out.latent_reconstructed).pow(2).mean()
     loss.backward()
     _assert_all_parameters_get_gradients(net)
+
+
+@pytest.mark.parametrize("size, channels", [(32, 1), (64, 3)])
+def test_repair_then_attend_shapes_finiteness_and_gradients(size, channels):
+    torch.manual_seed(0)
+    net = RepairThenAttend(RepairNet(channels, size, base_width=8, max_width=32),
+                           AttentionNet(channels, size, base_width=8, max_width=32, condition_channels=channels))
+    _open_gates(net)
+    x = torch.rand(2, channels, size, size) * 2 - 1
+    out = net(x)
+    assert out.repaired.shape == x.shape and out.repaired.abs().max() <= 1.0
+    assert out.attention_logits.shape == (2, 1, size, size)
+    assert out.reconstruction is None and out.latent_reconstructed is None
+    assert torch.isfinite(out.repaired).all() and torch.isfinite(out.attention_logits).all()
+    (out.repaired.pow(2).mean() + out.attention_logits.mean()).backward()
+    for module in (net.repair, net.attend.encoder, net.attend.decoder, net.attend.attention_head):
+        _assert_all_parameters_get_gradients(module)
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_the_attention_loss_reaches_the_repair_network_unless_detached(detach):
+    torch.manual_seed(0)
+    net = RepairThenAttend(RepairNet(1, 32, base_width=8, max_width=16),
+                           AttentionNet(1, 32, base_width=8, max_width=16, condition_channels=1), detach_repair=detach)
+    net(torch.rand(2, 1, 32, 32) * 2 - 1, reconstruct=False).attention_logits.mean().backward()
+    reached = [p.grad is not None and p.grad.abs().sum() > 0 for p in net.repair.parameters()]
+    assert (not any(reached)) if detach else all(reached)
+
+
+def test_repair_then_attend_refuses_mismatched_parts_and_a_missing_condition():
+    with pytest.raises(ValueError, match="condition_channels 0"):
+        RepairThenAttend(RepairNet(1, 32), AttentionNet(1, 32))
+    with pytest.raises(ValueError, match="image sizes differ"):
+        RepairThenAttend(RepairNet(1, 64), AttentionNet(1, 32, condition_channels=1))
+    with pytest.raises(ValueError, match="expected a condition"):
+        AttentionNet(1, 32, condition_channels=1)(torch.zeros(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="image_size must be a power of two >= 32, got 48"):
+        RepairNet(1, 48)
 
 
 def test_ensemble_averages_member_logits_and_every_attention_parameter_learns():

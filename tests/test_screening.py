@@ -286,3 +286,29 @@ def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert not has_fast_bf16(torch.device("cpu"))
+
+
+def test_reconstruct_then_attend_trains_its_repair_and_scores_deterministically(tmp_path):
+    rng = np.random.default_rng(0)
+    images = np.stack([textured(rng, size=32)[..., None] for _ in range(8)])
+    config = Stage1Config(epochs=2, base_width=8, max_width=16, batch_size=4, repair=True)
+    stage = AttentionStage(config=config, image_size=32, channels=1, device="cpu", seed=0)
+    stage.fit(images, checkpoint_path=tmp_path / "s1.pt", progress=False)
+    assert {"repair_l2", "repair_ssim"} <= set(stage.history_[-1])
+    assert stage.history_[-1]["repair_l2"] < stage.history_[0]["repair_l2"]  # the repair learns
+    first = stage.score(images, progress=False)
+    loaded = AttentionStage.load(tmp_path / "s1.pt", device="cpu")
+    np.testing.assert_array_equal(loaded.score(images, progress=False).loss, first.loss)
+    alone = stage.score(images[2:3], batch_size=1, progress=False)
+    assert alone.loss[0] == pytest.approx(first.loss[2], rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("field, value", [("w_con", 1.0), ("ensemble_size", 2), ("w_repair_l2", 0.0)])
+def test_reconstruct_then_attend_refuses_what_it_cannot_combine(field, value):
+    from twostage_ad.config import ConfigError
+
+    settings = {"repair": True, field: value}
+    if field == "w_repair_l2":
+        settings["w_repair_ssim"] = 0.0
+    with pytest.raises(ConfigError, match=f"stage1.{field}"):
+        Stage1Config(**settings).validate()

@@ -150,7 +150,7 @@ class Stage1Config:
     """
 
     section: ClassVar[str] = "stage1"
-    scoring_fields: ClassVar[tuple[str, ...]] = ("screen_con", "screen_enc", "screen_att", "screen_topk")
+    scoring_fields: ClassVar[tuple[str, ...]] = ("screen_con", "screen_enc", "screen_att", "screen_topk", "position_normality")
 
     # model
 
@@ -162,6 +162,11 @@ class Stage1Config:
     attention_kv_max_tokens: int | None = 256
     final_up: str = "conv_upsample"  # or upsample_conv: conv_upsample convolves the last up-step at half resolution
     separate_reconstruction: bool = True  # x̂ from z by its own skip-free decoder (digits 0.996 vs 0.932 shared)
+    # reconstruct-then-attend (DRAEM-style): a skip-free repair network x̃ = R(x) is trained to restore the
+    # clean image (w_repair_l2·L2 + w_repair_ssim·(1 − SSIM) on every row) and the attention network sees
+    # x ⊕ x̃; repair_detach stops the attention loss's gradient at x̃ (models/repair_net.py)
+    repair: bool = False
+    repair_detach: bool = False
     # networks with their own initial weights, trained side by side on the same batches (each on its
     # own loss), scored with their averaged attention logits; ensemble_size x the stage-1 training and
     # scoring time; attention-only training (docs/experiments.md, ensembles)
@@ -176,11 +181,16 @@ class Stage1Config:
     w_att: float = 1.0
     w_adv: float = 0.0
     w_rep: float = 0.0
+    w_repair_l2: float = 1.0
+    w_repair_ssim: float = 1.0
     # scoring
     screen_con: float = 0.0
     screen_enc: float = 0.0
     screen_att: float = 1.0
     screen_topk: float = 0.01
+    # each pixel's BCE standardised by the training normals' mean and std at that position before the
+    # top-k mean, so that fixed structure (corners, borders, printed lines) is not scored as a defect
+    position_normality: bool = True
 
     def validate(self, prefix: str = "stage1") -> None:
         for name in ("base_width", "max_width", "ensemble_size", "epochs", "batch_size"):
@@ -199,10 +209,20 @@ class Stage1Config:
         _check(self.final_up in ("upsample_conv", "conv_upsample"), f"{prefix}.final_up", "upsample_conv or conv_upsample", self.final_up)
         _check(self.lr > 0, f"{prefix}.lr", "> 0", self.lr)
         _check(self.weight_decay >= 0, f"{prefix}.weight_decay", ">= 0", self.weight_decay)
-        for name in ("w_con", "w_enc", "w_att", "w_adv", "w_rep", "screen_con", "screen_enc", "screen_att"):
+        for name in ("w_con", "w_enc", "w_att", "w_adv", "w_rep", "w_repair_l2", "w_repair_ssim", "screen_con", "screen_enc", "screen_att"):
             value = getattr(self, name)
             _check(value >= 0, f"{prefix}.{name}", "a finite number >= 0", value)
         _check(0.0 < self.screen_topk <= 1.0, f"{prefix}.screen_topk", "in (0, 1]", self.screen_topk)
+        _check(isinstance(self.position_normality, bool), f"{prefix}.position_normality", "true or false", self.position_normality)
+        for name in ("repair", "repair_detach"):
+            _check(isinstance(getattr(self, name), bool), f"{prefix}.{name}", "true or false", getattr(self, name))
+        if self.repair:  # the repair network is the reconstruction; x̂ and ẑ would be a second one
+            for name in ("w_con", "w_rep", "w_enc", "w_adv"):
+                _check(getattr(self, name) == 0, f"{prefix}.{name}", "0 with stage1.repair (attention-only training beside the repair)",
+                       getattr(self, name))
+            _check(self.ensemble_size == 1, f"{prefix}.ensemble_size", "1 with stage1.repair", self.ensemble_size)
+            _check(self.w_repair_l2 + self.w_repair_ssim > 0, f"{prefix}.w_repair_l2", "> 0 when w_repair_ssim is 0 (the repair must be trained)",
+                   self.w_repair_l2)
         if self.ensemble_size > 1:  # members share only the attention head's objective
             for name in ("w_con", "w_rep", "w_enc", "w_adv"):
                 _check(getattr(self, name) == 0, f"{prefix}.{name}",

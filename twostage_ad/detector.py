@@ -258,7 +258,11 @@ class TwoStageDetector:
         path = None if folder is None else folder / f"{stage.config_name}.pt"
         if stage.config_name not in getattr(self, "reused_", {}):
             stage.fit(train, checkpoint_path=path, progress=progress, resume=resume, context=context)
-        elif path is not None and context.is_main:
+            return
+        if isinstance(stage, AttentionStage) and stage.config.position_normality and getattr(stage, "position_", None) is None:
+            log.info("stage 1 reused from a checkpoint without position statistics: fitting them on the training images")
+            stage.fit_position_normality(train, context=context, progress=progress)
+        if path is not None and context.is_main:
             stage.save(path)
 
     # -- scoring ---------------------------------------------------------------------------------

@@ -42,9 +42,10 @@ class Stage1Scorer(nn.Module):
         super().__init__()
         self.model = detector.stage1.model_.eval()
         self.config = detector.stage1.config  # exported graphs are float32 (screening_batch's default)
+        self.positions = detector.stage1._positions()  # constants in the graph
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        components, anomaly = screening_batch(self.model, x, self.config)
+        components, anomaly = screening_batch(self.model, x, self.config, positions=self.positions)
         return screening_loss(components, self.config), anomaly
 
 

@@ -51,6 +51,7 @@ class AttentionOutput:
     latent: torch.Tensor  # z, B×w×b×b
     latent_reconstructed: torch.Tensor | None  # ẑ = E(x̂), B×w×b×b; None with x̂
     member_attention_logits: torch.Tensor | None = None  # M×B×1×S×S from an ensemble's members, else None
+    repaired: torch.Tensor | None = None  # x̃, B×C×S×S in [-1, 1], from a repair network (RepairThenAttend), else None
 
     @property
     def attention(self) -> torch.Tensor:
@@ -180,6 +181,8 @@ class AttentionNet(nn.Module):
             at half resolution: a quarter of the full-resolution multiply-adds).
         separate_reconstruction: decode x̂ from ``z`` alone with its own decoder instead of
             sharing the skip decoder with the attention head.
+        condition_channels: channels of a second input seen beside the image (e.g. its repaired
+            copy, :class:`~twostage_ad.models.repair_net.RepairThenAttend`); 0 = the image alone.
     """
 
     def __init__(
@@ -194,18 +197,22 @@ class AttentionNet(nn.Module):
         attention_kv_max_tokens: int | None = None,
         final_up: str = "upsample_conv",
         separate_reconstruction: bool = False,
+        condition_channels: int = 0,
     ):
         super().__init__()
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 or 3, got {in_channels!r}")
+        if not (isinstance(condition_channels, int) and condition_channels >= 0):
+            raise ValueError(f"condition_channels must be an integer >= 0, got {condition_channels!r}")
         _check_size(image_size)
         widths = widths_for(image_size, bottleneck_size, base_width, max_width)
         if len(widths) < 2:
             raise ValueError(f"image_size {image_size!r} with bottleneck_size {bottleneck_size!r} leaves no skip levels")
         self.image_size = image_size
         self.in_channels = in_channels
-        self.encoder = Encoder(in_channels, widths)
-        self.decoder = AttentionDecoder(in_channels, widths, image_size, attention_max_tokens,
+        self.condition_channels = condition_channels
+        self.encoder = Encoder(in_channels + condition_channels, widths)
+        self.decoder = AttentionDecoder(in_channels + condition_channels, widths, image_size, attention_max_tokens,
                                         attention_kv_max_tokens=attention_kv_max_tokens, final_up=final_up)
         head = self.decoder.out_channels
         self.reconstruction_decoder = BottleneckDecoder(widths) if separate_reconstruction else None
@@ -213,15 +220,21 @@ class AttentionNet(nn.Module):
         self.attention_head = nn.Conv2d(head, 1, kernel_size=3, padding=1)
         self.latent_encoder = Encoder(in_channels, widths)
 
-    def forward(self, x: torch.Tensor, *, reconstruct: bool = True) -> AttentionOutput:
+    def forward(self, x: torch.Tensor, *, reconstruct: bool = True, condition: torch.Tensor | None = None) -> AttentionOutput:
         """``reconstruct=False`` skips x̂ and ẑ (their decoder and second encoder, about half the
-        compute) when nothing uses them; ``reconstruction`` and ``latent_reconstructed`` are then None."""
+        compute) when nothing uses them; ``reconstruction`` and ``latent_reconstructed`` are then None.
+        ``condition``: ``B×condition_channels×S×S``, concatenated to ``x`` before the encoder and the heads."""
         if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(
                 f"expected input B×{self.in_channels}×{self.image_size}×{self.image_size}, got {tuple(x.shape)}"
             )
-        features = self.encoder(x)
-        h = self.decoder(x, features)
+        if (condition is None) != (self.condition_channels == 0) or (
+                condition is not None and tuple(condition.shape) != (x.shape[0], self.condition_channels, *x.shape[-2:])):
+            raise ValueError(f"expected a condition B×{self.condition_channels}×{self.image_size}×{self.image_size} "
+                             f"(none when condition_channels is 0), got {None if condition is None else tuple(condition.shape)}")
+        seen = x if condition is None else torch.cat([x, condition.to(x.dtype)], dim=1)
+        features = self.encoder(seen)
+        h = self.decoder(seen, features)
         reconstruction = latent_reconstructed = None
         if reconstruct:
             h_rec = h if self.reconstruction_decoder is None else self.reconstruction_decoder(features[-1])

@@ -9,7 +9,9 @@ mask. Losses (:mod:`twostage_ad.stages.losses`, all mean-reduced, weights in
 - ``w_enc · L2(z, ẑ)``,
 - ``w_att · [BCE(A(x), 1) + BCE(A(x_aug), M)]`` with logits, class-balanced,
 - ``w_adv ·`` feature matching against a discriminator on image ⊕ attention map, which sees
-  (clean image, true mask) as real and (x̂, A) as fake.
+  (clean image, true mask) as real and (x̂, A) as fake,
+- with ``repair`` (reconstruct-then-attend): ``w_repair_l2 · L2(x̃, x) + w_repair_ssim · (1 − SSIM(x̃, x))``
+  on every row, x̃ the repair network's output, which the attention network sees beside the image.
 
 Screening (:func:`screening_scores`): eval mode, ``torch.inference_mode``, no augmentation, one
 image at a time in effect (InstanceNorm, no batch statistics), so the same image always gets the
@@ -35,7 +37,9 @@ from twostage_ad.device import resolve_device, resolve_precision
 from twostage_ad.distributed import DistributedContext
 from twostage_ad.migration import stored_section
 from twostage_ad.models.attention_net import AttentionNet, AttentionNetEnsemble, ImageMapDiscriminator
-from twostage_ad.stages.losses import attention_bce, discriminator_loss, feature_matching, masked_mean
+from twostage_ad.models.repair_net import RepairNet, RepairThenAttend
+from twostage_ad.stages.losses import attention_bce, discriminator_loss, feature_matching, masked_mean, repair_losses
+from twostage_ad.stages.normality import PositionNormality
 from twostage_ad.stages.training import TrainableStage, inference_batches
 
 __all__ = [
@@ -44,6 +48,7 @@ __all__ = [
     "DefectDataset",
     "ScreeningResult",
     "build_attention_network",
+    "pixel_screening_bce",
     "screening_batch",
     "screening_loss",
     "screening_scores",
@@ -55,9 +60,19 @@ SCREENING_COMPONENTS = ("stage1_recon", "stage1_latent", "stage1_att_mean", "sta
 CHECKPOINT_FORMAT = "twostage_ad.stage1/2"  # /1 loads for scoring but cannot resume
 
 
-def build_attention_network(config: Stage1Config, channels: int, image_size: int) -> AttentionNet | AttentionNetEnsemble:
-    """The stage-1 network a config describes: one :class:`AttentionNet`, or ``ensemble_size`` of
-    them (each drawn from the torch random state in turn) in an :class:`AttentionNetEnsemble`."""
+def build_attention_network(config: Stage1Config, channels: int, image_size: int) -> AttentionNet | AttentionNetEnsemble | RepairThenAttend:
+    """The stage-1 network a config describes: one :class:`AttentionNet`, ``ensemble_size`` of
+    them (each drawn from the torch random state in turn) in an :class:`AttentionNetEnsemble`, or
+    with ``repair`` a :class:`RepairThenAttend` (repair network drawn first)."""
+    if config.repair:
+        repair = RepairNet(channels, image_size, base_width=config.base_width, max_width=config.max_width)
+        attend = AttentionNet(
+            channels, image_size, base_width=config.base_width, max_width=config.max_width,
+            bottleneck_size=config.bottleneck_size, attention_max_tokens=config.attention_max_tokens,
+            attention_kv_max_tokens=config.attention_kv_max_tokens, final_up=config.final_up,
+            separate_reconstruction=config.separate_reconstruction, condition_channels=channels,
+        )
+        return RepairThenAttend(repair, attend, detach_repair=config.repair_detach)
     members = [
         AttentionNet(
             channels,
@@ -136,14 +151,17 @@ class ScreeningResult:
 
 
 def screening_batch(
-    model: AttentionNet | AttentionNetEnsemble, x: torch.Tensor, config: Stage1Config, *, bf16: bool = False
+    model: AttentionNet | AttentionNetEnsemble | RepairThenAttend, x: torch.Tensor, config: Stage1Config, *, bf16: bool = False,
+    positions: PositionNormality | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Screening components (each ``B``) and the anomaly map ``1 − A`` (``B×H×W``) of a batch ``x``.
 
     x̂ and ẑ are computed only when a screening weight uses them; otherwise ``stage1_recon`` and
     ``stage1_latent`` are NaN (not computed), and the screening loss leaves them out. With
     ``bf16`` the network runs under bf16 autocast, everything after it in float32; without it,
-    autocast is switched off for the network even inside a caller's autocast region.
+    autocast is switched off for the network even inside a caller's autocast region. With
+    ``positions`` the attention term is taken over the pixel BCE standardised position by
+    position (:class:`~twostage_ad.stages.normality.PositionNormality`); the map stays ``1 − A``.
     """
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         out = model(x, reconstruct=uses_reconstruction(config))
@@ -151,14 +169,20 @@ def screening_batch(
     recon = nan if out.reconstruction is None else (out.reconstruction.float() - x).abs().mean(dim=(1, 2, 3))
     latent = nan if out.latent_reconstructed is None else (
         (out.latent.float() - out.latent_reconstructed.float()).pow(2).mean(dim=(1, 2, 3)))
-    pixel_bce = F.softplus(-out.attention_logits.float())  # BCE-with-logits against "normal" (1)
+    pixel_bce = pixel_screening_bce(out.attention_logits)
+    screened = pixel_bce if positions is None else positions.standardise(pixel_bce)
     components = {
         "stage1_recon": recon,
         "stage1_latent": latent,
         "stage1_att_mean": pixel_bce.mean(dim=(1, 2, 3)),
-        "stage1_att_topk": screening_topk(pixel_bce, config.screen_topk),
+        "stage1_att_topk": screening_topk(screened, config.screen_topk),
     }
     return components, 1.0 - torch.sigmoid(out.attention_logits.float())[:, 0]
+
+
+def pixel_screening_bce(attention_logits: torch.Tensor) -> torch.Tensor:
+    """``B×1×H×W`` attention logits -> per-pixel BCE against "normal" (1), float32: ``softplus(−logit)``."""
+    return F.softplus(-attention_logits.float())
 
 
 def screening_topk(pixel_bce: torch.Tensor, share: float) -> torch.Tensor:
@@ -194,13 +218,14 @@ def screening_loss(components: dict[str, Any], config: Stage1Config) -> Any:
 
 
 def screening_scores(
-    model: AttentionNet | AttentionNetEnsemble,
+    model: AttentionNet | AttentionNetEnsemble | RepairThenAttend,
     images: np.ndarray,
     config: Stage1Config,
     device: torch.device,
     *,
     batch_size: int = 64,
     bf16: bool = False,
+    positions: PositionNormality | None = None,
     progress: bool = True,
     desc: str = "stage 1 score",
 ) -> ScreeningResult:
@@ -211,7 +236,7 @@ def screening_scores(
     start = time.perf_counter()
     with torch.inference_mode():
         for x, _ in inference_batches(images, batch_size, device, progress=progress, desc=desc):
-            components, anomaly = screening_batch(model, x, config, bf16=bf16)
+            components, anomaly = screening_batch(model, x, config, bf16=bf16, positions=positions)
             for name, value in components.items():
                 parts[name].append(value.cpu().numpy())
             maps.append(anomaly.cpu().numpy())
@@ -234,7 +259,9 @@ class AttentionStage(TrainableStage):
     """Stage 1 as an estimator: ``fit`` on normal images, then ``score``.
 
     Parameters are stored as given (shared ones documented on :class:`TrainableStage`);
-    ``precision``: ``float32``, ``bf16`` or ``auto`` for scoring (docs/design.md §8).
+    ``precision``: ``float32``, ``bf16`` or ``auto`` for scoring (docs/design.md §8). Fitted
+    besides the shared attributes: ``position_``, the training normals' per-position statistics
+    (:class:`~twostage_ad.stages.normality.PositionNormality`), fitted at the end of ``fit``.
     """
 
     config_name = "stage1"
@@ -268,6 +295,50 @@ class AttentionStage(TrainableStage):
         if not uses_reconstruction(self.config, training=True):  # attention-only training: x̂ and ẑ are never computed
             for module in self.model_.reconstruction_modules():
                 module.requires_grad_(False)  # (and DDP does not wait for their gradients)
+
+    def _fit_statistics(self, images: np.ndarray, context: DistributedContext, progress: bool) -> bool:
+        self.fit_position_normality(images, context=context, progress=progress)
+        return True
+
+    def fit_position_normality(self, images: np.ndarray, *, context: DistributedContext | None = None,
+                               progress: bool = False) -> PositionNormality:
+        """Fit ``position_`` on uint8 ``N×H×W×C`` normal images (the training images, after
+        training): per-position mean and std of the pixel BCE, in float32, eval mode. Under
+        ``torchrun`` each rank scores its shard and the sums are added up over ranks."""
+        self._require_fitted()
+        self._check_images(images)
+        context = context or DistributedContext()
+        total = torch.zeros(self.image_size, self.image_size, dtype=torch.float64, device=self.device_)
+        squares = torch.zeros_like(total)
+        shard = images[context.shard(len(images))]
+        self.model_.eval()
+        with torch.inference_mode():
+            for x, _ in inference_batches(shard, self.score_batch_size, self.device_, progress=progress, desc="stage 1 normality"):
+                with torch.autocast(x.device.type, enabled=False):
+                    logits = self.model_(x, reconstruct=False).attention_logits
+                bce = pixel_screening_bce(logits)[:, 0].double()
+                total += bce.sum(dim=0)
+                squares += bce.pow(2).sum(dim=0)
+        self.position_ = PositionNormality.from_sums(context.sum(total), context.sum(squares), len(images))
+        return self.position_
+
+    def _positions(self) -> PositionNormality | None:
+        """The statistics the screening standardises by, or None when ``position_normality`` is off."""
+        if not self.config.position_normality:
+            return None
+        if getattr(self, "position_", None) is None:
+            raise RuntimeError("stage1.position_normality is on but this stage 1 holds no position statistics (a checkpoint "
+                               "of an older version): call fit_position_normality(training images), or set "
+                               "stage1.position_normality: false")
+        return self.position_
+
+    def _extra_payload(self) -> dict[str, Any]:
+        position = getattr(self, "position_", None)
+        return {} if position is None else {"position_normality": position.to_payload()}
+
+    def _load_extra(self, payload: dict[str, Any]) -> None:
+        stored = payload.get("position_normality")
+        self.position_ = None if stored is None else PositionNormality.from_payload(stored)
 
     @classmethod
     def _from_payload(cls, payload: dict[str, Any], device: str) -> AttentionStage:
@@ -318,6 +389,10 @@ class AttentionStage(TrainableStage):
         l_att = masked_mean(bce, clean_rows, n_clean, scale) + masked_mean(bce, is_defect, n_defect, scale)
         total = c.w_con * l_con + c.w_rep * l_rep + c.w_enc * l_enc + c.w_att * l_att
         losses = {"recon": l_con.item(), "repair": l_rep.item(), "latent": l_enc.item(), "attention": l_att.item() / members}
+        if out.repaired is not None:  # every row: clean rows teach identity, defect rows the repair
+            l2, structure = repair_losses(out.repaired.float(), x_clean)
+            total = total + c.w_repair_l2 * l2 + c.w_repair_ssim * structure
+            losses.update({"repair_l2": l2.item(), "repair_ssim": structure.item()})
         attention = torch.sigmoid(logits)
         if self.discriminator_ is not None:
             # the plain network (no DDP): this forward trains the generator, not the discriminator
@@ -367,4 +442,4 @@ class AttentionStage(TrainableStage):
         self._require_fitted()
         bf16 = self.scoring_precision() == "bf16"
         return screening_scores(self.model_, images, self.config, self.device_, batch_size=batch_size or self.score_batch_size,
-                                bf16=bf16, progress=progress, desc=desc)
+                                bf16=bf16, positions=self._positions(), progress=progress, desc=desc)

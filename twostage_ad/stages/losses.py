@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pytorch_msssim import ssim
 
-__all__ = ["attention_bce", "discriminator_loss", "feature_matching", "generator_loss", "masked_mean"]
+__all__ = ["attention_bce", "discriminator_loss", "feature_matching", "generator_loss", "masked_mean", "repair_losses"]
 
 
 def discriminator_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -24,6 +25,12 @@ def discriminator_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 # -- stage 1 ---------------------------------------------------------------------------------------
+
+
+def repair_losses(repaired: torch.Tensor, clean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DRAEM's reconstruction loss in two terms, both mean-reduced over ``B×C×S×S`` images in [-1, 1]:
+    ``(L2(x̃, x), 1 − SSIM(x̃, x))`` (SSIM with an 11×11 Gaussian window, σ 1.5, range 2)."""
+    return F.mse_loss(repaired, clean), 1.0 - ssim(repaired, clean, data_range=2.0, size_average=True)
 
 
 def masked_mean(values: torch.Tensor, rows: torch.Tensor, count: float | None = None, scale: float = 1.0) -> torch.Tensor:

@@ -196,6 +196,12 @@ class TrainableStage:
     def _end_training(self) -> None:
         """After training, also after an error."""
 
+    def _fit_statistics(self, images: np.ndarray, context: DistributedContext, progress: bool) -> bool:
+        """After training, in eval mode: fit what scoring needs besides the weights (saved by
+        :meth:`_extra_payload` into the final checkpoint); every rank ends with the same values.
+        Returns whether anything was fitted."""
+        return False
+
     def _extra_payload(self) -> dict[str, Any]:
         """Fitted values besides the weights that a checkpoint carries."""
         return {}
@@ -251,7 +257,7 @@ class TrainableStage:
         generator = torch.Generator().manual_seed(self.seed)
         g_opt, d_opt = self._optimisers()
         self.history_: list[dict[str, float]] = []
-        first_epoch, earlier_seconds = 1, 0.0
+        first_epoch, earlier_seconds, state = 1, 0.0, None
         data_id = training_fingerprint(images)
         if resume and checkpoint_path is not None and Path(checkpoint_path).is_file():
             first_epoch = self._restore(Path(checkpoint_path), g_opt, d_opt, generator, data_id)
@@ -281,6 +287,10 @@ class TrainableStage:
             self._end_training()
         self.train_seconds_ = time.perf_counter() - start
         self.model_.eval()
+        if self._fit_statistics(images, context, progress) and checkpoint_path is not None and context.is_main:  # the last epoch's checkpoint, now with them
+            if state is None and Path(checkpoint_path).is_file():  # resumed after the last epoch
+                state = load_checkpoint(checkpoint_path).get("training_state")
+            self.save(checkpoint_path, epoch=len(self.history_), training_state=state)
         return self
 
     def _train_epoch(self, epoch: int, loader: DataLoader, model: torch.nn.Module, discriminator: torch.nn.Module | None,
