@@ -1,7 +1,7 @@
 """The synthetic-defect validation score of finished runs, beside their test AUROC.
 
     python benchmarks/synthetic_val.py RUN_DIR [RUN_DIR ...] [--seed N] [--note "..."]
-    python benchmarks/synthetic_val.py RUN_DIR --variant stage1.position_normality=false
+    python benchmarks/synthetic_val.py RUN_DIR --variant stage1.position_normality=none
 
 For each run: its validation normals are scored against copies with one synthetic defect each
 (``twostage_ad.data.augment.synthetic_defects``, drawn from ``--seed`` plus a fixed offset, apart

@@ -46,6 +46,24 @@ def test_maps_of_another_size_are_refused_with_both_sizes():
         PositionNormality.from_maps([])
 
 
+def test_mean_mode_subtracts_and_never_amplifies_and_a_bad_mode_is_refused():
+    stats = PositionNormality(mean=torch.tensor([[5.0, 0.0]]), std=torch.tensor([[0.0, 0.0]]), count=10)
+    out = stats.apply(torch.tensor([[[[5.0, 0.3]]]]), "mean")
+    np.testing.assert_allclose(out.numpy()[0, 0, 0], [0.0, 0.3], rtol=1e-6)
+    with pytest.raises(ValueError, match="'sometimes'"):
+        stats.apply(torch.zeros(1, 1, 1, 2), "sometimes")
+
+
+def test_yaml_booleans_read_as_modes():
+    from twostage_ad.config import ConfigError, Stage1Config
+    from twostage_ad.migration import migrate_section
+
+    assert migrate_section("stage1", {"position_normality": True})[0]["position_normality"] == "standardise"
+    assert migrate_section("stage1", {"position_normality": False})[0]["position_normality"] == "none"
+    with pytest.raises(ConfigError, match="none, mean or standardise"):
+        Stage1Config(position_normality="yes").validate()
+
+
 def test_payload_round_trip():
     stats = PositionNormality(mean=torch.rand(3, 3), std=torch.rand(3, 3), count=4)
     back = PositionNormality.from_payload(stats.to_payload())
@@ -73,13 +91,17 @@ def test_fit_leaves_statistics_of_the_training_maps_and_scoring_uses_them(small_
     bce = torch.nn.functional.softplus(-logits)
     torch.testing.assert_close(stage.position_.mean, bce[:, 0].mean(dim=0), rtol=1e-5, atol=1e-6)
     on = stage.score(images, progress=False)
-    expected = screening_topk(stage.position_.standardise(bce), stage.config.screen_topk).numpy()
+    expected = screening_topk(bce - stage.position_.mean, stage.config.screen_topk).numpy()  # the default, "mean"
     np.testing.assert_allclose(on.loss, expected, rtol=1e-5, atol=1e-6)
-    stage.config = replace(stage.config, position_normality=False)
     try:
+        stage.config = replace(stage.config, position_normality="standardise")
+        z = stage.score(images, progress=False)
+        stage.config = replace(stage.config, position_normality="none")
         off = stage.score(images, progress=False)
     finally:
-        stage.config = replace(stage.config, position_normality=True)
+        stage.config = replace(stage.config, position_normality="mean")
+    np.testing.assert_allclose(z.loss, screening_topk(stage.position_.standardise(bce), stage.config.screen_topk).numpy(),
+                               rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(off.loss, screening_topk(bce, stage.config.screen_topk).numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(on.anomaly_maps, off.anomaly_maps)  # the map stays 1 − A
 
@@ -136,7 +158,7 @@ def test_the_screen_separates_small_defects_from_fixed_structure():
     labels = np.r_[np.zeros(len(normal)), np.ones(len(defective))].astype(int)
     test = np.concatenate([normal, defective])
     on = image_auroc(labels, stage.score(test, progress=False).loss).value
-    stage.config = replace(stage.config, position_normality=False)
+    stage.config = replace(stage.config, position_normality="none")
     off = image_auroc(labels, stage.score(test, progress=False).loss).value
     print(f"fixed structure: image AUROC {on:.3f} with position normality, {off:.3f} without")
     assert on >= 0.9

@@ -245,7 +245,8 @@ def test_bf16_scoring_runs_the_network_in_bf16_and_returns_float32(fitted_stage)
         stage.config, stage.precision = original, "float32"
     assert half.loss.dtype == np.float32 and half.anomaly_maps.dtype == np.float32
     assert not np.array_equal(half.anomaly_maps, full.anomaly_maps)  # the network did run in bf16
-    np.testing.assert_allclose(half.loss, full.loss, rtol=0.05)  # bf16 keeps ~3 significant digits
+    # bf16 keeps ~3 significant digits of the BCE; the position mean subtracted after it can leave values near 0
+    np.testing.assert_allclose(half.loss, full.loss, rtol=0.05, atol=0.05 * float(np.abs(full.loss).max()))
     np.testing.assert_allclose(half.anomaly_maps, full.anomaly_maps, atol=0.02)
 
 

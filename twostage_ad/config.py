@@ -188,9 +188,10 @@ class Stage1Config:
     screen_enc: float = 0.0
     screen_att: float = 1.0
     screen_topk: float = 0.01
-    # each pixel's BCE standardised by the training normals' mean and std at that position before the
-    # top-k mean, so that fixed structure (corners, borders, printed lines) is not scored as a defect
-    position_normality: bool = True
+    # each pixel's BCE less the training normals' mean BCE at that position before the top-k mean, so that
+    # fixed structure (corners, borders, printed lines) is not scored as a defect: "mean"; "standardise"
+    # also divides by (std + 0.1), which small training sets make noisy; "none" (docs/experiments.md)
+    position_normality: str = "mean"
 
     def validate(self, prefix: str = "stage1") -> None:
         for name in ("base_width", "max_width", "ensemble_size", "epochs", "batch_size"):
@@ -213,7 +214,8 @@ class Stage1Config:
             value = getattr(self, name)
             _check(value >= 0, f"{prefix}.{name}", "a finite number >= 0", value)
         _check(0.0 < self.screen_topk <= 1.0, f"{prefix}.screen_topk", "in (0, 1]", self.screen_topk)
-        _check(isinstance(self.position_normality, bool), f"{prefix}.position_normality", "true or false", self.position_normality)
+        _check(self.position_normality in ("none", "mean", "standardise"), f"{prefix}.position_normality",
+               "none, mean or standardise", self.position_normality)
         for name in ("repair", "repair_detach"):
             _check(isinstance(getattr(self, name), bool), f"{prefix}.{name}", "true or false", getattr(self, name))
         if self.repair:  # the repair network is the reconstruction; x̂ and ẑ would be a second one

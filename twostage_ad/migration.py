@@ -33,7 +33,7 @@ MOVED_FIELDS: dict[str, dict[str, str]] = {
 FORMER_DEFAULTS: dict[str, dict[str, Any]] = {
     "stage1": {"attention_kv_max_tokens": None, "final_up": "upsample_conv", "epochs": 10, "w_con": 1.0, "w_enc": 1.0,
                "w_adv": 0.1, "w_rep": 1.0, "screen_con": 1.0, "screen_enc": 1.0,
-               "position_normality": False},
+               "position_normality": "none"},
 }
 
 
@@ -62,6 +62,8 @@ def migrate_section(section: str, values: Mapping[str, Any], *, strict: bool = T
             value = values.pop(name)
             if value != kept and (strict or changes_scores):
                 raise ConfigError(f"{section}.{name} was removed (only {kept!r} remains), got {value!r}: delete the field")
+    if section == "stage1" and isinstance(values.get("position_normality"), bool):  # YAML true / false (and off / on)
+        values["position_normality"] = "standardise" if values["position_normality"] else "none"
     if section == "data" and isinstance(values.get("source"), str) and values["source"] in SOURCE_ALIASES:
         values["source"] = SOURCE_ALIASES[values["source"]]
     return values, moved

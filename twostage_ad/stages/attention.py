@@ -170,7 +170,7 @@ def screening_batch(
     latent = nan if out.latent_reconstructed is None else (
         (out.latent.float() - out.latent_reconstructed.float()).pow(2).mean(dim=(1, 2, 3)))
     pixel_bce = pixel_screening_bce(out.attention_logits)
-    screened = pixel_bce if positions is None else positions.standardise(pixel_bce)
+    screened = pixel_bce if positions is None else positions.apply(pixel_bce, config.position_normality)
     components = {
         "stage1_recon": recon,
         "stage1_latent": latent,
@@ -324,12 +324,12 @@ class AttentionStage(TrainableStage):
 
     def _positions(self) -> PositionNormality | None:
         """The statistics the screening standardises by, or None when ``position_normality`` is off."""
-        if not self.config.position_normality:
+        if self.config.position_normality == "none":
             return None
         if getattr(self, "position_", None) is None:
             raise RuntimeError("stage1.position_normality is on but this stage 1 holds no position statistics (a checkpoint "
                                "of an older version): call fit_position_normality(training images), or set "
-                               "stage1.position_normality: false")
+                               "stage1.position_normality: none")
         return self.position_
 
     def _extra_payload(self) -> dict[str, Any]:

@@ -24,9 +24,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["POSITION_STD_FLOOR", "PositionNormality"]
+__all__ = ["POSITION_MODES", "POSITION_STD_FLOOR", "PositionNormality"]
 
 POSITION_STD_FLOOR = 0.1  # in BCE units (nats): a quiet position's z is its BCE times 10 at most
+POSITION_MODES = ("none", "mean", "standardise")  # stage1.position_normality
 
 
 @dataclass
@@ -70,11 +71,24 @@ class PositionNormality:
 
     def standardise(self, pixel_bce: torch.Tensor) -> torch.Tensor:
         """``B×1×H×W`` per-pixel BCE -> the same shape in z units of this position's normals."""
+        std = self.std.to(pixel_bce.device, pixel_bce.dtype)
+        return self.subtract_mean(pixel_bce) / (std + POSITION_STD_FLOOR)
+
+    def subtract_mean(self, pixel_bce: torch.Tensor) -> torch.Tensor:
+        """``B×1×H×W`` per-pixel BCE minus this position's normal mean (never amplifies a quiet position)."""
         if tuple(pixel_bce.shape[-2:]) != tuple(self.mean.shape):
             raise ValueError(f"maps of {tuple(pixel_bce.shape[-2:])} px do not match the position statistics' {tuple(self.mean.shape)}")
-        mean = self.mean.to(pixel_bce.device, pixel_bce.dtype)
-        std = self.std.to(pixel_bce.device, pixel_bce.dtype)
-        return (pixel_bce - mean) / (std + POSITION_STD_FLOOR)
+        return pixel_bce - self.mean.to(pixel_bce.device, pixel_bce.dtype)
+
+    def apply(self, pixel_bce: torch.Tensor, mode: str) -> torch.Tensor:
+        """The screening's view of ``pixel_bce`` under ``stage1.position_normality`` (:data:`POSITION_MODES`)."""
+        if mode == "mean":
+            return self.subtract_mean(pixel_bce)
+        if mode == "standardise":
+            return self.standardise(pixel_bce)
+        if mode == "none":
+            return pixel_bce
+        raise ValueError(f"position normality mode must be one of {POSITION_MODES}, got {mode!r}")
 
     def to_payload(self) -> dict[str, Any]:
         """Plain tensors and ints for a checkpoint (loads with ``weights_only=True``)."""
