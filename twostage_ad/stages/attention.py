@@ -323,7 +323,7 @@ class AttentionStage(TrainableStage):
         return self.position_
 
     def _positions(self) -> PositionNormality | None:
-        """The statistics the screening standardises by, or None when ``position_normality`` is off."""
+        """The statistics the screening compares each pixel with, or None when ``position_normality`` is none."""
         if self.config.position_normality == "none":
             return None
         if getattr(self, "position_", None) is None:

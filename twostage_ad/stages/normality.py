@@ -5,14 +5,15 @@ printed lines, fixtures. Stage 1's attention head may fire there on every image,
 (it was taught that dark or sharp patches are defects), and then the screening's top-k mean
 ranks normals and anomalies alike. :class:`PositionNormality` holds, for each pixel position,
 the mean and standard deviation of the per-pixel screening BCE over the training normals (eval
-mode, after training), and the screening standardises each pixel by them before its blur and
-top-k mean (docs/design.md §2, stage 1)::
+mode, after training), and the screening compares each pixel with them before its blur and
+top-k mean (docs/design.md §2, stage 1), by ``stage1.position_normality``::
 
-    z[y, x] = (bce[y, x] − mean[y, x]) / (std[y, x] + POSITION_STD_FLOOR)
+    mean (default):  bce[y, x] − mean[y, x]
+    standardise:     (bce[y, x] − mean[y, x]) / (std[y, x] + POSITION_STD_FLOOR)
 
 A position that fires on every normal image then scores about 0; a position where normals are
-quiet keeps its full weight. The floor keeps positions whose normal maps never vary (std ≈ 0)
-from turning a tiny difference into a huge z. Fitted on the *training* normals, so that the
+quiet keeps its full weight (``standardise`` multiplies it by up to 1 / floor, which is noise
+when few training images estimate the spread; the floor keeps std ≈ 0 from exploding it). Fitted on the *training* normals, so that the
 validation normals that calibrate τ₁ stay unseen by both the network and these statistics.
 """
 
