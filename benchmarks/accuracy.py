@@ -1,21 +1,28 @@
-"""Accuracy benchmark: our cascade and anomalib's GANomaly on MTD and every PIPED class.
+"""Accuracy benchmark: our cascade and two anomalib peers (GANomaly, DRAEM) on MTD and every PIPED class.
 
-    python benchmarks/accuracy.py                                   # everything: 3 seeds, both data sets, the peer
+    python benchmarks/accuracy.py                                   # everything: 3 seeds, both data sets, both peers
     python benchmarks/accuracy.py --datasets piped --classes PA_BDP01_TL --seeds 0   # a slice
+    python benchmarks/accuracy.py --peers draem --peer-seeds 0      # ours on every seed, DRAEM on seed 0
     python benchmarks/accuracy.py --no-peer                         # ours only
 
 For every (data set, class, seed): ``python -m twostage_ad.pipeline run`` with the shipped
 ``pipelines/<data set>.yaml`` (``data.category`` set per PIPED class, ``run.seed`` per seed),
-and, unless ``--no-peer``, ``benchmarks/peer_anomalib.py train`` on the same split, image size
+and, per peer in ``--peers``, ``benchmarks/peer_anomalib.py train`` on the same split, image size
 and channels, run with the peer's own interpreter (``--peer-python``, default ``.peer-venv``
 made by ``benchmarks/setup_peer_env.sh``; anomalib is never a dependency of the package).
+GANomaly trains a fixed number of epochs (``--peer-epochs``); DRAEM trains for
+``--draem-factor`` × the wall time our two stages took on that row (1 = equal time).
 
-Each finished run is kept under ``--runs-root`` (our run folder, the peer's JSON), so an
+Each finished run is kept under ``--runs-root`` (our run folder, each peer's JSON), so an
 interrupted benchmark continues where it stopped; ``--rerun`` starts the rows again. The
-script then writes ``benchmarks/results/accuracy_runs.csv`` (one row per data set, class and
-seed) and ``benchmarks/results/accuracy.{csv,md}`` (mean ± std over seeds per class, the PIPED
-mean over classes, the issue's goals). Test labels are used for the metrics only: thresholds
-come from validation normals, settings from the config files, and every run has a fixed length.
+script writes ``benchmarks/results/<stem>_runs.csv`` (one row per data set, class and seed;
+``--output-stem``, default ``accuracy``) and ``<stem>.{csv,md}`` (mean ± std over seeds per class,
+the PIPED mean over classes, the issues' goals). Rows already in ``<stem>_runs.csv`` that this
+invocation does not run are kept, and a re-run row keeps the earlier values of the peers it does
+not run (peer results do not depend on our code); every row names the commit of our run, and the
+header lists them. ``--fresh`` drops the earlier rows. Test labels are used for the metrics only:
+thresholds come from validation normals, settings from the config files, and every run has a
+fixed length (ours and GANomaly in epochs, DRAEM in seconds).
 """
 
 from __future__ import annotations
@@ -44,7 +51,27 @@ from _results import RESULTS, git_commit, markdown_table
 log = logging.getLogger("accuracy")
 REPO = Path(__file__).resolve().parent.parent
 PIPELINES = {"mtd": REPO / "pipelines" / "mtd.yaml", "piped": REPO / "pipelines" / "piped.yaml"}
-GOALS = {"mtd": 0.90, "piped": 0.90}  # image and pixel AUROC goals
+PEERS = ("ganomaly", "draem")
+KEY = ["dataset", "class", "seed"]
+OURS = ["image_auroc_stage1", "image_auroc_stage2", "image_auroc_cascade", "pixel_auroc_stage1", "pixel_auroc_fused",
+        "pro_stage1", "pro_fused", "flagged_fraction", "train_seconds", "images_per_s_cascade"]
+PEER_COLUMNS = {
+    "ganomaly": ["ganomaly_image_auroc", "ganomaly_train_seconds", "ganomaly_images_per_s"],
+    "draem": ["draem_image_auroc", "draem_pixel_auroc", "draem_pro", "draem_train_seconds", "draem_images_per_s",
+              "draem_steps", "draem_factor"],
+}
+METRICS = OURS + [c for columns in PEER_COLUMNS.values() for c in columns]
+# (data set, column of the per-data-set row, goal, what it is); stage-1 goals from the stage-1 issue
+GOALS = [
+    ("mtd", "image_auroc_stage1", 0.90, "stage-1 image AUROC"),
+    ("mtd", "pixel_auroc_stage1", 0.75, "stage-1 pixel AUROC"),
+    ("mtd", "image_auroc_cascade", 0.90, "cascade image AUROC"),
+    ("mtd", "pixel_auroc_fused", 0.80, "fused pixel AUROC"),
+    ("mtd", "pro_fused", 0.80, "fused PRO"),
+    ("piped", "image_auroc_stage1", 0.98, "stage-1 image AUROC"),
+    ("piped", "image_auroc_cascade", 0.98, "cascade image AUROC"),
+    ("piped", "pixel_auroc_fused", 0.90, "fused pixel AUROC"),
+]
 
 
 def classes_of(dataset: str) -> list[str | None]:
@@ -68,29 +95,52 @@ def run_ours(dataset: str, category: str | None, seed: int, folder: Path, rerun:
     return {**metrics, "commit": commit}
 
 
-def run_peer(dataset: str, category: str | None, seed: int, path: Path, args: argparse.Namespace) -> dict[str, Any] | None:
-    if args.no_peer or (args.peer_seeds is not None and seed not in args.peer_seeds):
+def peer_command(peer: str, dataset: str, category: str | None, seed: int, our_seconds: float,
+                 args: argparse.Namespace) -> list[str]:
+    """The ``peer_anomalib.py train`` command line of one peer on one row."""
+    config = load_config(PIPELINES[dataset])
+    command = [
+        str(args.peer_python), str(REPO / "benchmarks" / "peer_anomalib.py"), "train", "--model", peer,
+        "--manifest", str(config.data.path), "--image-size", str(config.data.image_size),
+        "--channels", str(config.data.channels or 3), "--seed", str(seed),
+    ] + (["--category", category] if category else [])
+    if peer == "ganomaly":
+        return command + ["--epochs", str(args.peer_epochs), "--batch-size", str(args.peer_batch_size)]
+    return command + ["--max-seconds", f"{args.draem_factor * our_seconds:.1f}", "--batch-size", str(args.draem_batch_size)] \
+        + (["--invert-masks"] if config.data.invert_masks else [])
+
+
+def run_peer(peer: str, dataset: str, category: str | None, seed: int, our_seconds: float, path: Path,
+             args: argparse.Namespace) -> dict[str, Any] | None:
+    if peer not in args.peers or (args.peer_seeds is not None and seed not in args.peer_seeds):
         return None
     if path.is_file() and not args.rerun:
         return json.loads(path.read_text())
-    config = load_config(PIPELINES[dataset])
-    command = [
-        str(args.peer_python), str(REPO / "benchmarks" / "peer_anomalib.py"), "train",
-        "--manifest", str(config.data.path), "--image-size", str(config.data.image_size),
-        "--channels", str(config.data.channels or 3), "--epochs", str(args.peer_epochs),
-        "--batch-size", str(args.peer_batch_size), "--seed", str(seed), "--output", str(path),
-    ] + (["--category", category] if category else [])
+    command = peer_command(peer, dataset, category, seed, our_seconds, args) + ["--output", str(path)]
     log.info("peer: %s", " ".join(command))
     path.parent.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"the peer failed on {dataset} {category or ''} seed {seed}:\n{done.stderr[-4000:]}")
+        raise RuntimeError(f"peer {peer} failed on {dataset} {category or ''} seed {seed}:\n{done.stderr[-4000:]}")
     return json.loads(path.read_text())
 
 
-def row_of(dataset: str, category: str | None, seed: int, ours: dict[str, Any], peer: dict[str, Any] | None) -> dict[str, Any]:
+def peer_values(peer: str, result: dict[str, Any] | None, factor: float) -> dict[str, Any]:
+    """The row's columns of one peer (``None`` when it did not run)."""
+    if result is None:
+        return dict.fromkeys(PEER_COLUMNS[peer])
+    common = {f"{peer}_image_auroc": result["image_auroc"], f"{peer}_train_seconds": result["train_seconds"],
+              f"{peer}_images_per_s": result["score_images_per_s"]}
+    if peer == "ganomaly":
+        return common
+    return {**common, "draem_pixel_auroc": result["pixel_auroc"], "draem_pro": result["pro"],
+            "draem_steps": result["steps_trained"], "draem_factor": factor}
+
+
+def row_of(dataset: str, category: str | None, seed: int, ours: dict[str, Any],
+           peers: dict[str, dict[str, Any] | None], draem_factor: float) -> dict[str, Any]:
     seconds = ours["seconds"]
-    return {
+    row = {
         "dataset": dataset,
         "class": category or "all",
         "seed": seed,
@@ -105,78 +155,131 @@ def row_of(dataset: str, category: str | None, seed: int, ours: dict[str, Any], 
         "flagged_fraction": ours["flagged_fraction"],
         "train_seconds": seconds["train_stage1"] + seconds["train_stage2"],
         "images_per_s_cascade": ours["images_per_s"]["cascade"],
-        "peer_image_auroc": None if peer is None else peer["image_auroc"],
-        "peer_train_seconds": None if peer is None else peer["train_seconds"],
-        "peer_images_per_s": None if peer is None else peer["score_images_per_s"],
     }
+    for peer in PEERS:
+        row.update(peer_values(peer, peers.get(peer), draem_factor))
+    return row
 
 
-METRICS = ["image_auroc_stage1", "image_auroc_stage2", "image_auroc_cascade", "pixel_auroc_stage1", "pixel_auroc_fused",
-           "pro_stage1", "pro_fused", "train_seconds", "images_per_s_cascade", "peer_image_auroc", "peer_train_seconds",
-           "peer_images_per_s"]
+def earlier_rows(path: Path) -> pd.DataFrame:
+    """The runs table a previous invocation wrote to ``path`` (empty when there is none)."""
+    return earlier_rows_from(pd.read_csv(path) if path.is_file() else pd.DataFrame())
+
+
+def earlier_rows_from(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` in this script's columns (``peer_*`` columns of older tables are GANomaly's)."""
+    table = table.rename(columns=lambda c: c.replace("peer_", "ganomaly_", 1) if c.startswith("peer_") else c)
+    return table.reindex(columns=KEY + ["commit"] + METRICS)
+
+
+def merge_rows(earlier: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    """New rows replace earlier ones of the same key; a peer's empty columns in a new row take the
+    earlier row's values. Earlier rows of other keys are kept."""
+    new = new.reindex(columns=KEY + ["commit"] + METRICS)
+    if len(earlier):
+        previous = earlier.set_index(KEY)
+        for columns in PEER_COLUMNS.values():
+            missing = new[columns[0]].isna()
+            for index in new.index[missing]:
+                key = tuple(new.loc[index, KEY])
+                if key in previous.index:
+                    new.loc[index, columns] = previous.loc[key, columns].to_numpy()
+        kept = earlier[~earlier.set_index(KEY).index.isin(new.set_index(KEY).index)]
+        new = pd.concat([kept, new], ignore_index=True)
+    return new.astype({m: float for m in METRICS}).sort_values(KEY, ignore_index=True)
 
 
 def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     """Mean and std over seeds per (data set, class); per data set with classes, the mean over
     classes (its std: over seeds, of the per-seed class mean)."""
     rows = []
+    counts = {f"{peer}_seeds": f"{peer}_image_auroc" for peer in PEERS}
     for (dataset, category), group in runs.groupby(["dataset", "class"], sort=True):
-        rows.append({"dataset": dataset, "class": category, "seeds": len(group), "peer_seeds": int(group["peer_image_auroc"].notna().sum()),
+        rows.append({"dataset": dataset, "class": category, "seeds": len(group),
+                     **{name: int(group[column].notna().sum()) for name, column in counts.items()},
                      **{f"{m}_mean": group[m].mean() for m in METRICS}, **{f"{m}_std": group[m].std(ddof=0) for m in METRICS}})
     for dataset, group in runs.groupby("dataset"):
         if group["class"].nunique() > 1:
-            per_seed = group.groupby("seed")[METRICS].mean()
+            # a peer's class mean only over seeds where it ran on every class
+            per_seed = group.groupby("seed")[METRICS].agg(lambda s: s.mean() if s.notna().all() else np.nan)
             rows.append({"dataset": dataset, "class": f"mean of {group['class'].nunique()} classes", "seeds": len(per_seed),
-                         "peer_seeds": int(per_seed["peer_image_auroc"].notna().sum()),
+                         **{name: int(per_seed[column].notna().sum()) for name, column in counts.items()},
                          **{f"{m}_mean": per_seed[m].mean() for m in METRICS},
                          **{f"{m}_std": per_seed[m].std(ddof=0) for m in METRICS}})
     return pd.DataFrame(rows)
 
 
-def _pm(mean: float, std: float, digits: int = 3) -> str:
-    if mean is None or (isinstance(mean, float) and np.isnan(mean)):
+def _pm(mean: float, std: float, n: int | None = None, digits: int = 3) -> str:
+    if mean is None or (isinstance(mean, float) and np.isnan(mean)) or n == 0:
         return "n/a"
+    if n == 1:
+        return f"{mean:.{digits}f} (1 seed)"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def markdown(summary: pd.DataFrame, runs: pd.DataFrame, args: argparse.Namespace) -> str:
-    table = pd.DataFrame({
-        "data set": summary["dataset"],
-        "class": summary["class"],
-        "seeds": summary["seeds"],
-        "stage 1": [_pm(a, b) for a, b in zip(summary["image_auroc_stage1_mean"], summary["image_auroc_stage1_std"])],
-        "stage 2": [_pm(a, b) for a, b in zip(summary["image_auroc_stage2_mean"], summary["image_auroc_stage2_std"])],
-        "**cascade**": [_pm(a, b) for a, b in zip(summary["image_auroc_cascade_mean"], summary["image_auroc_cascade_std"])],
-        "pixel (stage 1)": [_pm(a, b) for a, b in zip(summary["pixel_auroc_stage1_mean"], summary["pixel_auroc_stage1_std"])],
-        "pixel (fused)": [_pm(a, b) for a, b in zip(summary["pixel_auroc_fused_mean"], summary["pixel_auroc_fused_std"])],
-        "PRO (fused)": [_pm(a, b) for a, b in zip(summary["pro_fused_mean"], summary["pro_fused_std"])],
-        "**peer** image": [_pm(a, b) if n > 1 else ("n/a" if n == 0 else f"{a:.3f} (1 seed)")
-                           for a, b, n in zip(summary["peer_image_auroc_mean"], summary["peer_image_auroc_std"], summary["peer_seeds"])],
-        "train s (ours / peer)": [f"{a:.0f} / {'n/a' if np.isnan(b) else f'{b:.0f}'}"
-                                  for a, b in zip(summary["train_seconds_mean"], summary["peer_train_seconds_mean"])],
-        "images/s (cascade / peer)": [f"{a:.0f} / {'n/a' if np.isnan(b) else f'{b:.0f}'}"
-                                      for a, b in zip(summary["images_per_s_cascade_mean"], summary["peer_images_per_s_mean"])],
-    })
-    goals = []
-    for dataset, goal in GOALS.items():
+def _num(value: float) -> str:
+    return "n/a" if np.isnan(value) else f"{value:.0f}"
+
+
+def goal_lines(summary: pd.DataFrame) -> list[str]:
+    lines = []
+    for dataset in dict.fromkeys(d for d, *_ in GOALS):
         rows = summary[(summary["dataset"] == dataset) & (summary["class"].str.startswith("mean") | (summary["class"] == "all"))]
-        if len(rows):
-            r = rows.iloc[0]
-            image, pixel, peer = r["image_auroc_cascade_mean"], r["pixel_auroc_fused_mean"], r["peer_image_auroc_mean"]
-            goals.append(f"- {dataset}: cascade image AUROC {image:.3f} (goal {goal:.2f}: {'met' if image >= goal else 'not met'}), "
-                         f"fused pixel AUROC {pixel:.3f} (goal {goal:.2f}: {'met' if pixel >= goal else 'not met'}), "
-                         + ("peer not run" if np.isnan(peer) else f"peer {peer:.3f} ({'ours ahead' if image > peer else 'peer ahead'})"))
+        if not len(rows):
+            continue
+        r = rows.iloc[0]
+        parts = [f"{label} {r[f'{column}_mean']:.3f} (goal {goal:.2f}: {'met' if r[f'{column}_mean'] >= goal else 'not met'})"
+                 for d, column, goal, label in GOALS if d == dataset]
+        for peer, name in (("ganomaly", "GANomaly"), ("draem", "DRAEM")):
+            peer_mean = r[f"{peer}_image_auroc_mean"]
+            if not np.isnan(peer_mean):
+                ours = r["image_auroc_cascade_mean"]
+                parts.append(f"{name} {peer_mean:.3f} ({'ours ahead' if ours > peer_mean else 'peer ahead'})")
+        lines.append(f"- {dataset}: " + ", ".join(parts))
+    return lines
+
+
+def markdown(summary: pd.DataFrame, runs: pd.DataFrame, args: argparse.Namespace) -> str:
+    s = summary
+    table = pd.DataFrame({
+        "data set": s["dataset"],
+        "class": s["class"],
+        "seeds": s["seeds"],
+        "stage 1": [_pm(a, b) for a, b in zip(s["image_auroc_stage1_mean"], s["image_auroc_stage1_std"])],
+        "stage 2": [_pm(a, b) for a, b in zip(s["image_auroc_stage2_mean"], s["image_auroc_stage2_std"])],
+        "**cascade**": [_pm(a, b) for a, b in zip(s["image_auroc_cascade_mean"], s["image_auroc_cascade_std"])],
+        "pixel (stage 1)": [_pm(a, b) for a, b in zip(s["pixel_auroc_stage1_mean"], s["pixel_auroc_stage1_std"])],
+        "pixel (fused)": [_pm(a, b) for a, b in zip(s["pixel_auroc_fused_mean"], s["pixel_auroc_fused_std"])],
+        "PRO (fused)": [_pm(a, b) for a, b in zip(s["pro_fused_mean"], s["pro_fused_std"])],
+        "GANomaly image": [_pm(a, b, n) for a, b, n in zip(s["ganomaly_image_auroc_mean"], s["ganomaly_image_auroc_std"],
+                                                          s["ganomaly_seeds"])],
+        "DRAEM image": [_pm(a, b, n) for a, b, n in zip(s["draem_image_auroc_mean"], s["draem_image_auroc_std"], s["draem_seeds"])],
+        "DRAEM pixel": [_pm(a, b, n) for a, b, n in zip(s["draem_pixel_auroc_mean"], s["draem_pixel_auroc_std"], s["draem_seeds"])],
+        "train s (ours / GANomaly / DRAEM)": [f"{_num(a)} / {_num(b)} / {_num(c)}" for a, b, c in
+                                              zip(s["train_seconds_mean"], s["ganomaly_train_seconds_mean"],
+                                                  s["draem_train_seconds_mean"])],
+        "images/s (cascade / GANomaly / DRAEM)": [f"{_num(a)} / {_num(b)} / {_num(c)}" for a, b, c in
+                                                  zip(s["images_per_s_cascade_mean"], s["ganomaly_images_per_s_mean"],
+                                                      s["draem_images_per_s_mean"])],
+    })
+    commits = runs["commit"].value_counts()
+    factors = sorted(runs["draem_factor"].dropna().unique().tolist())
     header = (
         "# Accuracy benchmark (written by benchmarks/accuracy.py; do not edit)\n\n"
-        f"{time.strftime('%Y-%m-%d %H:%M')}, commit {git_commit()}, command: `python benchmarks/accuracy.py "
-        f"{' '.join(sys.argv[1:])}`; seeds {sorted(runs['seed'].unique().tolist())}; peer: anomalib GANomaly, "
-        f"{args.peer_epochs} epochs, batch {args.peer_batch_size}, raw scores, seeds "
-        f"{'all' if args.peer_seeds is None else sorted(args.peer_seeds)}. Image AUROC unless named; mean ± std over seeds "
-        "(for the PIPED mean, the std over seeds of the class mean). Training seconds: both stages; images/s: the "
-        "cascade's deployment path (stage 1 on all test images, stage 2 on flagged ones) and the peer's forward passes, "
-        "both on decoded tensors, 2 CPU cores.\n\n"
+        f"{time.strftime('%Y-%m-%d %H:%M')}, last command: `python benchmarks/accuracy.py {' '.join(sys.argv[1:])}`; "
+        f"our rows at commit{'s' if len(commits) > 1 else ''} "
+        + ", ".join(f"{c} ({n} rows)" for c, n in commits.items())
+        + f"; seeds {sorted(runs['seed'].unique().tolist())}. Peers (anomalib, from scratch): GANomaly "
+        f"{args.peer_epochs} epochs, batch {args.peer_batch_size}, raw latent scores; DRAEM for "
+        + (" / ".join(f"{f:g}" for f in factors) if factors else "n/a")
+        + " × our two stages' training wall time of the same row, batch "
+        f"{args.draem_batch_size}, Perlin-noise textures (no DTD), score = max of its anomaly map. Image AUROC "
+        "unless named; mean ± std over seeds (for the PIPED mean, the std over seeds of the class mean; a peer's mean "
+        "only over seeds where it ran on every class). Training seconds: ours both stages; images/s: the cascade's "
+        "deployment path (stage 1 on all test images, stage 2 on flagged ones) and the peers' forward passes, all on "
+        "decoded tensors, 2 CPU cores.\n\n"
     )
-    return header + markdown_table(table) + "\n## Goals\n\n" + "\n".join(goals) + "\n"
+    return header + markdown_table(table) + "\n## Goals\n\n" + "\n".join(goal_lines(summary)) + "\n"
 
 
 def main() -> None:
@@ -186,40 +289,55 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--runs-root", type=Path, default=REPO / "runs" / "accuracy", help="where runs are kept (resumable)")
     parser.add_argument("--rerun", action="store_true", help="run rows again even when a finished run exists")
-    parser.add_argument("--no-peer", action="store_true", help="skip anomalib's GANomaly")
+    parser.add_argument("--peers", nargs="*", default=list(PEERS), choices=PEERS, help="anomalib peers to run (default both)")
+    parser.add_argument("--no-peer", action="store_true", help="run no peer (same as --peers with no name)")
     parser.add_argument("--peer-python", type=Path, default=REPO / ".peer-venv" / "bin" / "python",
-                        help="interpreter of the peer's environment (benchmarks/setup_peer_env.sh makes it)")
-    parser.add_argument("--peer-epochs", type=int, default=15, help="peer training epochs (ours: see pipelines/*.yaml)")
-    parser.add_argument("--peer-batch-size", type=int, default=16)
-    parser.add_argument("--peer-seeds", type=int, nargs="+", help="run the peer for these seeds only (default: every seed)")
+                        help="interpreter of the peers' environment (benchmarks/setup_peer_env.sh makes it)")
+    parser.add_argument("--peer-epochs", type=int, default=15, help="GANomaly training epochs (ours: see pipelines/*.yaml)")
+    parser.add_argument("--peer-batch-size", type=int, default=16, help="GANomaly batch size")
+    parser.add_argument("--draem-factor", type=float, default=1.0,
+                        help="DRAEM's training wall time as a multiple of our two stages' (default 1: equal time)")
+    parser.add_argument("--draem-batch-size", type=int, default=8, help="DRAEM batch size (anomalib's default 8)")
+    parser.add_argument("--peer-seeds", type=int, nargs="+", help="run the peers for these seeds only (default: every seed)")
+    parser.add_argument("--output-stem", default="accuracy", help="results/<stem>{,_runs}.csv and <stem>.md (default accuracy)")
+    parser.add_argument("--fresh", action="store_true", help="drop the rows an earlier invocation left in <stem>_runs.csv")
     args = parser.parse_args()
+    if args.no_peer:
+        args.peers = []
+    if args.draem_factor <= 0:
+        parser.error(f"--draem-factor must be > 0, got {args.draem_factor}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if not args.no_peer and not args.peer_python.is_file():
+    if args.peers and not args.peer_python.is_file():
         parser.error(f"no peer interpreter at {args.peer_python}: run benchmarks/setup_peer_env.sh or pass --no-peer")
 
+    earlier = pd.DataFrame() if args.fresh else earlier_rows(RESULTS / f"{args.output_stem}_runs.csv")
     rows = []
     for dataset in args.datasets:
         for category in (args.classes if dataset == "piped" and args.classes else classes_of(dataset)):
             for seed in args.seeds:
                 name = f"{dataset}/{category or 'all'}/seed{seed}"
                 ours = run_ours(dataset, category, seed, args.runs_root / name, args.rerun)
-                peer = run_peer(dataset, category, seed, args.runs_root / "peer" / f"{name}-e{args.peer_epochs}.json", args)
-                rows.append(row_of(dataset, category, seed, ours, peer))
-                log.info("%s: cascade %.3f, pixel %.3f, peer %s", name, rows[-1]["image_auroc_cascade"] or float("nan"),
+                our_seconds = ours["seconds"]["train_stage1"] + ours["seconds"]["train_stage2"]
+                suffix = {"ganomaly": f"e{args.peer_epochs}", "draem": f"x{args.draem_factor:g}"}
+                peers = {peer: run_peer(peer, dataset, category, seed, our_seconds,
+                                        args.runs_root / "peer" / f"{name}-{peer}-{suffix[peer]}.json", args)
+                         for peer in PEERS}
+                rows.append(row_of(dataset, category, seed, ours, peers, args.draem_factor))
+                log.info("%s: cascade %.3f, pixel %.3f, %s", name, rows[-1]["image_auroc_cascade"] or float("nan"),
                          rows[-1]["pixel_auroc_fused"] or float("nan"),
-                         "n/a" if peer is None else f"{peer['image_auroc']:.3f}")
-                text = write_tables(rows, args)  # after every row: an interrupted benchmark leaves a table
+                         ", ".join(f"{p} {r['image_auroc']:.3f}" for p, r in peers.items() if r is not None) or "no peer")
+                text = write_tables(merge_rows(earlier, pd.DataFrame(rows)), args)  # after every row
     print(text)
 
 
-def write_tables(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    runs = pd.DataFrame(rows).astype({m: float for m in METRICS})
+def write_tables(runs: pd.DataFrame, args: argparse.Namespace) -> str:
     summary = summarise(runs)
     RESULTS.mkdir(exist_ok=True)
-    write_atomic(RESULTS / "accuracy_runs.csv", lambda tmp: runs.to_csv(tmp, index=False, float_format="%.4f"))
-    write_atomic(RESULTS / "accuracy.csv", lambda tmp: summary.to_csv(tmp, index=False, float_format="%.4f"))
+    stem = args.output_stem
+    write_atomic(RESULTS / f"{stem}_runs.csv", lambda tmp: runs.to_csv(tmp, index=False, float_format="%.4f"))
+    write_atomic(RESULTS / f"{stem}.csv", lambda tmp: summary.to_csv(tmp, index=False, float_format="%.4f"))
     text = markdown(summary, runs, args)
-    write_text_atomic(RESULTS / "accuracy.md", text)
+    write_text_atomic(RESULTS / f"{stem}.md", text)
     return text
 
 

@@ -1,4 +1,4 @@
-"""Peer baseline: anomalib's GANomaly on our data splits, image size and machine.
+"""Peer baselines: anomalib's GANomaly and DRAEM on our data splits, image size and machine.
 
 Run it with the peer venv's Python (anomalib never becomes a dependency of twostage_ad):
 
@@ -6,6 +6,8 @@ Run it with the peer venv's Python (anomalib never becomes a dependency of twost
     .peer-venv/bin/python benchmarks/peer_anomalib.py train --manifest DATA/split.csv \\
         [--category NAME] --image-size 128 --channels 3 --epochs 15 --batch-size 32 --seed 0 \\
         --output result.json
+    .peer-venv/bin/python benchmarks/peer_anomalib.py train --model draem --manifest DATA/split.csv \\
+        --image-size 128 --channels 1 --max-seconds 600 --batch-size 8 --output draem.json
     .peer-venv/bin/python benchmarks/peer_anomalib.py speed --image-size 64 128 256 --channels 1 \\
         --batch-size 32 --images 256 --output speed.json
 
@@ -18,6 +20,18 @@ It then scores the ``test`` rows with the trained ``GanomalyModel`` in eval mode
 mean_k (z_k - z_hat_k)^2`` over the latent vector (not the Lightning module's per-batch min-max
 normalised score, which uses test statistics and is not monotone across batches). Test labels
 are used for the image AUROC only (sklearn, on the raw scores).
+
+train --model draem: fits ``anomalib.models.Draem`` from scratch (Zavrtanik et al., "DRAEM",
+ICCV 2021: a reconstructive network trained to repair Perlin-shaped synthetic anomalies and a
+discriminative network that sees the image beside its reconstruction), with anomalib's defaults
+(its Resize-only pre-processing, blend factor U[0.1, 1], Adam 1e-4, SSIM + L2 + focal loss). Its
+texture source, DTD, cannot be downloaded here: ``dtd_dir`` is an existing empty folder, so the
+Perlin generator fills the anomaly masks with Perlin noise textures (DRAEM's ablation: the texture
+source barely matters). ``--max-seconds`` stops training after that wall time (Lightning's
+``max_time``, checked after every batch), which is how it is compared with our two stages at equal
+time. The score is anomalib's: the image score is the maximum of the softmax anomaly map; pixel
+AUROC and PRO are computed from that map with twostage_ad's own metric code and mask reader (masks
+binarised at > 127, optionally inverted, box-resized to --image-size), as for our runs.
 
 speed: a GanomalyModel with random weights in eval mode under ``torch.inference_mode`` on random
 tensors: warm-up, then --repeats timed passes of forward passes (images/s of the best pass, and
@@ -55,7 +69,8 @@ from pathlib import Path
 
 logger = logging.getLogger("peer_anomalib")
 
-PEER = "anomalib.Ganomaly"
+PEERS = {"ganomaly": "anomalib.Ganomaly", "draem": "anomalib.Draem"}
+REPO = Path(__file__).resolve().parent.parent
 
 try:
     import numpy as np
@@ -73,7 +88,7 @@ try:
         from anomalib.callbacks.checkpoint import ModelCheckpoint
         from anomalib.data.datasets.base.image import AnomalibDataset
         from anomalib.engine import Engine
-        from anomalib.models import Ganomaly
+        from anomalib.models import Draem, Ganomaly
         from anomalib.models.image.ganomaly.torch_model import GanomalyModel
         from anomalib.pre_processing import PreProcessor
         from lightning.pytorch import Callback, seed_everything
@@ -105,6 +120,8 @@ class ManifestDataset(AnomalibDataset):
             "mask_path": "",
             "split": rows["split"].to_numpy(),
         })
+        masks = rows["mask"].fillna("") if "mask" in rows.columns else pd.Series("", index=rows.index)
+        self.mask_of = {str(root / image): (str(root / mask) if mask else "") for image, mask in zip(rows["image"], masks)}
         self.samples.attrs["task"] = "classification"
 
 
@@ -154,6 +171,18 @@ def build_module(image_size: int, channels: int, batch_size: int) -> Ganomaly:
     return Ganomaly(batch_size=batch_size, pre_processor=pre_processor, evaluator=False, visualizer=False)
 
 
+def build_draem(image_size: int, channels: int, dtd_dir: Path) -> Draem:
+    """anomalib's Draem with its defaults at ``image_size``; ``dtd_dir`` an existing empty folder.
+
+    ``channels == 1`` puts a Grayscale (replicated to 3 channels) before its Resize, as for GANomaly.
+    """
+    pre_processor = Draem.configure_pre_processor((image_size, image_size))
+    if channels == 1:
+        pre_processor = PreProcessor(transform=Compose([Grayscale(num_output_channels=3),
+                                                        *pre_processor.transform.transforms]))
+    return Draem(dtd_dir=dtd_dir, pre_processor=pre_processor, post_processor=False, evaluator=False, visualizer=False)
+
+
 class EpochTimer(Callback):
     """Wall seconds of each training epoch (data loading, pre-processing and both GAN updates)."""
 
@@ -182,6 +211,43 @@ def raw_scores(model: GanomalyModel, images: torch.Tensor, batch_size: int) -> t
     return torch.cat(scores).double().numpy(), seconds
 
 
+def draem_scores(model: torch.nn.Module, images: torch.Tensor, batch_size: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """DRAEM's image scores (max of the softmax anomaly map), its maps ``N×H×W``, forward seconds."""
+    model.eval()
+    scores, maps = [], []
+    with torch.inference_mode():
+        model(images[:batch_size])  # warm-up, not timed
+        start = time.perf_counter()
+        for first in range(0, len(images), batch_size):
+            output = model(images[first:first + batch_size])
+            scores.append(output.pred_score)
+            maps.append(output.anomaly_map.reshape(-1, *images.shape[-2:]))
+        seconds = time.perf_counter() - start
+    return torch.cat(scores).double().numpy(), torch.cat(maps).float().numpy(), seconds
+
+
+def pixel_metrics(data: ManifestDataset, labels: list[int], maps: np.ndarray, invert_masks: bool) -> dict:
+    """Pixel AUROC and PRO of ``maps`` with twostage_ad's mask reader and metric code (same rules as ours)."""
+    sys.path.insert(0, str(REPO))
+    from twostage_ad.data.images import read_mask
+    from twostage_ad.metrics import pixel_auroc, pro_score
+
+    size = maps.shape[-1]
+    masks = np.zeros(maps.shape, np.uint8)
+    has_mask = np.zeros(len(labels), bool)
+    for index, image_path in enumerate(data.samples["image_path"]):
+        mask_path = data.mask_of[image_path]
+        if mask_path:
+            masks[index] = read_mask(mask_path, size, invert=invert_masks)
+            has_mask[index] = True
+        elif labels[index] == 0:  # a normal image without a mask file: no defect pixels
+            has_mask[index] = True
+    labels_array = np.asarray(labels)
+    pixel = pixel_auroc(labels_array, masks, has_mask, maps)
+    pro = pro_score(labels_array, masks, has_mask, maps, max_fpr=0.3)
+    return {"pixel_auroc": pixel.value, "pro": pro.value}
+
+
 def forward_flops(model: torch.nn.Module, x: torch.Tensor) -> float:
     model.eval()
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
@@ -199,24 +265,31 @@ def run_train(args: argparse.Namespace) -> dict:
     test_data = ManifestDataset(test_rows, manifest.parent, args.category)
 
     seed_everything(args.seed, workers=True)
-    module = build_module(args.image_size, args.channels, args.batch_size)
     loader = DataLoader(train_data, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
                         collate_fn=train_data.collate_fn)
     timer = EpochTimer()
     with tempfile.TemporaryDirectory(prefix="peer-anomalib-") as workdir:
+        if args.model == "draem":
+            dtd_dir = Path(workdir) / "dtd-empty"  # exists and is empty: Perlin noise textures, no download
+            dtd_dir.mkdir()
+            module = build_draem(args.image_size, args.channels, dtd_dir)
+        else:
+            module = build_module(args.image_size, args.channels, args.batch_size)
+        budget = {} if args.max_seconds is None else {"max_time": {"seconds": args.max_seconds}}
         engine = Engine(
             default_root_dir=workdir, max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False,
             enable_progress_bar=False, enable_model_summary=False,
             # Engine adds a checkpoint per epoch unless given one: this one saves nothing (the
             # GANomaly state with both Adam states is ~0.6 GB at 128 px, and it is not fitting).
-            callbacks=[ModelCheckpoint(dirpath=workdir, save_top_k=0, save_last=False), timer],
+            callbacks=[ModelCheckpoint(dirpath=workdir, save_top_k=0, save_last=False), timer], **budget,
         )
-        logger.info("fitting anomalib Ganomaly: %d epochs, batch %d, %d px, %d channel(s), %d torch threads",
-                    args.epochs, args.batch_size, args.image_size, args.channels, torch.get_num_threads())
+        logger.info("fitting %s: %s epochs, %s s budget, batch %d, %d px, %d channel(s), %d torch threads",
+                    PEERS[args.model], args.epochs, args.max_seconds, args.batch_size, args.image_size, args.channels,
+                    torch.get_num_threads())
         start = time.perf_counter()
         engine.fit(model=module, train_dataloaders=loader)
         train_seconds = time.perf_counter() - start
-    if len(timer.seconds) != args.epochs:
+    if args.max_seconds is None and len(timer.seconds) != args.epochs:
         raise SystemExit(f"trained {len(timer.seconds)} epochs, expected {args.epochs}")
 
     # Decode and pre-process the test images (anomalib's reader + the module's own transform,
@@ -230,24 +303,33 @@ def run_train(args: argparse.Namespace) -> dict:
             labels.append(int(item.gt_label))
     batch = torch.stack(images)
     logger.info("scoring %d test images of shape %s", len(batch), tuple(batch.shape[1:]))
-    scores, score_seconds = raw_scores(module.model, batch, args.batch_size)
+    extra: dict = {}
+    if args.model == "draem":
+        scores, maps, score_seconds = draem_scores(module.model, batch, args.batch_size)
+        extra = pixel_metrics(test_data, labels, maps, args.invert_masks)
+    else:
+        scores, score_seconds = raw_scores(module.model, batch, args.batch_size)
+        extra = {"network_channels": module.model.generator.encoder1.input_layers[0].in_channels}
     if not np.isfinite(scores).all():
-        raise SystemExit("non-finite GANomaly scores")
+        raise SystemExit(f"non-finite {PEERS[args.model]} scores")
     return {
-        "peer": PEER,
+        "peer": PEERS[args.model],
         "anomalib_version": anomalib.__version__,
         "manifest": str(args.manifest),
         "category": args.category,
         "image_size": args.image_size,
         "channels": args.channels,
-        "network_channels": module.model.generator.encoder1.input_layers[0].in_channels,
         "epochs": args.epochs,
+        "epochs_trained": len(timer.seconds),
+        "steps_trained": module.trainer.global_step if module._trainer is not None else None,
+        "max_seconds": args.max_seconds,
         "batch_size": args.batch_size,
         "seed": args.seed,
         "n_train": len(train_data),
         "n_test": len(test_data),
         "n_test_anomalous": int(sum(labels)),
         "image_auroc": float(roc_auc_score(labels, scores)),
+        **extra,
         "train_seconds": train_seconds,
         "epoch_seconds": timer.seconds,
         "score_seconds": score_seconds,
@@ -294,7 +376,7 @@ def run_speed(args: argparse.Namespace) -> dict:
                     row["gflops_per_image"], row["images_per_s"], len(repeats), row["images_per_s_median"])
         rows.append(row)
     return {
-        "peer": PEER,
+        "peer": PEERS["ganomaly"],
         "anomalib_version": anomalib.__version__,
         "channels": args.channels,
         "batch_size": args.batch_size,
@@ -329,7 +411,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--manifest", type=Path, required=True, help="split.csv (image,label,split,mask,category)")
     train.add_argument("--category", help="keep rows whose category column equals this (PIPED classes; not MTD)")
     train.add_argument("--image-size", type=int, default=128, help="square input size, a power of two (default 128)")
-    train.add_argument("--epochs", type=int, required=True, help="training epochs, run exactly")
+    train.add_argument("--model", choices=sorted(PEERS), default="ganomaly", help="which anomalib model (default ganomaly)")
+    train.add_argument("--epochs", type=int, help="training epochs, run exactly (required unless --max-seconds)")
+    train.add_argument("--max-seconds", type=float,
+                       help="stop training after this wall time (--epochs, if given, is then an upper bound)")
+    train.add_argument("--invert-masks", action="store_true",
+                       help="draem: masks mark defects in black (PIPED), as data.invert_masks in our configs")
     train.add_argument("--num-workers", type=int, default=0,
                        help="DataLoader workers for training (default 0: decode in the main process)")
 
@@ -344,7 +431,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     speed.add_argument("--tune-malloc", action="store_true",
                        help="apply twostage_ad's glibc allocator tuning first (as speed.py does for ours)")
     speed.add_argument("--bf16", action="store_true", help="forward passes under bf16 autocast (CPU)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.mode == "train":
+        if args.epochs is None and args.max_seconds is None:
+            parser.error("train: give --epochs, --max-seconds or both")
+        if args.max_seconds is not None and args.max_seconds <= 0:
+            parser.error(f"--max-seconds must be > 0, got {args.max_seconds}")
+        if args.epochs is None:
+            args.epochs = 100_000  # bounded by --max-seconds
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
