@@ -257,6 +257,10 @@ class Stage2Config:
 
     # model
     width_divisor: int = 4  # r: widths 64/r ... 1024/r (GANomaly2D: r = 1)
+    # input scale and tiles
+    image_size: int = 0  # stage 2's square input size; 0 = data.image_size (stage 1's); a multiple of 16, >= 32
+    tile_size: int = 0  # train on random tiles and score overlapping tiles of this size; 0 = the whole image
+    tile_overlap: float = 0.5  # share of a tile its neighbour overlaps when scoring (stride rounded to 16 px)
     # training
     epochs: int = 15
     batch_size: int = 16
@@ -274,6 +278,11 @@ class Stage2Config:
             isinstance(self.width_divisor, int) and self.width_divisor >= 1 and 64 % self.width_divisor == 0,
             f"{prefix}.width_divisor", "a divisor of 64 (1, 2, 4, 8, 16, 32 or 64)", self.width_divisor,
         )
+        _check(isinstance(self.image_size, int) and (self.image_size == 0 or (self.image_size >= 32 and self.image_size % 16 == 0)),
+               f"{prefix}.image_size", "0 (stage 1's size) or a multiple of 16 that is >= 32", self.image_size)
+        _check(isinstance(self.tile_size, int) and (self.tile_size == 0 or (self.tile_size >= 32 and self.tile_size % 16 == 0)),
+               f"{prefix}.tile_size", "0 (the whole image) or a multiple of 16 that is >= 32", self.tile_size)
+        _check(0.0 <= self.tile_overlap < 1.0, f"{prefix}.tile_overlap", "in [0, 1)", self.tile_overlap)
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, f"{prefix}.{name}", "an integer >= 1", value)
@@ -395,6 +404,11 @@ class Config:
             f"at most data.image_size / 4 = {self.data.image_size // 4} (the network needs two down-steps)",
             self.stage1.bottleneck_size,
         )
+        stage2_size = self.stage2.image_size or self.data.image_size
+        _check(stage2_size % 16 == 0 and stage2_size >= 32, "stage2.image_size",
+               f"a multiple of 16 that is >= 32 (0 takes data.image_size, {self.data.image_size})", self.stage2.image_size)
+        _check(self.stage2.tile_size <= stage2_size, "stage2.tile_size",
+               f"at most stage 2's image size ({stage2_size}), or 0 for the whole image", self.stage2.tile_size)
         _check(self.stage1.base_width >= 4, "stage1.base_width", "an integer >= 4 (self-attention needs 8 channels)", self.stage1.base_width)
         for name in ("screen_con", "screen_enc"):  # bf16 scoring was measured with the attention term alone
             _check(not (self.run.precision == "bf16" and getattr(self.stage1, name) != 0), f"stage1.{name}",

@@ -22,7 +22,7 @@ import pandas as pd
 from twostage_ad.cascade import Cascade, CascadeOutput, fit_cascade
 from twostage_ad.config import AugmentConfig, CalibrationConfig, Config, ConfigError, RunConfig
 from twostage_ad.data.augment import synthetic_defects
-from twostage_ad.data.images import decode_records
+from twostage_ad.data.images import decode_records, resize_images, resize_maps
 from twostage_ad.data.records import IMAGE_EXTENSIONS, DataError, Record
 from twostage_ad.device import memory_format_for
 from twostage_ad.distributed import DistributedContext
@@ -160,10 +160,9 @@ class TwoStageDetector:
     """Stage 1 (:class:`AttentionStage`), stage 2 (:class:`PatchScorerStage`) and their :class:`Cascade`."""
 
     def __init__(self, stage1: AttentionStage, stage2: PatchScorerStage, cascade: Cascade | None = None, *, name: str = ""):
-        if (stage1.image_size, stage1.channels) != (stage2.image_size, stage2.channels):
+        if stage1.channels != stage2.channels:
             raise ValueError(
-                f"stage 1 ({stage1.image_size}px, {stage1.channels} ch) and stage 2 "
-                f"({stage2.image_size}px, {stage2.channels} ch) were trained on different images"
+                f"stage 1 ({stage1.channels} channel(s)) and stage 2 ({stage2.channels} channel(s)) were trained on different images"
             )
         self.stage1 = stage1
         self.stage2 = stage2
@@ -172,7 +171,9 @@ class TwoStageDetector:
 
     @property
     def image_size(self) -> int:
-        return self.stage1.image_size
+        """The square size input arrays come at: the larger of the two stages' scales. Each stage
+        scores its own view (resized like a decoded image), and both maps come back at this size."""
+        return max(self.stage1.image_size, self.stage2.image_size)
 
     @property
     def channels(self) -> int:
@@ -194,10 +195,9 @@ class TwoStageDetector:
         """
         if config.data.channels == 0:
             raise ConfigError("data.channels must be 1 or 3 here (0 = decide from the first training image)")
-        shared = {"image_size": config.data.image_size, "channels": config.data.channels, "device": device,
-                  "seed": config.run.seed, "num_workers": config.run.num_workers}
-        stage1 = AttentionStage(config=config.stage1, augment=config.augment, **shared)
-        stage2 = PatchScorerStage(config=config.stage2, **shared)
+        shared = {"channels": config.data.channels, "device": device, "seed": config.run.seed, "num_workers": config.run.num_workers}
+        stage1 = AttentionStage(config=config.stage1, augment=config.augment, image_size=config.data.image_size, **shared)
+        stage2 = PatchScorerStage(config=config.stage2, image_size=config.stage2.image_size or config.data.image_size, **shared)
         for stage in (stage1, stage2):
             apply_run_settings(stage, config.run)
         detector = cls(stage1, stage2, name=config.run.name)
@@ -235,7 +235,8 @@ class TwoStageDetector:
         first = self._score_stage1(val, context, progress, "stage 1 score val")
         self._fit_stage(self.stage2, train, folder, resume, progress, context)
         normal = np.asarray(val_labels) == 0
-        self.stage2.fit_normalisation(val[normal], stage1_maps=first.anomaly_maps[normal] if self.guided else None)
+        self.stage2.fit_normalisation(resize_images(val[normal], self.stage2.image_size),
+                                      stage1_maps=first.anomaly_maps[normal] if self.guided else None)
         if folder is not None and context.is_main:
             self.stage2.save(folder / "stage2.pt")  # now with its map statistics
         second = self._score_stage2(val, first.anomaly_maps, context, progress, "stage 2 score val")
@@ -256,6 +257,7 @@ class TwoStageDetector:
                    context: DistributedContext) -> None:
         """Train ``stage`` with per-epoch checkpoints in ``folder``, or copy a reused one there."""
         path = None if folder is None else folder / f"{stage.config_name}.pt"
+        train = resize_images(train, stage.image_size)
         if stage.config_name not in getattr(self, "reused_", {}):
             stage.fit(train, checkpoint_path=path, progress=progress, resume=resume, context=context)
             return
@@ -268,9 +270,14 @@ class TwoStageDetector:
     # -- scoring ---------------------------------------------------------------------------------
     def _score_stage1(self, images: np.ndarray, context: DistributedContext, progress: bool, desc: str,
                       batch_size: int | None = None) -> ScreeningResult:
-        """Each rank scores its contiguous shard; every rank gets all results, in order."""
+        """Each rank scores its contiguous shard; every rank gets all results, in order. The maps come
+        back at the input size (bilinear, when stage 1 works at a smaller one)."""
         start = time.perf_counter()
-        part = self.stage1.score(images[context.shard(len(images))], batch_size=batch_size, progress=progress, desc=desc)
+        view = resize_images(images[context.shard(len(images))], self.stage1.image_size)
+        part = self.stage1.score(view, batch_size=batch_size, progress=progress, desc=desc)
+        if self.stage1.image_size != images.shape[1]:
+            part = replace(part, anomaly_maps=resize_maps(part.anomaly_maps, images.shape[1]),
+                           seconds=time.perf_counter() - start)  # the resizing is part of the stage's cost
         if not context.enabled:
             return part
         return ScreeningResult(
@@ -285,7 +292,10 @@ class TwoStageDetector:
         start = time.perf_counter()
         shard = context.shard(len(images))
         maps = stage1_maps[shard] if self.guided else None
-        part = self.stage2.score(images[shard], stage1_maps=maps, batch_size=batch_size, progress=progress, desc=desc)
+        view = resize_images(images[shard], self.stage2.image_size)
+        part = self.stage2.score(view, stage1_maps=maps, batch_size=batch_size, progress=progress, desc=desc)
+        if self.stage2.image_size != images.shape[1]:
+            part = replace(part, maps=resize_maps(part.maps, images.shape[1]), seconds=time.perf_counter() - start)
         if not context.enabled:
             return part
         return PatchScoreResult(scores=context.gather(part.scores), maps=context.gather(part.maps), seconds=time.perf_counter() - start)
@@ -300,7 +310,7 @@ class TwoStageDetector:
         desc: str = "",
         context: DistributedContext | None = None,
     ) -> CascadeScores:
-        """Both stages on uint8 ``N×S×S×C`` images: stage 1 on every image, stage 2 on every image
+        """Both stages on uint8 ``N×S×S×C`` images (``S`` = :attr:`image_size`): stage 1 on every image, stage 2 on every image
         (``all_stages``, for analysis) or on the flagged ones only (the deployment path); then the
         cascade's decisions when it is calibrated. Timed per stage."""
         context = context or DistributedContext()

@@ -3,9 +3,12 @@
 Each stage is wrapped so the exported graph computes exactly what :meth:`AttentionStage.score`
 and :meth:`PatchScorerStage.score` compute, with the run's weights and constants baked in:
 
-- ``stage1``: ``x`` (``B×C×S×S`` in [-1, 1]) -> ``(screening loss B, anomaly map 1 − A B×S×S)``
-- ``stage2``: ``(x, stage-1 anomaly map)`` -> ``(image score B, standardised map B×S×S)``; with
-  ``stage2.guidance: none`` the map input is unused (ONNX drops it from the graph)
+- ``stage1``: ``x`` (``B×C×S×S`` in [-1, 1], ``S`` = stage 1's size) -> ``(screening loss B,
+  anomaly map 1 − A B×S×S)``
+- ``stage2``: ``(x, stage-1 anomaly map)`` (``x`` ``B×C×S₂×S₂`` at stage 2's size, the map as stage 1
+  returns it) -> ``(image score B, standardised map B×S₂×S₂)``; with ``stage2.guidance: none`` the
+  map input is unused (ONNX drops it from the graph). A tiled stage 2 is traced for one image per
+  call (``cascade.json`` says ``stage2_batch: 1``).
 
 The cascade itself (τ₁, τ₂, the fusion statistics) is plain arithmetic on these outputs; its
 constants are written next to the models as ``cascade.json``. Inputs are images scaled as
@@ -67,9 +70,8 @@ class Stage2Scorer(nn.Module):
         return image_scores(full, self.config), full
 
 
-def _example(detector: TwoStageDetector, batch: int = 2) -> torch.Tensor:
+def _example(size: int, channels: int, batch: int = 2) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
-    size, channels = detector.image_size, detector.channels
     return torch.rand(batch, channels, size, size, generator=generator) * 2 - 1
 
 
@@ -90,13 +92,18 @@ def export_run(
     output_dir.mkdir(parents=True, exist_ok=True)
     detector = TwoStageDetector.from_run(run_dir, device="cpu")
     stage1, stage2 = Stage1Scorer(detector), Stage2Scorer(detector)
-    x = _example(detector)
+    # each graph takes its own stage's scale; a tiled stage 2 is traced for one image at a time
+    # (its tile loop unrolls for the traced batch)
+    tiled = detector.stage2.tiled
+    x = _example(detector.stage1.image_size, detector.channels)
+    x2 = _example(detector.stage2.image_size, detector.channels, batch=1 if tiled else 2)
     with torch.inference_mode():
         _, anomaly = stage1(x)
+    anomaly = anomaly[: len(x2)]
     written: dict[str, list[str]] = {}
     if "torchscript" in formats:
         written["torchscript"] = []
-        for name, module, args in (("stage1", stage1, (x,)), ("stage2", stage2, (x, anomaly))):
+        for name, module, args in (("stage1", stage1, (x,)), ("stage2", stage2, (x2, anomaly))):
             path = output_dir / f"{name}.ts"
             with torch.no_grad(), warnings.catch_warnings():
                 # TorchScript is deprecated upstream in favour of torch.export, but still what
@@ -113,10 +120,10 @@ def export_run(
             written["onnx"] = []
             for name, module, args, inputs, outputs in (
                 ("stage1", stage1, (x,), ["image"], ["screening_loss", "anomaly_map"]),
-                ("stage2", stage2, (x, anomaly), ["image", "stage1_anomaly_map"], ["score", "anomaly_map"]),
+                ("stage2", stage2, (x2, anomaly), ["image", "stage1_anomaly_map"], ["score", "anomaly_map"]),
             ):
                 path = output_dir / f"{name}.onnx"
-                axes = {n: {0: "batch"} for n in inputs + outputs}
+                axes = {} if name == "stage2" and tiled else {n: {0: "batch"} for n in inputs + outputs}
                 with torch.no_grad(), warnings.catch_warnings():
                     # the TorchScript-based exporter (needs only `onnx`); its tracer warnings are about
                     # the models' shape checks, which hold for the fixed image size
@@ -126,7 +133,10 @@ def export_run(
                 written["onnx"].append(str(path))
     write_json(output_dir / "cascade.json", {
         "thresholds": read_json(run_dir / "thresholds.json"),
-        "image_size": detector.image_size,
+        "image_size": detector.stage1.image_size,
+        "stage2_image_size": detector.stage2.image_size,
+        "stage2_tile_size": detector.stage2.config.tile_size if tiled else None,
+        "stage2_batch": 1 if tiled else "any",
         "channels": detector.channels,
         "input_scaling": "pixel / 127.5 - 1, N×C×H×W float32",
         "stage2_guidance": detector.stage2.config.guidance,

@@ -155,9 +155,10 @@ def _resume_config(run_dir: Path, config: Config | None, reused: dict[str, Any])
 # the pipeline
 
 
-def _decode_splits(config: Config, splits: dict[str, list[Record]], progress: bool) -> dict[str, DecodedImages]:
-    """Every split decoded at the run's size; refuses too few readable training or validation normals."""
-    size, channels = config.data.image_size, config.data.channels
+def _decode_splits(config: Config, splits: dict[str, list[Record]], size: int, progress: bool) -> dict[str, DecodedImages]:
+    """Every split decoded at ``size`` (the larger stage's scale); refuses too few readable training
+    or validation normals."""
+    channels = config.data.channels
     decoded = {
         name: decode_records(recs, size, channels, config.data.invert_masks, desc=f"decode {name}", progress=progress)
         for name, recs in splits.items()
@@ -259,7 +260,7 @@ def run_pipeline(
         save_config(config, run_dir / RUN_FILES["config"])  # before training, so an interrupted run can be resumed
         write_json(run_dir / RUN_FILES["reused"], {"stage1": reuse["stage1"] and str(reuse["stage1"]),
                                                     "stage2": reuse["stage2"] and str(reuse["stage2"])})
-    decoded = _decode_splits(config, splits, progress)
+    decoded = _decode_splits(config, splits, detector.image_size, progress)
     decode_seconds = time.perf_counter() - started
     _check_global_batches(config, len(decoded["train"]), reuse, context)
     detector.fit(decoded["train"].images, decoded["val"].images, decoded["val"].labels, None,

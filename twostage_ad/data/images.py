@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from twostage_ad.data.records import DataError, Record
 
-__all__ = ["DecodedImages", "decode_native", "decode_records", "infer_channels", "read_image", "read_mask", "to_tensor"]
+__all__ = ["DecodedImages", "decode_native", "decode_records", "infer_channels", "read_image", "read_mask", "resize_images",
+           "resize_maps", "to_tensor"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,31 @@ def decode_native(path: str | Path, *, mode: str | None = None, what: str = "ima
 def _resized_array(image: Image.Image, size: int) -> np.ndarray:
     array = np.asarray(image.resize((size, size), Image.BILINEAR), dtype=np.uint8)
     return array[:, :, None] if array.ndim == 2 else array
+
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 ``N×H×W×C`` images to ``N×size×size×C`` the way decoding resizes (bilinear,
+    antialiased); the array itself when it already has that size. One stage's view of images
+    decoded at the other stage's larger scale."""
+    if images.shape[1:3] == (size, size):
+        return images
+    resized = np.empty((len(images), size, size, images.shape[3]), np.uint8)
+    for index, image in enumerate(images):
+        resized[index] = _resized_array(Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image), size).reshape(
+            size, size, images.shape[3])
+    return resized
+
+
+def resize_maps(maps: np.ndarray, size: int, batch_size: int = 64) -> np.ndarray:
+    """float ``N×h×w`` maps to ``N×size×size`` float32, bilinearly (as stage 2 upsamples its cells)."""
+    if maps.shape[1:] == (size, size):
+        return maps
+    out = np.empty((len(maps), size, size), np.float32)
+    for first in range(0, len(maps), batch_size):
+        chunk = torch.from_numpy(np.ascontiguousarray(maps[first : first + batch_size], dtype=np.float32))[:, None]
+        out[first : first + batch_size] = torch.nn.functional.interpolate(
+            chunk, size=(size, size), mode="bilinear", align_corners=False)[:, 0].numpy()
+    return out
 
 
 def read_image_with_size(path: str | Path, size: int, channels: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -184,8 +210,9 @@ def decode_records(
         name, (width, height) = small[0]
         fits = 2 ** int(np.floor(np.log2(max(32, max(width, height)))))
         log.warning(
-            "%d image(s) are smaller than data.image_size %d (e.g. %s: %d×%d) and are upsampled, which blurs fine "
-            "defects; set data.image_size: %d to work at their own resolution", len(small), size, name, width, height, fits,
+            "%d image(s) are smaller than the decode size %d (data.image_size, or stage2.image_size when larger; e.g. %s: "
+            "%d×%d) and are upsampled, which blurs fine defects; a size of %d works at their own resolution",
+            len(small), size, name, width, height, fits,
         )
     shape = (0, size, size, channels)
     return DecodedImages(

@@ -14,6 +14,12 @@ depend on the batch around it), ``torch.inference_mode``. The raw map ``mean_c (
 latent cell is optionally weighted by stage 1's anomaly map (``guidance``), standardised with
 ``map_mean_`` / ``map_std_`` — the mean and std of validation normals' cells, fitted once by
 :meth:`PatchScorerStage.fit_normalisation` — and bilinear-upsampled to the image.
+
+Tiles (``tile_size`` smaller than the stage's ``image_size``): training crops one random tile per
+image and step (:class:`RandomTiles`, drawn from the seed, the epoch and the image alone);
+scoring runs the network on overlapping tiles and blends their cell maps into one seamless map
+of the whole image (:func:`~twostage_ad.stages.tiling.stitch_cell_maps`), so the stage sees the
+image at its own, higher scale for the cost of a tile per step.
 """
 
 from __future__ import annotations
@@ -34,11 +40,13 @@ from twostage_ad.distributed import DistributedContext, convert_batchnorm, resto
 from twostage_ad.migration import stored_section
 from twostage_ad.models.ganomaly2d import GANomaly2D, PatchDiscriminator
 from twostage_ad.stages.losses import discriminator_loss, generator_loss
+from twostage_ad.stages.tiling import stitch_cell_maps, tile_stride
 from twostage_ad.stages.training import TrainableStage, inference_batches
 
 __all__ = [
     "PatchScoreResult",
     "PatchScorerStage",
+    "RandomTiles",
     "guide",
     "image_scores",
     "patch_scores",
@@ -67,13 +75,18 @@ class PatchScoreResult:
 
 
 def guide(raw_map: torch.Tensor, stage1_anomaly: torch.Tensor, floor: float = GUIDANCE_FLOOR) -> torch.Tensor:
-    """Weigh a ``B×1×h×w`` cell map by stage 1's ``B×H×W`` anomaly map (``1 − A``).
+    """Weigh a ``B×1×h×w`` cell map by stage 1's ``B×H×W`` anomaly map (``1 − A``, any size).
 
     Each cell's weight is ``floor + (1 − floor)·max(1 − A)`` over the cell's pixels: max so that a
-    small defect inside a cell is not averaged away.
+    small defect inside a cell is not averaged away (when stage 1's map is coarser than the cells,
+    a cell takes the value of the stage-1 pixel it lies in).
     """
-    cell = stage1_anomaly.shape[-1] // raw_map.shape[-1]
-    weight = F.max_pool2d(stage1_anomaly[:, None].float(), kernel_size=cell, stride=cell)
+    anomaly = stage1_anomaly[:, None].float()
+    cell = anomaly.shape[-1] // raw_map.shape[-1]
+    if cell >= 1 and anomaly.shape[-2:] == (raw_map.shape[-2] * cell, raw_map.shape[-1] * cell):
+        weight = F.max_pool2d(anomaly, kernel_size=cell, stride=cell)  # whole cells (what ONNX exports)
+    else:
+        weight = F.adaptive_max_pool2d(anomaly, raw_map.shape[-2:])
     return raw_map * (floor + (1.0 - floor) * weight)
 
 
@@ -86,11 +99,23 @@ def image_scores(maps: torch.Tensor, config: Stage2Config) -> torch.Tensor:
     return flat.topk(k, dim=1).values.mean(dim=1)
 
 
+def cell_maps(model: GANomaly2D, x: torch.Tensor, config: Stage2Config, tile_batch: int = 64) -> torch.Tensor:
+    """``B×1×h×w`` cell maps ``mean_c (z − ẑ)²`` of ``B×C×H×W`` images: one forward pass, or
+    overlapping ``config.tile_size`` tiles stitched when the images are larger (at most
+    ``max(tile_batch, B)`` tiles per forward pass)."""
+    tile = config.tile_size
+    if not tile or max(x.shape[-2:]) <= tile:
+        return model(x).score_map.float()
+    stride = tile_stride(tile, config.tile_overlap, model.cell_size)
+    return stitch_cell_maps(x, lambda tiles: model(tiles).score_map, tile=tile, stride=stride, cell=model.cell_size,
+                            batch_size=tile_batch)
+
+
 def raw_maps(
     model: GANomaly2D, x: torch.Tensor, stage1_anomaly: torch.Tensor | None, config: Stage2Config
 ) -> torch.Tensor:
     """Raw ``B×1×h×w`` cell maps ``mean_c (z − ẑ)²``, weighted by stage 1 when guided."""
-    raw = model(x).score_map.float()
+    raw = cell_maps(model, x, config)
     if config.guidance == "attention":
         if stage1_anomaly is None:
             raise ValueError("stage2.guidance is 'attention' but no stage-1 anomaly maps were given")
@@ -133,6 +158,34 @@ def patch_scores(
 
 
 # --------------------------------------------------------------------------------------------
+# training rows
+
+
+class RandomTiles(Dataset):
+    """Training normals as random ``tile × tile`` crops; item ``(epoch, i)`` is ``(crop,)`` in [-1, 1].
+
+    The crop's position is drawn from ``(seed, epoch, i)`` alone, so a resumed run, another
+    process or a loader worker cuts the same tile.
+    """
+
+    def __init__(self, images: np.ndarray, tile: int, seed: int):
+        if min(images.shape[1:3]) < tile:
+            raise ValueError(f"tiles of {tile} px do not fit in images of {images.shape[1]}×{images.shape[2]}")
+        self.images, self.tile, self.seed = images, tile, seed
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, index, 2]))
+        height, width = self.images.shape[1:3]
+        top = int(rng.integers(0, height - self.tile + 1))
+        left = int(rng.integers(0, width - self.tile + 1))
+        return (to_tensor(self.images[index, top : top + self.tile, left : left + self.tile][None])[0],)
+
+
+# --------------------------------------------------------------------------------------------
 # the stage as an estimator
 
 
@@ -154,7 +207,14 @@ class PatchScorerStage(TrainableStage):
         r = self.config.width_divisor
         return GANomaly2D(self.channels, width_divisor=r), PatchDiscriminator(self.channels, width_divisor=r)
 
+    @property
+    def tiled(self) -> bool:
+        """Whether the stage trains on tiles and stitches tiles when scoring."""
+        return 0 < self.config.tile_size < self.image_size
+
     def _dataset(self, images: np.ndarray) -> tuple[Dataset, bool]:
+        if self.tiled:
+            return RandomTiles(images, self.config.tile_size, self.seed), True
         return TensorDataset(to_tensor(images)), False  # decoded once, N×C×H×W in [-1, 1], on the CPU
 
     def _optimisers(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
