@@ -36,6 +36,7 @@ __all__ = ["CascadeScores", "ImagePrediction", "Predictions", "TwoStageDetector"
 
 log = logging.getLogger(__name__)
 
+MAX_DECODED_VALUES = 1 << 28  # predict decodes files in chunks of at most this many uint8 values (256 MB)
 # the columns of scores.csv that need no label
 PREDICTION_COLUMNS = ["image", "stage1_loss", *SCREENING_COMPONENTS, "stage2_score", *DECISION_COLUMNS]
 
@@ -391,18 +392,36 @@ class TwoStageDetector:
 
         Stage 2 runs on flagged images only, unless ``all_stages`` (then every image gets a
         stage-2 score and map, for analysis; decisions are the same). Unreadable files are
-        skipped and listed in ``Predictions.failed``.
+        skipped and listed in ``Predictions.failed``. Files are decoded and scored a chunk at a
+        time (at most :data:`MAX_DECODED_VALUES` decoded values), so memory stays bounded for many
+        large images; with ``maps`` every image's maps are kept (two float32 ``S×S`` arrays each).
         """
         if self.cascade is None:
             raise RuntimeError("the cascade is not calibrated: call fit() or from_run() first")
-        names, pixels, failed = self._decode(images)
-        for name, reason in failed:
-            log.warning("skipped %s: %s", name, reason)
-        start = time.perf_counter()
-        scored = self.score(pixels, all_stages=all_stages, batch_size=batch_size, progress=progress)
-        seconds = time.perf_counter() - start
+        if isinstance(images, np.ndarray):
+            chunks: list[Sequence[str | Path] | np.ndarray] = [images]
+        else:  # decoded a chunk at a time, so large images do not all sit in memory at once
+            paths = list(images)
+            per_chunk = max(1, MAX_DECODED_VALUES // (self.image_size**2 * self.channels))
+            chunks = [paths[first : first + per_chunk] for first in range(0, len(paths), per_chunk)]
+        results: list[ImagePrediction] = []
+        failed: list[tuple[str, str]] = []
+        seconds = 0.0
+        for chunk in chunks:
+            names, pixels, chunk_failed = self._decode(chunk)
+            for name, reason in chunk_failed:
+                log.warning("skipped %s: %s", name, reason)
+            failed += chunk_failed
+            start = time.perf_counter()
+            scored = self.score(pixels, all_stages=all_stages, batch_size=batch_size, progress=progress)
+            seconds += time.perf_counter() - start
+            results += self._predictions(names, scored, maps)
+        return Predictions(images=results, failed=failed, seconds=seconds)
+
+    @staticmethod
+    def _predictions(names: list[str], scored: CascadeScores, maps: bool) -> list[ImagePrediction]:
         first, second, decided = scored.stage1, scored.stage2, scored.decided
-        results = [
+        return [
             ImagePrediction(
                 image=names[i],
                 stage1_loss=float(first.loss[i]),
@@ -415,6 +434,5 @@ class TwoStageDetector:
                 stage1_map=first.anomaly_maps[i] if maps else None,
                 stage2_map=second.maps[i] if maps and scored.ran_stage2[i] else None,
             )
-            for i in range(len(pixels))
+            for i in range(len(names))
         ]
-        return Predictions(images=results, failed=failed, seconds=seconds)

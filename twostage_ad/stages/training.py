@@ -43,6 +43,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 COLLAPSE_LOSS = 1e-5  # a discriminator loss below this = D has won outright and teaches nothing
+MAX_BATCH_VALUES = 1 << 24  # an inference batch holds at most this many input values (64 MB float32), fewer images when large
 
 
 def reinitialise_discriminator(discriminator: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -132,10 +133,13 @@ def inference_batches(
     """``(x, extra)`` per batch of uint8 ``N×H×W×C`` images: ``x`` ``B×C×H×W`` in [-1, 1] on ``device``,
     ``extra`` the matching rows of a per-image array (e.g. stage-1 maps ``N×H×W``) or None.
 
-    Call inside ``torch.inference_mode()``; the one batching loop of every scoring pass.
+    Call inside ``torch.inference_mode()``; the one batching loop of every scoring pass. Large
+    images come fewer to a batch (at most :data:`MAX_BATCH_VALUES` input values), which changes
+    no score: scoring is batch-independent.
     """
     if extra is not None and len(extra) != len(images):
         raise ValueError(f"got {len(extra)} {extra_name} for {len(images)} images")
+    batch_size = max(1, min(batch_size, MAX_BATCH_VALUES // max(1, int(np.prod(images.shape[1:])))))
     for first in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
         x = to_tensor(images[first : first + batch_size]).to(device)
         yield x, None if extra is None else torch.as_tensor(extra[first : first + batch_size]).to(device)
