@@ -93,3 +93,38 @@ def test_fit_cascade_reports_what_the_thresholds_do_on_validation_normals():
     alone = fit_cascade(s1, s2, np.zeros(2000, int), CalibrationConfig(q=0.9), fusion="stage2").stage2.stats
     summed = fit_cascade(s1, s2, np.zeros(2000, int), CalibrationConfig(q=0.9), fusion="sum").stage2.stats
     assert alone["anomalous_share_of_flagged_normals_val"] < 0.2 < summed["anomalous_share_of_flagged_normals_val"]
+
+
+def _operating_table() -> tuple:
+    import pandas as pd
+
+    val_s1, val_s2 = np.array([1.0, 2.0, 3.0, 4.0, 5.0]), np.array([0.1, 0.2, 0.3, 0.4, 0.5])
+    test_s1 = np.array([1.0, 3.5, 6.0, 2.5, 4.0, 7.0])
+    test_s2 = np.array([0.2, 0.1, 0.3, 0.9, 0.05, 0.8])
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    table = pd.DataFrame({"split": ["val"] * 5 + ["test"] * 6, "label": np.r_[np.zeros(5, int), labels],
+                          "stage1_loss": np.r_[val_s1, test_s1], "stage2_score": np.r_[val_s2, test_s2]})
+    cascade = fit_cascade(val_s1, val_s2, np.zeros(5, int), CalibrationConfig(method="quantile", q=0.8), fusion="stage2")
+    return table, cascade
+
+
+def test_operating_points_move_tau1_over_validation_quantiles():
+    from twostage_ad.evaluate import operating_points
+
+    table, cascade = _operating_table()
+    assert cascade.stage1.value == pytest.approx(4.2)  # the 0.8-quantile of 1..5
+    points = operating_points(table, cascade, stage1_seconds=0.01, stage2_seconds=0.1, quantiles=(0.0, 0.5))
+    every, half, current = (points[points["q"] == 0.0].iloc[0], points[points["q"] == 0.5].iloc[0],
+                            points[points["current"]].iloc[0])
+    # τ₁ = −∞: every test image goes to stage 2, so the cascade ranks by stage 2 alone
+    assert every["test_flagged"] == 1.0 and every["stage1_recall"] == 1.0 and every["val_normals_flagged"] == 1.0
+    assert every["cascade_auroc"] == pytest.approx(6 / 9)  # stage-2 AUROC by hand: 0.9 and 0.8 beat all 3 normals, 0.05 none
+    # τ₁ = 3 (the median): test normals 3.5 and 6, anomalies 4 and 7 flagged
+    assert half["tau1"] == 3.0 and half["val_normals_flagged"] == pytest.approx(0.4)
+    assert half["test_normals_flagged"] == pytest.approx(2 / 3) and half["stage1_recall"] == pytest.approx(2 / 3)
+    assert half["images_per_s"] == pytest.approx(1 / (0.01 + 0.1 * 4 / 6))
+    # the run's own τ₁ = 4.2: only 6 and 7 flagged; τ₂ (0.8-quantile of 0.1..0.5 = 0.42) passes 7's 0.8
+    assert current["q"] == pytest.approx(0.8) and current["test_flagged"] == pytest.approx(2 / 6)
+    assert current["cascade_recall"] == pytest.approx(1 / 3) and current["cascade_false_positive_rate"] == 0.0
+    assert (points["cascade_recall"] <= points["stage1_recall"]).all()
+    assert list(points["val_normals_flagged"]) == sorted(points["val_normals_flagged"], reverse=True)

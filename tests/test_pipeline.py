@@ -30,7 +30,8 @@ def test_run_writes_the_contract_files(tiny_run):
                  "checkpoints/stage1.pt", "checkpoints/stage2.pt", "plots/stage1_loss_distribution.png",
                  "plots/stage1_overlays.png", "plots/stage1_training.png", "plots/stage2_training.png",
                  "plots/stage2_score_distribution.png", "plots/cascade_score_distribution.png",
-                 "plots/stage2_overlays_flagged.png", "plots/roc.png", "maps/test_maps.npz", "history.json"):
+                 "plots/stage2_overlays_flagged.png", "plots/roc.png", "maps/test_maps.npz", "history.json",
+                 "operating_points.csv", "plots/operating_points.png"):
         assert (run_dir / name).is_file(), name
     scores = pd.read_csv(run_dir / "scores.csv")
     for column in ("image", "label", "split", "category", "stage1_loss", "stage1_recon", "stage1_latent",
@@ -59,6 +60,12 @@ def test_run_writes_the_contract_files(tiny_run):
     assert load_checkpoint(run_dir / "checkpoints" / "stage1.pt")["epoch"] == 2
     stage2 = load_checkpoint(run_dir / "checkpoints" / "stage2.pt")
     assert stage2["epoch"] == 2 and stage2["map_std"] == metrics["stage2_map_stats"]["std"]
+    points = pd.read_csv(run_dir / "operating_points.csv")
+    current = points[points["current"]].iloc[0]  # the run's own τ₁ reproduces its headline numbers
+    assert current["tau1"] == pytest.approx(thresholds["stage1"]["value"])
+    assert current["test_flagged"] == pytest.approx(metrics["flagged_fraction"])
+    assert current["cascade_recall"] == pytest.approx(metrics["cascade_recall"])
+    assert current["cascade_auroc"] == pytest.approx(metrics["image_auroc"]["cascade"])
 
 
 def test_html_report_references_only_existing_files(tiny_run):

@@ -7,6 +7,7 @@ run with those thresholds would (docs/design.md §7). Test labels are used here 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,10 +30,12 @@ from twostage_ad.stages.attention import SCREENING_COMPONENTS
 if TYPE_CHECKING:
     from twostage_ad.detector import CascadeScores
 
-__all__ = ["DECISION_COLUMNS", "PRO_MAX_FPR", "decide", "map_metrics", "merge_threshold_metrics", "score_metrics", "score_table",
-           "synthetic_validation_metrics", "threshold_metrics"]
+__all__ = ["DECISION_COLUMNS", "OPERATING_QUANTILES", "PRO_MAX_FPR", "decide", "map_metrics", "merge_threshold_metrics",
+           "operating_points", "score_metrics", "score_table", "synthetic_validation_metrics", "threshold_metrics"]
 
 PRO_MAX_FPR = 0.3
+# τ₁ at these quantiles of validation normals' screening losses: from every image (0: τ₁ = −∞) to 1 % of normals
+OPERATING_QUANTILES = (0.0, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99)
 DECISION_COLUMNS = ("flagged", "stage2_decision_score", "cascade_score", "decision")  # what decide() adds
 
 
@@ -192,3 +195,44 @@ def synthetic_validation_metrics(
         "image_auroc_stage1_held_out_kinds": image_auroc(labels[held_out], stage1[held_out]).value,
         "stage1_recall_at_threshold": recall_at_threshold(labels, stage1, cascade.stage1.value).value,
     }
+
+
+def operating_points(
+    table: pd.DataFrame, cascade: Cascade, *, stage1_seconds: float | None = None, stage2_seconds: float | None = None,
+    quantiles: tuple[float, ...] = OPERATING_QUANTILES,
+) -> pd.DataFrame:
+    """The screen's trade-off: the cascade at τ₁ set to each ``quantile`` of validation normals'
+    screening losses (τ₂ and the fusion statistics as calibrated; ``q = 0``: τ₁ = −∞, stage 2 on
+    every image), one row each, plus the run's own τ₁ (``current`` True). Columns: ``q``, ``tau1``, ``val_normals_flagged`` (what the
+    quantile promises), ``test_normals_flagged``, ``test_flagged``, ``stage1_recall``,
+    ``cascade_recall``, ``cascade_false_positive_rate``, ``cascade_auroc`` and, given the stages'
+    seconds per image, ``images_per_s`` of the deployment path on the test split (stage 1 on
+    every image, stage 2 on the flagged share). Needs stage-2 scores of every test image (``run``
+    writes them). Test labels measure; they choose nothing.
+    """
+    val, test = table[table["split"] == "val"], _test_rows(table)
+    normal_val = val.loc[val["label"] == 0, "stage1_loss"].to_numpy()
+    labels = test["label"].to_numpy()
+    loss, second = test["stage1_loss"].to_numpy(), test["stage2_score"].to_numpy()
+    # q = 0: τ₁ = −∞, every image goes to stage 2
+    taus = [(float(q), float(np.quantile(normal_val, q)) if q > 0 else -np.inf, False) for q in quantiles] if len(normal_val) else []
+    taus.append((float((normal_val <= cascade.stage1.value).mean()) if len(normal_val) else np.nan, cascade.stage1.value, True))
+    rows = []
+    for q, tau, current in taus:
+        out = replace(cascade, stage1=replace(cascade.stage1, value=tau)).apply(loss, second)
+        flagged = out.flagged
+        row = {
+            "q": q, "tau1": tau, "current": current,
+            "val_normals_flagged": float((normal_val > tau).mean()) if len(normal_val) else np.nan,
+            "test_normals_flagged": float(flagged[labels == 0].mean()) if (labels == 0).any() else np.nan,
+            "test_flagged": float(flagged.mean()) if len(flagged) else np.nan,
+            "stage1_recall": float(flagged[labels == 1].mean()) if (labels == 1).any() else np.nan,
+            "cascade_recall": float(out.decision[labels == 1].mean()) if (labels == 1).any() else np.nan,
+            "cascade_false_positive_rate": float(out.decision[labels == 0].mean()) if (labels == 0).any() else np.nan,
+            "cascade_auroc": image_auroc(labels, out.cascade_score).value,
+        }
+        if stage1_seconds is not None and stage2_seconds is not None:
+            per_image = stage1_seconds + stage2_seconds * row["test_flagged"]
+            row["images_per_s"] = 1.0 / per_image if per_image > 0 else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values(["val_normals_flagged", "current"], ascending=[False, True], ignore_index=True)

@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from twostage_ad.cascade import Cascade
+from twostage_ad.evaluate import operating_points
 from twostage_ad.runs import RUN_FILES, TEST_MAPS, load_run_config, read_json, read_scores, write_atomic, write_text_atomic
 
 __all__ = [
@@ -122,6 +123,36 @@ def plot_roc_curves(table: pd.DataFrame, columns: dict[str, str], path: Path, *,
     ax.set_ylabel("true-positive rate")
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_operating_points(points: pd.DataFrame, path: Path, *, title: str = "the screen's operating point (test split)") -> Path:
+    """Recall, cascade AUROC and throughput against the share of validation normals τ₁ flags
+    (:func:`twostage_ad.evaluate.operating_points`); the run's own τ₁ marked."""
+    fig, axes = _subplots(figsize=(7, 4.5))
+    ax = axes[0, 0]
+    measures = {"stage1_recall": "stage-1 recall (flagged anomalies)", "cascade_recall": "cascade recall",
+                "cascade_auroc": "cascade AUROC", "test_normals_flagged": "test normals flagged"}
+    present = [c for c in measures if c in points and points[c].notna().any()]
+    long = points.melt(id_vars=["val_normals_flagged", "current"], value_vars=present, var_name="measure", value_name="value")
+    long["measure"] = long["measure"].map(measures)
+    sns.lineplot(data=long[~long["current"]], x="val_normals_flagged", y="value", hue="measure", marker="o", ax=ax)
+    current = points[points["current"]]
+    if len(current):
+        ax.axvline(float(current["val_normals_flagged"].iloc[0]), color="grey", linestyle="--", linewidth=1, label="τ₁ of this run")
+    ax.set_xlabel("share of validation normals flagged (1 − q)")
+    ax.set_ylabel("share / AUROC")
+    ax.set_ylim(-0.02, 1.02)
+    if "images_per_s" in points and points["images_per_s"].notna().any():
+        speed = ax.twinx()
+        ordered = points[~points["current"]].sort_values("val_normals_flagged")
+        speed.plot(ordered["val_normals_flagged"], ordered["images_per_s"], color="black", linestyle=":", marker="x",
+                   label="images/s (right)")
+        speed.set_ylabel("cascade images/s (deployment path)")
+        speed.set_ylim(bottom=0)
+        speed.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="lower left", fontsize=8)
+    ax.set_title(title)
     return _save(fig, path)
 
 
@@ -240,6 +271,9 @@ PLOT_CAPTIONS = {
     "worst_false_positives.png": "Normal images the cascade rejected, highest cascade score first, with both maps.",
     "stage1_overlays.png": "Stage-1 anomaly map (1 − A) on test anomalies; ground truth in green; one fixed colour scale.",
     "stage2_overlays_flagged.png": "Stage-2 map on flagged test images, in σ of validation-normal cells; cyan contour at the decision level.",
+    "operating_points.png": ("What moving τ₁ does: recall of the screen and of the cascade, the cascade's AUROC, the "
+                             "share of test normals flagged and the throughput, against the share of validation normals "
+                             "flagged (calibrate --q moves it; table in operating_points.csv)."),
     "stage1_training.png": "Stage-1 training losses per epoch.",
     "stage2_training.png": "Stage-2 training losses per epoch.",
 }
@@ -371,6 +405,12 @@ def build_report(run_dir: str | Path, *, log_scale: bool = False, examples: int 
         if test.loc[test["label"] == 1, "category"].nunique() > 1:
             plot_category_distribution(table, column, threshold, plots / f"{column}_by_category.png", title=title, log_scale=log_scale)
     plot_roc_curves(table, {"stage 1": "stage1_loss", "stage 2": "stage2_score", "cascade": "cascade_score"}, plots / "roc.png")
+    if test["stage2_score"].notna().all() and len(test):  # stage 2 scored every test image: τ₁ can move
+        speed = metrics.get("images_per_s") or {}
+        per_image = {k: 1.0 / speed[k] if speed.get(k) else None for k in ("stage1", "stage2")}
+        points = operating_points(table, cascade, stage1_seconds=per_image["stage1"], stage2_seconds=per_image["stage2"])
+        write_atomic(run_dir / RUN_FILES["operating_points"], lambda tmp: points.to_csv(tmp, index=False, float_format="%.6g"))
+        plot_operating_points(points, plots / "operating_points.png")
     history_path = run_dir / RUN_FILES["history"]
     history = read_json(history_path) if history_path.is_file() else {}
     for stage, rows in history.items():

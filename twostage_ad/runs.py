@@ -59,6 +59,7 @@ RUN_FILES = {
     "report": "report.html",
     "history": "history.json",
     "reused": "reused.json",
+    "operating_points": "operating_points.csv",
 }
 TEST_MAPS = "test_maps.npz"  # in maps/
 SCORE_KEYS = ["image", "label", "split", "category"]  # the columns an unreadable image's row has
