@@ -19,8 +19,9 @@ script writes ``benchmarks/results/<stem>_runs.csv`` (one row per data set, clas
 ``--output-stem``, default ``accuracy``) and ``<stem>.{csv,md}`` (mean ± std over seeds per class,
 the PIPED mean over classes, the issues' goals). Rows already in ``<stem>_runs.csv`` that this
 invocation does not run are kept, and a re-run row keeps the earlier values of the peers it does
-not run (peer results do not depend on our code); every row names the commit of our run, and the
-header lists them. ``--fresh`` drops the earlier rows. Test labels are used for the metrics only:
+not run (GANomaly's result does not depend on our code; DRAEM's budget was our training time of
+the row it ran beside, recorded as ``draem_train_seconds``); every row names the commit of our
+run, and the header lists them. ``--fresh`` drops the earlier rows. Test labels are used for the metrics only:
 thresholds come from validation normals, settings from the config files, and every run has a
 fixed length (ours and GANomaly in epochs, DRAEM in seconds).
 """

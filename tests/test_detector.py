@@ -134,3 +134,17 @@ def test_a_detector_fits_from_arrays_and_predicts_what_fit_scored():
     deployed = detector.predict(val, progress=False)
     assert [p.decision for p in deployed.images] == [p.decision for p in predicted.images]
     assert [p.stage2_score is None for p in deployed.images] == [not f for f in fitted.decided.flagged]
+
+
+def test_predict_in_chunks_gives_what_one_chunk_gives(run, folder, monkeypatch):
+    import twostage_ad.detector as detector_module
+
+    result, _ = run
+    files = sorted(folder.glob("img_*.png"))[:20]
+    files.insert(9, folder / "broken.png")  # an unreadable file inside the second chunk
+    detector = TwoStageDetector.from_run(result.run_dir, device="cpu")
+    whole = detector.predict(files, progress=False, maps=False)
+    monkeypatch.setattr(detector_module, "MAX_CHUNK_BYTES", 7 * 32 * 32 * (1 + detector_module.BYTES_PER_PIXEL_OF_MAPS))
+    chunked = detector.predict(files, progress=False, maps=False)  # chunks of 7 files
+    pd.testing.assert_frame_equal(chunked.to_frame(), whole.to_frame())
+    assert [name for name, _ in chunked.failed] == [str(folder / "broken.png")] and len(chunked) == 20

@@ -28,6 +28,7 @@ def test_stride_is_whole_cells() -> None:
     assert tile_stride(128, 0.5, 16) == 64
     assert tile_stride(112, 0.5, 16) == 48  # 56 rounded down to cells
     assert tile_stride(32, 0.9, 16) == 16  # at least one cell
+    assert tile_stride(160, 0.8, 16) == 32 and tile_stride(320, 0.9, 16) == 32  # 31.999… in floating point
     with pytest.raises(ValueError, match="multiple of the cell size"):
         tile_stride(100, 0.5, 16)
     with pytest.raises(ValueError, match=r"overlap must be in \[0, 1\)"):
@@ -151,21 +152,23 @@ def test_run_with_stage_two_at_its_own_scale(tiled_run) -> None:
         np.testing.assert_allclose(frame[column], scores[column], rtol=1e-5, atol=1e-6)
 
 
-def test_export_of_a_tiled_stage_two_matches_its_scores(tiled_run, tmp_path) -> None:
-    from twostage_ad.data.images import to_tensor
-    from twostage_ad.detector import TwoStageDetector
+def test_export_of_a_tiled_stage_two_matches_the_run(tiled_run, tmp_path) -> None:
+    import pandas as pd
+
+    from twostage_ad.data.images import resize_images, to_tensor
     from twostage_ad.export import export_run
 
     result, _ = tiled_run
-    written = export_run(result.run_dir, tmp_path, formats=("torchscript",))
-    detector = TwoStageDetector.from_run(result.run_dir, device="cpu")
-    images = np.load(result.run_dir / "maps" / "test_maps.npz")["images"][:1]
-    first = detector.stage1.score(np.stack([np.asarray(a) for a in _resize(images, 32)]), progress=False)
-    expected = detector.stage2.score(images, stage1_maps=first.anomaly_maps, progress=False)
-    stage2 = torch.jit.load(written["torchscript"][1])
+    stage1_path, stage2_path = export_run(result.run_dir, tmp_path, formats=("torchscript",))["torchscript"]
+    images = np.load(result.run_dir / "maps" / "test_maps.npz")["images"][:1]  # at the decode size, 64 px
+    stage1, stage2 = torch.jit.load(stage1_path), torch.jit.load(stage2_path)
     with torch.inference_mode():
-        score, full = stage2(to_tensor(images), torch.from_numpy(first.anomaly_maps))
-    np.testing.assert_allclose(score.numpy(), expected.scores, rtol=1e-4, atol=1e-5)
+        loss, anomaly = stage1(to_tensor(resize_images(images, 32)))  # stage 1's graph takes its own 32-px view
+        score, full = stage2(to_tensor(images), anomaly)
+    saved = pd.read_csv(result.run_dir / "scores.csv")
+    saved = saved[saved["split"] == "test"].iloc[0]
+    assert float(loss[0]) == pytest.approx(saved["stage1_loss"], rel=1e-4, abs=1e-6)
+    assert float(score[0]) == pytest.approx(saved["stage2_score"], rel=1e-4, abs=1e-5)  # guided as the run guides
     assert full.shape == (1, 64, 64)
 
 

@@ -253,7 +253,7 @@ class Stage2Config:
     """
 
     section: ClassVar[str] = "stage2"
-    scoring_fields: ClassVar[tuple[str, ...]] = ("score_reduction", "score_topk", "guidance")
+    scoring_fields: ClassVar[tuple[str, ...]] = ("score_reduction", "score_topk", "guidance", "tile_overlap")
 
     # model
     width_divisor: int = 4  # r: widths 64/r ... 1024/r (GANomaly2D: r = 1)

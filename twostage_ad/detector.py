@@ -36,7 +36,10 @@ __all__ = ["CascadeScores", "ImagePrediction", "Predictions", "TwoStageDetector"
 
 log = logging.getLogger(__name__)
 
-MAX_DECODED_VALUES = 1 << 28  # predict decodes files in chunks of at most this many uint8 values (256 MB)
+# predict decodes and scores files in chunks of about this many bytes: per pixel the decoded uint8
+# channels and about four float32 maps at the decode size (each stage's, resized and stored)
+MAX_CHUNK_BYTES = 1 << 28
+BYTES_PER_PIXEL_OF_MAPS = 16
 # the columns of scores.csv that need no label
 PREDICTION_COLUMNS = ["image", "stage1_loss", *SCREENING_COMPONENTS, "stage2_score", *DECISION_COLUMNS]
 
@@ -148,9 +151,12 @@ def _load_reused(stage: TrainableStage, checkpoint: str | Path, run: RunConfig) 
     if (loaded.image_size, loaded.channels) != (stage.image_size, stage.channels):
         raise ConfigError(
             f"checkpoint {str(checkpoint)!r} was trained on {loaded.image_size}px, {loaded.channels} channel(s); this run uses "
-            f"{stage.image_size}px, {stage.channels} channel(s): set data.image_size / data.channels to match"
+            f"{stage.image_size}px, {stage.channels} channel(s): set "
+            f"{'stage2.image_size' if isinstance(stage, PatchScorerStage) else 'data.image_size'} / data.channels to match"
         )
     loaded.config = replace(loaded.config, **{f: getattr(stage.config, f) for f in type(stage.config).scoring_fields})
+    if isinstance(loaded, PatchScorerStage):  # explicit, so the run's config.yaml reads as the size it was trained at
+        loaded.config = replace(loaded.config, image_size=loaded.image_size)
     apply_run_settings(loaded, run)
     loaded.train_seconds_ = 0.0
     log.info("%s reused from %s (trained %d epochs)", stage.stage_name, checkpoint, len(loaded.history_))
@@ -393,7 +399,7 @@ class TwoStageDetector:
         Stage 2 runs on flagged images only, unless ``all_stages`` (then every image gets a
         stage-2 score and map, for analysis; decisions are the same). Unreadable files are
         skipped and listed in ``Predictions.failed``. Files are decoded and scored a chunk at a
-        time (at most :data:`MAX_DECODED_VALUES` decoded values), so memory stays bounded for many
+        time (about :data:`MAX_CHUNK_BYTES` of pixels and maps), so memory stays bounded for many
         large images; with ``maps`` every image's maps are kept (two float32 ``S×S`` arrays each).
         """
         if self.cascade is None:
@@ -402,7 +408,7 @@ class TwoStageDetector:
             chunks: list[Sequence[str | Path] | np.ndarray] = [images]
         else:  # decoded a chunk at a time, so large images do not all sit in memory at once
             paths = list(images)
-            per_chunk = max(1, MAX_DECODED_VALUES // (self.image_size**2 * self.channels))
+            per_chunk = max(1, MAX_CHUNK_BYTES // (self.image_size**2 * (self.channels + BYTES_PER_PIXEL_OF_MAPS)))
             chunks = [paths[first : first + per_chunk] for first in range(0, len(paths), per_chunk)]
         results: list[ImagePrediction] = []
         failed: list[tuple[str, str]] = []

@@ -64,6 +64,9 @@ class Stage2Scorer(nn.Module):
         self.map_std = float(stage.map_std_)
 
     def forward(self, x: torch.Tensor, stage1_anomaly: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if stage1_anomaly.shape[-2:] != x.shape[-2:]:  # as the detector does: stage 1's map at stage 2's size first
+            stage1_anomaly = nn.functional.interpolate(stage1_anomaly[:, None].float(), size=x.shape[-2:], mode="bilinear",
+                                                       align_corners=False)[:, 0]
         raw = raw_maps(self.model, x, stage1_anomaly, self.config)
         standardised = (raw - self.map_mean) / self.map_std
         full = nn.functional.interpolate(standardised, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]

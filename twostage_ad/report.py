@@ -136,7 +136,8 @@ def plot_operating_points(points: pd.DataFrame, path: Path, *, title: str = "the
     present = [c for c in measures if c in points and points[c].notna().any()]
     long = points.melt(id_vars=["val_normals_flagged", "current"], value_vars=present, var_name="measure", value_name="value")
     long["measure"] = long["measure"].map(measures)
-    sns.lineplot(data=long[~long["current"]], x="val_normals_flagged", y="value", hue="measure", marker="o", ax=ax)
+    sns.lineplot(data=long[~long["current"]], x="val_normals_flagged", y="value", hue="measure", marker="o", ax=ax,
+                 estimator=None, errorbar=None)  # quantiles that tie (few validation normals) are points, not means
     current = points[points["current"]]
     if len(current):
         ax.axvline(float(current["val_normals_flagged"].iloc[0]), color="grey", linestyle="--", linewidth=1, label="τ₁ of this run")

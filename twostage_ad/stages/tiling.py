@@ -30,7 +30,8 @@ def tile_stride(tile: int, overlap: float, cell: int) -> int:
         raise ValueError(f"tile size must be a multiple of the cell size {cell}, got {tile}")
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"tile overlap must be in [0, 1), got {overlap}")
-    return max(cell, int(tile * (1.0 - overlap)) // cell * cell)
+    pixels = math.floor(tile * (1.0 - overlap) + 1e-9)  # 160·(1 − 0.8) is 31.999… in floating point
+    return max(cell, pixels // cell * cell)
 
 
 def tile_origins(length: int, tile: int, stride: int) -> list[int]:
