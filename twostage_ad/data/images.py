@@ -211,7 +211,8 @@ def decode_records(
         fits = 2 ** int(np.floor(np.log2(max(32, max(width, height)))))
         log.warning(
             "%d image(s) are smaller than the decode size %d (data.image_size, or stage2.image_size when larger; e.g. %s: "
-            "%d×%d) and are upsampled, which blurs fine defects; a size of %d works at their own resolution",
+            "%d×%d) and are upsampled, which blurs fine defects; set data.image_size: %d (and stage2.image_size no larger) to "
+            "work at their own resolution",
             len(small), size, name, width, height, fits,
         )
     shape = (0, size, size, channels)
