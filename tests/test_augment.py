@@ -52,3 +52,22 @@ def test_perlin_noise_is_smooth_and_bounded():
     assert noise.shape == (64, 64)
     assert np.abs(noise).max() <= 1.5
     assert np.abs(np.diff(noise, axis=0)).max() < 0.3  # neighbouring pixels are close
+
+
+def test_blob_opacity_floor_sets_how_faint_a_blob_may_be(rng):
+    """Same seed, same blob shapes: with the floor at 1 every blob is at full strength, with 0.1 some are
+    fainter (on a black image, darker), and a fainter blob's visible mask lies inside the opaque one's."""
+    image = np.zeros((64, 64, 1), np.uint8)
+    texture = np.full((64, 64, 1), 200, np.uint8)
+    opaque = build_defect_augmentation(AugmentConfig(kinds=["blob"], blob_opacity_min=1.0), seed=0)
+    faint = build_defect_augmentation(AugmentConfig(kinds=["blob"], blob_opacity_min=0.1), seed=0)
+    fainter = 0
+    for _ in range(40):
+        out_opaque, mask_opaque = apply_defect(opaque, image, texture=texture)
+        out_faint, mask_faint = apply_defect(faint, image, texture=texture)
+        assert np.all(mask_opaque <= mask_faint)  # 0 marks the defect
+        assert np.all(out_opaque >= out_faint)
+        fainter += bool(np.any(out_opaque > out_faint))
+    assert fainter >= 10
+    with pytest.raises(ValueError, match="blob_opacity_min"):
+        AugmentConfig(blob_opacity_min=0.0).validate()

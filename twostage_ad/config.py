@@ -110,7 +110,7 @@ class AugmentConfig:
 
     ``kinds`` are drawn uniformly per image: ``cutout`` (albumentations CoarseDropout, random
     fill), ``cutpaste`` (a patch moved, rotated and colour-jittered), ``blob`` (a Perlin-noise
-    shaped region filled with a foreign texture at an opacity drawn from U[0.25, 1], DRAEM style) and ``crack`` (thin
+    shaped region filled with a foreign texture at an opacity drawn from U[``blob_opacity_min``, 1], DRAEM style) and ``crack`` (thin
     random-walk lines, dark or bright).
     """
 
@@ -119,6 +119,7 @@ class AugmentConfig:
     kinds: list[str] = field(default_factory=lambda: list(DEFECT_KINDS))
     probability: float = 0.5  # share of each training batch that gets a synthetic defect
     max_area: float = 0.25  # largest share of the image one defect may cover (cracks, thin lines, ignore it)
+    blob_opacity_min: float = 0.25  # DRAEM draws U[0.1, 1]; docs/experiments.md compares the two
 
     def validate(self, prefix: str = "augment") -> None:
         _check(
@@ -129,6 +130,7 @@ class AugmentConfig:
         )
         _check(0.0 < self.probability < 1.0, f"{prefix}.probability", "in (0, 1)", self.probability)
         _check(0.0 < self.max_area <= 1.0, f"{prefix}.max_area", "in (0, 1]", self.max_area)
+        _check(0.0 < self.blob_opacity_min <= 1.0, f"{prefix}.blob_opacity_min", "in (0, 1]", self.blob_opacity_min)
 
 
 @dataclass

@@ -231,7 +231,7 @@ def build_defect_augmentation(config: AugmentConfig, seed: int | None = None) ->
             p=1.0,
         ),
         "cutpaste": lambda: CutPasteDefect(max_area=config.max_area, p=1.0),
-        "blob": lambda: BlobDefect(max_area=config.max_area, p=1.0),
+        "blob": lambda: BlobDefect(max_area=config.max_area, opacity_min=config.blob_opacity_min, p=1.0),
         "crack": lambda: CrackDefect(max_area=config.max_area, p=1.0),
     }
     compose = A.Compose([A.OneOf([makers[k]() for k in config.kinds], p=1.0)], seed=seed, strict=True)
