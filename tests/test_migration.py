@@ -35,9 +35,11 @@ def test_an_old_config_loads_with_a_warning_naming_each_new_field(tmp_path):
     assert "stage1.score_bf16 is obsolete: use run.precision" in messages
     assert "stage2.score_batch_size is obsolete: use run.score_batch_size" in messages
     assert "stage1.att_balanced is obsolete: delete it" in messages
+    assert "augment.opacity_min is obsolete: use augment.blob_opacity_min" in messages
     assert config.run.precision == "auto"  # bf16 where native, float32 elsewhere: what score_bf16 meant
     assert (config.run.amp, config.run.channels_last, config.run.score_batch_size) == (False, True, 32)
     assert config.stage1.epochs == 40
+    assert config.augment.blob_opacity_min == 0.25
 
 
 def test_score_bf16_false_reads_as_float32():
@@ -49,6 +51,7 @@ def test_score_bf16_false_reads_as_float32():
     ({"stage1": {"lr_schedule": "cosine"}}, "stage1.lr_schedule was removed \\(only 'constant' remains\\), got 'cosine': delete the field"),
     ({"stage2": {"guidance_floor": 0.5}}, "stage2.guidance_floor was removed \\(only 0.25 remains\\), got 0.5"),
     ({"stage1": {"score_batch_size": 8}, "run": {"score_batch_size": 16}}, "run.score_batch_size is 16 but the obsolete stage1"),
+    ({"augment": {"opacity_min": 0.5, "blob_opacity_min": 0.1}}, "augment.opacity_min \\(0.5\\) is now augment.blob_opacity_min, which says 0.1"),
 ])
 def test_an_old_field_that_cannot_be_read_the_same_is_refused_with_the_fix(values, message):
     with warnings.catch_warnings():
@@ -101,6 +104,8 @@ def test_a_checkpoint_scores_whatever_training_only_fields_it_stored(tmp_path):
 def test_migrate_section_moves_and_drops_without_touching_the_rest():
     values, moved = migrate_section("stage1", {"epochs": 3, "score_bf16": True, "lr_schedule": "constant"})
     assert values == {"epochs": 3} and moved == {"precision": "auto"}
+    values, moved = migrate_section("augment", {"opacity_min": 0.1, "kinds": ["blob"]})
+    assert values == {"blob_opacity_min": 0.1, "kinds": ["blob"]} and moved == {}
 
 
 @pytest.mark.parametrize("native", [False, True])

@@ -13,13 +13,16 @@ from typing import Any
 
 from twostage_ad.config import SOURCE_ALIASES, ConfigError
 
-__all__ = ["FORMER_DEFAULTS", "MOVED_FIELDS", "REMOVED_FIELDS", "migrate_config", "migrate_section", "stored_section"]
+__all__ = ["FORMER_DEFAULTS", "MOVED_FIELDS", "REMOVED_FIELDS", "RENAMED_FIELDS", "migrate_config", "migrate_section", "stored_section"]
 
 # section -> {field: (the one value that remains, whether it changes scores)}
 REMOVED_FIELDS: dict[str, dict[str, tuple[Any, bool]]] = {
-    "augment": {"opacity_min": (0.25, False)},
     "stage1": {"lr_schedule": ("constant", False), "att_balanced": (True, False)},
     "stage2": {"guidance_floor": (0.25, True)},
+}
+# section -> {field: its new name in the same section}
+RENAMED_FIELDS: dict[str, dict[str, str]] = {
+    "augment": {"opacity_min": "blob_opacity_min"},  # it only ever set the blob's opacity floor
 }
 # section -> {field: the run field that replaces it}
 MOVED_FIELDS: dict[str, dict[str, str]] = {
@@ -49,7 +52,8 @@ def migrate_section(section: str, values: Mapping[str, Any], *, strict: bool = T
     Moved fields are taken out (``stage1.score_bf16: true`` becomes ``run.precision: auto``, bf16
     where it is native); a removed field at the one value that remains is dropped; at another
     value it is an error when ``strict`` (a config, a resume) or when it changes scores (loading
-    a checkpoint to score with). The ``seed`` data source is renamed ``folders``.
+    a checkpoint to score with). A renamed field takes its new name (``augment.opacity_min`` is
+    ``augment.blob_opacity_min``). The ``seed`` data source is renamed ``folders``.
     """
     values = dict(values)
     moved: dict[str, Any] = {}
@@ -57,6 +61,13 @@ def migrate_section(section: str, values: Mapping[str, Any], *, strict: bool = T
         if name in values:
             value = values.pop(name)
             moved[target] = ("auto" if value else "float32") if name == "score_bf16" else value
+    for name, new_name in RENAMED_FIELDS.get(section, {}).items():
+        if name in values:
+            value = values.pop(name)
+            if strict and new_name in values and values[new_name] != value:
+                raise ConfigError(f"{section}.{name} ({value!r}) is now {section}.{new_name}, which says {values[new_name]!r}: "
+                                  f"delete {section}.{name}")
+            values.setdefault(new_name, value)  # a checkpoint that stores both: the new name wins
     for name, (kept, changes_scores) in REMOVED_FIELDS.get(section, {}).items():
         if name in values:
             value = values.pop(name)
@@ -74,15 +85,16 @@ def migrate_config(values: Mapping[str, Any]) -> dict[str, Any]:
     values = {name: dict(section) if isinstance(section, Mapping) else section for name, section in values.items()}
     into_run: dict[str, tuple[str, Any]] = {}
     for name, section in list(values.items()):
-        if not isinstance(section, Mapping) or name not in set(MOVED_FIELDS) | set(REMOVED_FIELDS):
+        if not isinstance(section, Mapping) or name not in set(MOVED_FIELDS) | set(REMOVED_FIELDS) | set(RENAMED_FIELDS):
             continue
         old = set(section)
         values[name], moved = migrate_section(name, section)
         for field_name in sorted(old - set(values[name])):
             target = MOVED_FIELDS.get(name, {}).get(field_name)
+            renamed = RENAMED_FIELDS.get(name, {}).get(field_name)
             remains = REMOVED_FIELDS.get(name, {}).get(field_name, (None,))[0]
-            warnings.warn(f"{name}.{field_name} is obsolete: " + (f"use run.{target}" if target else f"delete it (only {remains!r} remains)"),
-                          FutureWarning, stacklevel=3)
+            fix = f"use run.{target}" if target else f"use {name}.{renamed}" if renamed else f"delete it (only {remains!r} remains)"
+            warnings.warn(f"{name}.{field_name} is obsolete: {fix}", FutureWarning, stacklevel=3)
         for target, value in moved.items():
             source, earlier = into_run.get(target, (name, value))
             if earlier != value:  # e.g. an old run folder whose stages differed: the first stage's wins
