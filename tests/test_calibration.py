@@ -55,3 +55,19 @@ def test_no_normals_or_nan_scores_are_refused():
         calibrate(np.array([1.0]), np.array([1]), CalibrationConfig())
     with pytest.raises(CalibrationError, match="NaN or infinite"):
         calibrate(np.array([1.0, np.nan]), np.array([0, 0]), CalibrationConfig())
+
+
+def test_synthetic_recall_flags_the_target_share_of_synthetic_defects_without_labels():
+    synthetic = np.arange(11.0, 21.0)  # 11 … 20, all above every normal
+    t = calibrate(NORMAL, LABELS, CalibrationConfig(method="synthetic_recall", recall=0.8), synthetic=synthetic)
+    assert 12.999 < t.value < 13.0  # just below the 3rd lowest: 13 … 20 (8 of 10) flagged
+    assert t.params == {"recall": 0.8}
+    assert t.stats["recall_synthetic"] == pytest.approx(0.8) and t.stats["n_synthetic"] == 10
+    assert t.stats["flagged_fraction_normal"] == 0.0
+    # defects that look like normals: a full-recall target flags most normals too, and says so
+    faint = calibrate(NORMAL, LABELS, CalibrationConfig(method="synthetic_recall", recall=1.0), synthetic=NORMAL + 0.5)
+    assert 1.0 < faint.value < 1.5 and faint.stats["flagged_fraction_normal"] == pytest.approx(0.9)
+    with pytest.raises(CalibrationError, match="synthetic defects"):
+        calibrate(NORMAL, LABELS, CalibrationConfig(method="synthetic_recall"))
+    with pytest.raises(CalibrationError, match="synthetic-defect score"):
+        calibrate(NORMAL, LABELS, CalibrationConfig(method="synthetic_recall"), synthetic=np.array([1.0, np.inf]))

@@ -26,7 +26,7 @@ def tiny_run(tmp_path_factory):
 
 def test_run_writes_the_contract_files(tiny_run):
     run_dir = tiny_run.run_dir
-    for name in ("config.yaml", "thresholds.json", "scores.csv", "metrics.json", "report.html",
+    for name in ("config.yaml", "thresholds.json", "scores.csv", "metrics.json", "report.html", "synthetic_scores.csv",
                  "checkpoints/stage1.pt", "checkpoints/stage2.pt", "plots/stage1_loss_distribution.png",
                  "plots/stage1_overlays.png", "plots/stage1_training.png", "plots/stage2_training.png",
                  "plots/stage2_score_distribution.png", "plots/cascade_score_distribution.png",
@@ -144,6 +144,24 @@ def test_calibrate_changes_the_threshold_and_keeps_history(tiny_run, tmp_path, c
     current = json.loads((run_dir / "thresholds.json").read_text())["stage1"]
     assert current["method"] == "meanstd" and current["params"] == {"k": 2.5}
     assert f"<tr><td>threshold (τ₁; τ₂ on the second-stage score)</td><td>{current['value']:.4f}</td>" in (run_dir / "report.html").read_text()
+
+
+def test_synthetic_recall_calibrates_on_the_saved_synthetic_defects(tiny_run, tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir, run_dir)
+    synthetic = pd.read_csv(run_dir / "synthetic_scores.csv")
+    val_normals = (pd.read_csv(run_dir / "scores.csv").query("split == 'val' and label == 0"))
+    assert len(synthetic) == len(val_normals) and set(synthetic.columns) == {"kind", "defect_pixels", "stage1_loss", "stage2_score"}
+    assert (synthetic["defect_pixels"] > 0).all()
+    assert main(["-q", "calibrate", str(run_dir), "--stage", "1", "--method", "synthetic_recall", "--recall", "0.9"]) == 0
+    tau1 = json.loads((run_dir / "thresholds.json").read_text())["stage1"]
+    assert tau1["method"] == "synthetic_recall"
+    recall = (synthetic["stage1_loss"] > tau1["value"]).mean()
+    assert recall >= 0.9 and tau1["stats"]["recall_synthetic"] == pytest.approx(recall)
+    # a run folder without the file (an older run) is refused with the reason, not silently re-picked
+    (run_dir / "synthetic_scores.csv").unlink()
+    assert main(["-q", "calibrate", str(run_dir), "--method", "synthetic_recall"]) == 2
+    assert "has no synthetic_scores.csv" in caplog.text
 
 
 def test_calibrating_one_stage_keeps_the_other_and_updates_the_cascade(tiny_run, tmp_path):

@@ -4,7 +4,9 @@ Normals only: ``quantile`` (the q-quantile of normal scores), ``meanstd`` (mean 
 ``fpr`` (the smallest threshold whose false-positive rate on normals is <= the target).
 With labelled anomalies: ``youden`` (max TPR − FPR), ``f1`` (max F1), ``recall`` (the largest
 threshold that still flags at least the target share of anomalies — a screen should rarely let an
-anomaly through). A score is flagged when it is strictly greater than the threshold.
+anomaly through). Without labels: ``synthetic_recall``, the same target on the scores of validation
+normals that each carry one synthetic defect. A score is flagged when it is strictly greater than
+the threshold.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 
 from twostage_ad.config import CALIBRATION_METHODS, CalibrationConfig
 
-__all__ = ["CalibrationError", "Threshold", "calibrate", "NORMAL_ONLY_METHODS"]
+__all__ = ["CalibrationError", "Threshold", "calibrate", "NORMAL_ONLY_METHODS", "SYNTHETIC_METHODS"]
 
 NORMAL_ONLY_METHODS = ("quantile", "meanstd", "fpr")
+SYNTHETIC_METHODS = ("synthetic_recall",)  # need the scores of validation normals with synthetic defects
 
 
 class CalibrationError(ValueError):
@@ -62,8 +65,17 @@ def _fpr_threshold(normal: np.ndarray, target: float) -> float:
     return float(ordered[n - 1 - allowed]) if allowed < n else float(ordered[0])
 
 
-def calibrate(scores: np.ndarray, labels: np.ndarray, config: CalibrationConfig, method: str | None = None) -> Threshold:
-    """Pick a threshold from validation ``scores`` with ``labels`` (0 normal, 1 anomalous)."""
+def _recall_threshold(anomalous: np.ndarray, target: float) -> float:
+    """The largest threshold that flags (score > t) at least ``target`` of ``anomalous``."""
+    ordered = np.sort(anomalous)
+    must_flag = int(np.ceil(target * len(ordered) - 1e-9))
+    return float(np.nextafter(ordered[len(ordered) - must_flag], -np.inf))
+
+
+def calibrate(scores: np.ndarray, labels: np.ndarray, config: CalibrationConfig, method: str | None = None, *,
+              synthetic: np.ndarray | None = None) -> Threshold:
+    """Pick a threshold from validation ``scores`` with ``labels`` (0 normal, 1 anomalous);
+    ``synthetic``: scores of validation normals with a synthetic defect each (``synthetic_recall``)."""
     method = method or config.method
     if method not in CALIBRATION_METHODS:
         raise CalibrationError(f"unknown calibration method {method!r}; choose one of {CALIBRATION_METHODS}")
@@ -87,6 +99,17 @@ def calibrate(scores: np.ndarray, labels: np.ndarray, config: CalibrationConfig,
     elif method == "fpr":
         params = {"fpr": config.fpr}
         value = _fpr_threshold(normal, config.fpr)
+    elif method == "synthetic_recall":
+        synthetic = np.asarray([] if synthetic is None else synthetic, dtype=np.float64)
+        if len(synthetic) == 0:
+            raise CalibrationError("method 'synthetic_recall' needs the scores of validation normals with synthetic defects "
+                                   "(a run writes them to synthetic_scores.csv; it needs at least 2 validation normals)")
+        if not np.all(np.isfinite(synthetic)):
+            raise CalibrationError(f"{int((~np.isfinite(synthetic)).sum())} synthetic-defect score(s) are NaN or infinite")
+        params = {"recall": config.recall}
+        value = _recall_threshold(synthetic, config.recall)
+        stats["n_synthetic"] = int(len(synthetic))
+        stats["recall_synthetic"] = float(np.mean(synthetic > value))
     else:
         if len(anomalous) == 0:
             raise CalibrationError(
@@ -109,9 +132,7 @@ def calibrate(scores: np.ndarray, labels: np.ndarray, config: CalibrationConfig,
             stats["f1"] = float(f1[best])
         else:  # recall
             params = {"recall": config.recall}
-            ordered = np.sort(anomalous)
-            must_flag = int(np.ceil(config.recall * len(ordered) - 1e-9))
-            value = float(np.nextafter(ordered[len(ordered) - must_flag], -np.inf))
+            value = _recall_threshold(anomalous, config.recall)
     value = float(value)
     stats["flagged_fraction_normal"] = float(np.mean(normal > value))
     if len(anomalous):

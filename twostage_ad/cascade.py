@@ -132,8 +132,13 @@ def fit_cascade(
     *,
     fusion: str = "stage2",
     calibration2: CalibrationConfig | None = None,
+    synthetic_stage1: np.ndarray | None = None,
+    synthetic_stage2: np.ndarray | None = None,
 ) -> Cascade:
     """Pick τ₁ and τ₂ from validation rows (``calibration2`` for τ₂, default the same method).
+
+    ``synthetic_stage1`` / ``synthetic_stage2``: both stages' scores of the validation normals with
+    a synthetic defect each, for ``synthetic_recall`` (τ₂ is then picked on their fused score).
 
     Both thresholds are calibrated on *all* validation rows, not only the flagged ones: a
     calibration set of normals rarely holds enough flagged images to pick a quantile from. So the
@@ -157,9 +162,13 @@ def fit_cascade(
         "stage2_std": _std(s2[normal]),
     }
     r2 = second_stage_score(fusion, s1, s2, **stats)
+    synthetic_r2 = None
+    if synthetic_stage1 is not None and synthetic_stage2 is not None:
+        synthetic_r2 = second_stage_score(fusion, np.asarray(synthetic_stage1, dtype=np.float64),
+                                          np.asarray(synthetic_stage2, dtype=np.float64), **stats)
     cascade = Cascade(
-        stage1=calibrate(s1, labels, calibration),
-        stage2=calibrate(r2, labels, calibration2 or calibration),
+        stage1=calibrate(s1, labels, calibration, synthetic=synthetic_stage1),
+        stage2=calibrate(r2, labels, calibration2 or calibration, synthetic=synthetic_r2),
         fusion=fusion,
         second_std=_std(r2[normal]),
         **stats,

@@ -48,7 +48,7 @@ SOURCE_ALIASES = {"seed": "folders"}  # the folders layout's first name, still a
 PRECISIONS = ("auto", "float32", "bf16")
 DEMO_CONFIG = "configs/digits.yaml"  # inside the package: what `run` does with no --config
 DEFECT_KINDS = ("cutout", "cutpaste", "blob", "crack")
-CALIBRATION_METHODS = ("quantile", "meanstd", "fpr", "youden", "f1", "recall")
+CALIBRATION_METHODS = ("quantile", "meanstd", "fpr", "youden", "f1", "recall", "synthetic_recall")
 SCORE_REDUCTIONS = ("max", "topk")
 GUIDANCE_MODES = ("none", "attention")
 FUSION_MODES = ("stage2", "sum", "max")
@@ -325,7 +325,10 @@ class CalibrationConfig:
 
     ``quantile`` (q), ``meanstd`` (mean + k·std), ``fpr`` (target false-positive rate on
     normals) use validation normals only; ``youden``, ``f1`` and ``recall`` (target recall) also
-    need labelled anomalies in the validation split.
+    need labelled anomalies in the validation split. ``synthetic_recall`` needs no label: the
+    threshold that flags at least ``recall`` of the validation normals with one synthetic defect
+    each (``synthetic_scores.csv``, drawn apart from training's; they include kinds training never
+    draws, so a high target can flag most normals: its ``flagged_fraction_normal`` says so).
     """
 
     method: str = "quantile"

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from twostage_ad.calibration import SYNTHETIC_METHODS, CalibrationError
 from twostage_ad.cascade import Cascade, CascadeOutput, fit_cascade
 from twostage_ad.config import AugmentConfig, CalibrationConfig, Config, ConfigError, RunConfig
 from twostage_ad.data.augment import synthetic_defects
@@ -251,12 +252,19 @@ class TwoStageDetector:
         self.validation_labels_ = np.asarray(val_labels)
         return self if calibration is None else self.calibrate(calibration, fusion=fusion)
 
-    def calibrate(self, calibration: CalibrationConfig, *, fusion: str = "max") -> TwoStageDetector:
-        """Pick τ₁ and τ₂ (and the fusion statistics) from the validation scores of :meth:`fit`."""
+    def calibrate(self, calibration: CalibrationConfig, *, fusion: str = "max",
+                  synthetic: CascadeScores | None = None) -> TwoStageDetector:
+        """Pick τ₁ and τ₂ (and the fusion statistics) from the validation scores of :meth:`fit`;
+        ``synthetic``: :meth:`score_synthetic`'s scores, which ``synthetic_recall`` calibrates on."""
         if not hasattr(self, "validation_"):
             raise RuntimeError("no validation scores to calibrate on: call fit() first")
+        if calibration.method in SYNTHETIC_METHODS and synthetic is None:
+            raise CalibrationError(f"calibration method {calibration.method!r} needs synthetic=: pass "
+                                   "detector.score_synthetic(validation_normals, augment_config)[0]")
         first, second = self.validation_.stage1, self.validation_.stage2
-        self.cascade = fit_cascade(first.loss, second.scores, self.validation_labels_, calibration, fusion=fusion)
+        self.cascade = fit_cascade(first.loss, second.scores, self.validation_labels_, calibration, fusion=fusion,
+                                   synthetic_stage1=None if synthetic is None else synthetic.stage1.loss,
+                                   synthetic_stage2=None if synthetic is None else synthetic.stage2.scores)
         self.validation_.decided = self.cascade.apply(first.loss, second.scores)
         return self
 

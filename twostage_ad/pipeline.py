@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--q", type=float, help="quantile for --method quantile")
     cal.add_argument("--k", type=float, help="k for --method meanstd (mean + k·std)")
     cal.add_argument("--fpr", type=float, help="target false-positive rate for --method fpr")
-    cal.add_argument("--recall", type=float, help="target recall for --method recall")
+    cal.add_argument("--recall", type=float, help="target recall for --method recall (labelled val anomalies) or synthetic_recall (synthetic defects)")
 
     rep = sub.add_parser("report", help="redraw every plot and report.html from a run's saved files (no model)")
     rep.add_argument("run_dir", type=Path)

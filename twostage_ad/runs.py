@@ -60,6 +60,7 @@ RUN_FILES = {
     "history": "history.json",
     "reused": "reused.json",
     "operating_points": "operating_points.csv",
+    "synthetic_scores": "synthetic_scores.csv",
 }
 TEST_MAPS = "test_maps.npz"  # in maps/
 SCORE_KEYS = ["image", "label", "split", "category"]  # the columns an unreadable image's row has

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from twostage_ad.allocator import tune_malloc
-from twostage_ad.calibration import NORMAL_ONLY_METHODS, CalibrationError
+from twostage_ad.calibration import NORMAL_ONLY_METHODS, SYNTHETIC_METHODS, CalibrationError
 from twostage_ad.cascade import Cascade, fit_cascade
 from twostage_ad.config import CalibrationConfig, Config, ConfigError, config_to_dict, save_config
 from twostage_ad.data.images import DecodedImages, decode_records, infer_channels
@@ -63,6 +63,7 @@ __all__ = [
     "current_calibration",
     "load_run_config",
     "predict_files",
+    "read_synthetic_scores",
     "run_pipeline",
 ]
 
@@ -98,12 +99,17 @@ def apply_process_settings(threads: int, malloc: bool) -> None:
 
 
 def _check_calibration_feasible(val_labels: list[int], calibration: CalibrationConfig) -> None:
-    """Fail before training when the method needs validation anomalies that do not exist."""
-    if calibration.method not in NORMAL_ONLY_METHODS and 1 not in val_labels:
+    """Fail before training when the method needs validation anomalies (or normals to put synthetic
+    defects on) that do not exist."""
+    label_free = NORMAL_ONLY_METHODS + SYNTHETIC_METHODS
+    if calibration.method not in label_free and 1 not in val_labels:
         raise CalibrationError(
             f"calibration.method {calibration.method!r} needs labelled anomalies in the validation split, "
-            f"which has none; use one of {NORMAL_ONLY_METHODS} or add labelled anomalies with split=val"
+            f"which has none; use one of {label_free} or add labelled anomalies with split=val"
         )
+    if calibration.method in SYNTHETIC_METHODS and sum(label == 0 for label in val_labels) < 2:
+        raise CalibrationError(f"calibration.method {calibration.method!r} puts synthetic defects on the validation "
+                               "normals and needs at least 2 of them")
 
 
 def _infer_channels(records: list) -> int:
@@ -275,8 +281,10 @@ def run_pipeline(
     if not context.is_main:
         return RunResult(run_dir=run_dir, metrics=None, scores=table)
     errors = _error_rows(decoded, splits)
+    if synthetic is not None:  # what `calibrate --method synthetic_recall` re-picks from
+        _write_synthetic_scores(run_dir, *synthetic)
     try:
-        detector.calibrate(config.calibration, fusion=config.cascade.fusion)
+        detector.calibrate(config.calibration, fusion=config.cascade.fusion, synthetic=None if synthetic is None else synthetic[0])
     except ValueError:  # CalibrationError among them: the scores stay on disk for `calibrate`
         write_scores(run_dir, table, errors)
         raise
@@ -377,6 +385,19 @@ def current_calibration(run_dir: str | Path, stage: str = "stage1") -> Calibrati
     return calibration
 
 
+def _write_synthetic_scores(run_dir: Path, scores: CascadeScores, masks: np.ndarray, kinds: list[str]) -> None:
+    """``synthetic_scores.csv``: one row per validation normal with a synthetic defect: kind, both stages' scores."""
+    table = pd.DataFrame({"kind": kinds, "defect_pixels": masks.reshape(len(masks), -1).sum(axis=1).astype(int),
+                          "stage1_loss": scores.stage1.loss, "stage2_score": scores.stage2.scores})
+    write_atomic(run_dir / RUN_FILES["synthetic_scores"], lambda tmp: table.to_csv(tmp, index=False, float_format="%.9g"))
+
+
+def read_synthetic_scores(run_dir: str | Path) -> pd.DataFrame | None:
+    """A run's ``synthetic_scores.csv`` (kind, defect_pixels, stage1_loss, stage2_score), or None if it has none."""
+    path = Path(run_dir) / RUN_FILES["synthetic_scores"]
+    return pd.read_csv(path) if path.is_file() else None
+
+
 def calibrate_run(
     run_dir: str | Path,
     calibration: CalibrationConfig | None = None,
@@ -402,8 +423,14 @@ def calibrate_run(
     if missing:
         raise DataError(f"{str(run_dir / RUN_FILES['scores'])!r} lacks column(s) {missing}; it was not written by this version of twostage_ad")
     val = table[table["split"] == "val"]
+    synthetic = read_synthetic_scores(run_dir)
+    if synthetic is None and any(c.method in SYNTHETIC_METHODS for c in chosen.values()):
+        raise CalibrationError(f"{str(run_dir)!r} has no {RUN_FILES['synthetic_scores']} (written by runs of this version "
+                               "with at least 2 validation normals): 'synthetic_recall' cannot be picked for it")
     cascade = fit_cascade(val["stage1_loss"].to_numpy(), val["stage2_score"].to_numpy(), val["label"].to_numpy(),
-                          chosen["stage1"], fusion=load_run_config(run_dir).cascade.fusion, calibration2=chosen["stage2"])
+                          chosen["stage1"], fusion=load_run_config(run_dir).cascade.fusion, calibration2=chosen["stage2"],
+                          synthetic_stage1=None if synthetic is None else synthetic["stage1_loss"].to_numpy(),
+                          synthetic_stage2=None if synthetic is None else synthetic["stage2_score"].to_numpy())
     table = decide(table, cascade)
     write_scores(run_dir, table, errors)
     write_thresholds(run_dir, cascade)
