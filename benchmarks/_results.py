@@ -61,7 +61,8 @@ def append_row(name: str, row: dict[str, Any], title: str) -> pd.DataFrame:
     RESULTS.mkdir(exist_ok=True)
     csv_path = RESULTS / f"{name}.csv"
     new = pd.DataFrame([row])
-    table = pd.concat([pd.read_csv(csv_path, keep_default_na=False), new]) if csv_path.exists() else new
+    # earlier rows stay the text they were written as: parsed, a commit like 40761e5 would become 4076100000.0
+    table = pd.concat([pd.read_csv(csv_path, dtype=str, keep_default_na=False), new]) if csv_path.exists() else new
     write_atomic(csv_path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.4f"))
     write_text_atomic(RESULTS / f"{name}.md", f"# {title}\n\n" + markdown_table(table))
     return table
