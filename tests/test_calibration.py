@@ -71,3 +71,20 @@ def test_synthetic_recall_flags_the_target_share_of_synthetic_defects_without_la
         calibrate(NORMAL, LABELS, CalibrationConfig(method="synthetic_recall"))
     with pytest.raises(CalibrationError, match="synthetic-defect score"):
         calibrate(NORMAL, LABELS, CalibrationConfig(method="synthetic_recall"), synthetic=np.array([1.0, np.inf]))
+
+
+@pytest.mark.parametrize("method", ["recall", "synthetic_recall", "youden"])
+def test_a_threshold_just_below_a_float32_score_still_flags_it_in_float32(method):
+    """Screening losses are float32; NumPy compares them with a Python float in float32, where a
+    float64 step below a score rounds back up to the score and leaves it unflagged."""
+    rng = np.random.default_rng(0)
+    normal = rng.normal(0.0, 1.0, 50).astype(np.float32)
+    anomalous = rng.normal(3.0, 1.0, 50).astype(np.float32)
+    scores, labels = np.r_[normal, anomalous], np.r_[np.zeros(50, int), np.ones(50, int)]
+    config = CalibrationConfig(method=method, recall=1.0)
+    t = calibrate(scores, labels, config, synthetic=anomalous if method == "synthetic_recall" else None)
+    flagged32 = anomalous > t.value  # float32 comparison
+    flagged64 = anomalous.astype(np.float64) > t.value
+    assert np.array_equal(flagged32, flagged64)
+    if method != "youden":
+        assert flagged32.all()  # recall 1.0: even the weakest anomaly, in either precision

@@ -189,6 +189,20 @@ def test_calibrating_one_stage_keeps_the_other_and_updates_the_cascade(tiny_run,
     assert metrics["flagged_fraction"] == pytest.approx(test["flagged"].mean())
 
 
+def test_a_run_can_set_the_screen_for_a_recall_on_synthetic_defects(tiny_run, tmp_path):
+    """``calibration.method: synthetic_recall`` in a run: τ₁ and τ₂ from the run's own synthetic
+    defects on the validation normals, no label needed (the stages reused, so nothing trains)."""
+    config = load_config(None, ["calibration.method=synthetic_recall", "calibration.recall=0.9", "run.overlays=0"])
+    checkpoints = tiny_run.run_dir / "checkpoints"
+    result = run_pipeline(config, tmp_path / "recall", progress=False,
+                          stage1_checkpoint=checkpoints / "stage1.pt", stage2_checkpoint=checkpoints / "stage2.pt")
+    thresholds = json.loads((result.run_dir / "thresholds.json").read_text())
+    synthetic = pd.read_csv(result.run_dir / "synthetic_scores.csv")
+    assert thresholds["stage1"]["method"] == thresholds["stage2"]["method"] == "synthetic_recall"
+    assert (synthetic["stage1_loss"] > thresholds["stage1"]["value"]).mean() >= 0.9
+    assert result.metrics["synthetic_val"]["stage1_recall_at_threshold"] >= 0.9
+
+
 def test_trained_stages_can_be_reused(tiny_run, tmp_path):
     config = load_config(None, ["stage1.epochs=1", "stage2.epochs=1", "stage2.score_reduction=topk", "run.overlays=0"])
     checkpoints = tiny_run.run_dir / "checkpoints"

@@ -65,11 +65,21 @@ def _fpr_threshold(normal: np.ndarray, target: float) -> float:
     return float(ordered[n - 1 - allowed]) if allowed < n else float(ordered[0])
 
 
+def _just_below(score: float) -> float:
+    """The largest threshold that still flags ``score`` (flagged = score > threshold), in float32
+    steps when the score is a float32 value: the scores (screening losses) are float32, and NumPy
+    compares a float32 array with a Python float in float32, where a float64 step below would round
+    back up to the score itself and leave it unflagged."""
+    if float(np.float32(score)) == score:
+        return float(np.nextafter(np.float32(score), np.float32(-np.inf)))
+    return float(np.nextafter(score, -np.inf))
+
+
 def _recall_threshold(anomalous: np.ndarray, target: float) -> float:
     """The largest threshold that flags (score > t) at least ``target`` of ``anomalous``."""
     ordered = np.sort(anomalous)
     must_flag = int(np.ceil(target * len(ordered) - 1e-9))
-    return float(np.nextafter(ordered[len(ordered) - must_flag], -np.inf))
+    return _just_below(float(ordered[len(ordered) - must_flag]))
 
 
 def calibrate(scores: np.ndarray, labels: np.ndarray, config: CalibrationConfig, method: str | None = None, *,
@@ -121,14 +131,14 @@ def calibrate(scores: np.ndarray, labels: np.ndarray, config: CalibrationConfig,
             fpr, tpr, thresholds = roc_curve(labels, scores)
             best = int(np.argmax(tpr - fpr))
             # roc_curve flags score >= t; we flag score > t, so step just below the cut
-            value = float(np.nextafter(thresholds[best], -np.inf))
+            value = _just_below(float(thresholds[best]))
             stats["youden_j"] = float(tpr[best] - fpr[best])
         elif method == "f1":
             params = {}
             precision, recall, thresholds = precision_recall_curve(labels, scores)
             f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
             best = int(np.argmax(f1))
-            value = float(np.nextafter(thresholds[best], -np.inf))
+            value = _just_below(float(thresholds[best]))
             stats["f1"] = float(f1[best])
         else:  # recall
             params = {"recall": config.recall}

@@ -155,7 +155,7 @@ def pro_score(
 
 def recall_at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float) -> MetricResult:
     labels = np.asarray(labels)
-    anomalous = np.asarray(scores)[labels == 1]
+    anomalous = np.asarray(scores, dtype=np.float64)[labels == 1]  # as Cascade.apply compares
     if len(anomalous) == 0:
         return MetricResult(None, "no anomalous test images")
     return MetricResult(float(np.mean(anomalous > threshold)))

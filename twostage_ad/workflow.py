@@ -323,7 +323,7 @@ def _run_metrics(
                        stage2.map_mean_, stage2.map_std_)
     n_test = len(test)
     labels = decoded["test"].labels
-    n_flagged = int((test.stage1.loss > detector.cascade.stage1.value).sum())
+    n_flagged = int((test.stage1.loss.astype(np.float64) > detector.cascade.stage1.value).sum())  # as Cascade.apply
     # the deployment path from this pass: stage 1 on every image, stage 2's time per image on the flagged ones
     cascade_seconds = test.stage1.seconds + (test.stage2.seconds * n_flagged / n_test if n_test else 0.0)
     notes = {**images.pop("notes"), **maps.pop("notes")}
