@@ -88,3 +88,12 @@ def test_a_threshold_just_below_a_float32_score_still_flags_it_in_float32(method
     assert np.array_equal(flagged32, flagged64)
     if method != "youden":
         assert flagged32.all()  # recall 1.0: even the weakest anomaly, in either precision
+
+
+def test_a_recall_threshold_from_saved_decimals_still_flags_the_float32_losses():
+    """``calibrate`` re-picks from scores.csv (9 significant digits); predict compares the model's
+    float32 losses with that threshold."""
+    losses = np.random.default_rng(1).normal(3.0, 1.0, 200).astype(np.float32)
+    saved = np.array([float(f"{v:.9g}") for v in losses])
+    t = calibrate(saved, np.ones(200, int) * 0, CalibrationConfig(method="synthetic_recall", recall=1.0), synthetic=saved)
+    assert (losses > t.value).all() and (saved > t.value).all()
