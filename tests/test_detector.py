@@ -134,6 +134,18 @@ def test_a_detector_fits_from_arrays_and_predicts_what_fit_scored():
     deployed = detector.predict(val, progress=False)
     assert [p.decision for p in deployed.images] == [p.decision for p in predicted.images]
     assert [p.stage2_score is None for p in deployed.images] == [not f for f in fitted.decided.flagged]
+    # a label-free high-recall screen: synthetic defects on the validation normals, passed in
+    from dataclasses import replace
+
+    from twostage_ad.calibration import CalibrationError
+
+    by_synthetic = replace(config.calibration, method="synthetic_recall", recall=0.9)
+    with pytest.raises(CalibrationError, match="needs synthetic="):
+        detector.calibrate(by_synthetic)
+    synthetic = detector.score_synthetic(val, config.augment, progress=False)[0]
+    detector.calibrate(by_synthetic, synthetic=synthetic)
+    assert detector.cascade.stage1.method == "synthetic_recall"
+    assert np.mean(synthetic.stage1.loss > detector.cascade.stage1.value) >= 0.9
 
 
 def test_predict_in_chunks_gives_what_one_chunk_gives(run, folder, monkeypatch):
