@@ -140,7 +140,7 @@ def test_a_detector_fits_from_arrays_and_predicts_what_fit_scored():
     from twostage_ad.calibration import CalibrationError
 
     by_synthetic = replace(config.calibration, method="synthetic_recall", recall=0.9)
-    with pytest.raises(CalibrationError, match="needs synthetic="):
+    with pytest.raises(CalibrationError, match="needs the scores of validation normals with synthetic defects"):
         detector.calibrate(by_synthetic)
     synthetic = detector.score_synthetic(val, config.augment, progress=False)[0]
     detector.calibrate(by_synthetic, synthetic=synthetic)

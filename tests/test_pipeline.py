@@ -161,7 +161,7 @@ def test_synthetic_recall_calibrates_on_the_saved_synthetic_defects(tiny_run, tm
     # a run folder without the file (an older run) is refused with the reason, not silently re-picked
     (run_dir / "synthetic_scores.csv").unlink()
     assert main(["-q", "calibrate", str(run_dir), "--method", "synthetic_recall"]) == 2
-    assert "has no synthetic_scores.csv" in caplog.text
+    assert "needs the scores of validation normals with synthetic defects" in caplog.text and "synthetic_scores.csv" in caplog.text
 
 
 def test_calibrating_one_stage_keeps_the_other_and_updates_the_cascade(tiny_run, tmp_path):

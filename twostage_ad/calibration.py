@@ -70,8 +70,8 @@ def _just_below(score: float) -> float:
     runs in float64 or in float32: one float32 step below the score's float32 value. Screening
     losses are float32 and NumPy compares a float32 array with a Python float in float32, where a
     float64 step below would round back up to the score; and a score read back from
-    ``scores.csv`` is a decimal within half a float32 step of the float32 loss it came from. At
-    most a relative 2e-7 below the score, so nothing else of note is flagged with it."""
+    a file is only as exact as the digits it was written with. At most a relative 2e-7 below the
+    score, so nothing else of note is flagged with it."""
     return float(np.nextafter(np.float32(score), np.float32(-np.inf)))
 
 
@@ -112,8 +112,9 @@ def calibrate(scores: np.ndarray, labels: np.ndarray, config: CalibrationConfig,
     elif method == "synthetic_recall":
         synthetic = np.asarray([] if synthetic is None else synthetic, dtype=np.float64)
         if len(synthetic) == 0:
-            raise CalibrationError("method 'synthetic_recall' needs the scores of validation normals with synthetic defects "
-                                   "(a run writes them to synthetic_scores.csv; it needs at least 2 validation normals)")
+            raise CalibrationError("method 'synthetic_recall' needs the scores of validation normals with synthetic defects: "
+                                   "TwoStageDetector.calibrate(..., synthetic=detector.score_synthetic(normals, augment)[0]), "
+                                   "or a run folder's synthetic_scores.csv (runs with >= 2 validation normals write it)")
         if not np.all(np.isfinite(synthetic)):
             raise CalibrationError(f"{int((~np.isfinite(synthetic)).sum())} synthetic-defect score(s) are NaN or infinite")
         params = {"recall": config.recall}

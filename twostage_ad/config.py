@@ -322,13 +322,8 @@ class CalibrationConfig:
     """How the thresholds τ₁ and τ₂ are picked from validation scores (never from test labels).
 
     The same method sets both stages' thresholds in ``run``; ``calibrate --stage`` re-picks one.
-
-    ``quantile`` (q), ``meanstd`` (mean + k·std), ``fpr`` (target false-positive rate on
-    normals) use validation normals only; ``youden``, ``f1`` and ``recall`` (target recall) also
-    need labelled anomalies in the validation split. ``synthetic_recall`` needs no label: the
-    threshold that flags at least ``recall`` of the validation normals with one synthetic defect
-    each (``synthetic_scores.csv``, drawn apart from training's; they include kinds training never
-    draws, so a high target can flag most normals: its ``flagged_fraction_normal`` says so).
+    The methods, and what each needs (normals, labelled anomalies, synthetic defects):
+    :mod:`twostage_ad.calibration`.
     """
 
     method: str = "quantile"

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from twostage_ad.calibration import SYNTHETIC_METHODS, CalibrationError
 from twostage_ad.cascade import Cascade, CascadeOutput, fit_cascade
 from twostage_ad.config import AugmentConfig, CalibrationConfig, Config, ConfigError, RunConfig
 from twostage_ad.data.augment import synthetic_defects
@@ -258,9 +257,6 @@ class TwoStageDetector:
         ``synthetic``: :meth:`score_synthetic`'s scores, which ``synthetic_recall`` calibrates on."""
         if not hasattr(self, "validation_"):
             raise RuntimeError("no validation scores to calibrate on: call fit() first")
-        if calibration.method in SYNTHETIC_METHODS and synthetic is None:
-            raise CalibrationError(f"calibration method {calibration.method!r} needs synthetic=: pass "
-                                   "detector.score_synthetic(validation_normals, augment_config)[0]")
         first, second = self.validation_.stage1, self.validation_.stage2
         self.cascade = fit_cascade(first.loss, second.scores, self.validation_labels_, calibration, fusion=fusion,
                                    synthetic_stage1=None if synthetic is None else synthetic.stage1.loss,

@@ -41,6 +41,8 @@ __all__ = [
     "load_run_config",
     "write_scores",
     "read_scores",
+    "write_synthetic_scores",
+    "read_synthetic_scores",
     "write_thresholds",
     "write_test_maps",
     "TEST_MAPS",
@@ -235,6 +237,21 @@ def read_scores(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     if "flagged" in scored.columns:
         scored["flagged"] = scored["flagged"].astype(str).str.lower() == "true"
     return scored, table[failed][[*SCORE_KEYS, "error"]]
+
+
+def write_synthetic_scores(run_dir: Path, kinds: list[str], masks: np.ndarray, stage1_loss: np.ndarray,
+                           stage2_score: np.ndarray) -> None:
+    """``synthetic_scores.csv``: per validation normal with a synthetic defect (``masks`` N×H×W), its kind,
+    defect size and both stages' scores; written exactly, as ``scores.csv`` is."""
+    table = pd.DataFrame({"kind": kinds, "defect_pixels": masks.reshape(len(masks), -1).sum(axis=1).astype(int),
+                          "stage1_loss": stage1_loss, "stage2_score": stage2_score})
+    write_atomic(run_dir / RUN_FILES["synthetic_scores"], lambda tmp: table.to_csv(tmp, index=False, float_format="%.17g"))
+
+
+def read_synthetic_scores(run_dir: Path) -> pd.DataFrame | None:
+    """``synthetic_scores.csv`` (kind, defect_pixels, stage1_loss, stage2_score), or None for a run without it."""
+    path = Path(run_dir) / RUN_FILES["synthetic_scores"]
+    return pd.read_csv(path, dtype={"kind": str}, float_precision="round_trip") if path.is_file() else None
 
 
 def write_thresholds(run_dir: Path, cascade: Cascade) -> None:

@@ -48,9 +48,11 @@ from twostage_ad.runs import (
     load_run_config,
     read_json,
     read_scores,
+    read_synthetic_scores,
     write_atomic,
     write_json,
     write_scores,
+    write_synthetic_scores,
     write_test_maps,
     write_thresholds,
 )
@@ -63,7 +65,6 @@ __all__ = [
     "current_calibration",
     "load_run_config",
     "predict_files",
-    "read_synthetic_scores",
     "run_pipeline",
 ]
 
@@ -282,7 +283,8 @@ def run_pipeline(
         return RunResult(run_dir=run_dir, metrics=None, scores=table)
     errors = _error_rows(decoded, splits)
     if synthetic is not None:  # what `calibrate --method synthetic_recall` re-picks from
-        _write_synthetic_scores(run_dir, *synthetic)
+        scores, masks, kinds = synthetic
+        write_synthetic_scores(run_dir, kinds, masks, scores.stage1.loss, scores.stage2.scores)
     try:
         detector.calibrate(config.calibration, fusion=config.cascade.fusion, synthetic=None if synthetic is None else synthetic[0])
     except ValueError:  # CalibrationError among them: the scores stay on disk for `calibrate`
@@ -385,19 +387,6 @@ def current_calibration(run_dir: str | Path, stage: str = "stage1") -> Calibrati
     return calibration
 
 
-def _write_synthetic_scores(run_dir: Path, scores: CascadeScores, masks: np.ndarray, kinds: list[str]) -> None:
-    """``synthetic_scores.csv``: one row per validation normal with a synthetic defect: kind, both stages' scores."""
-    table = pd.DataFrame({"kind": kinds, "defect_pixels": masks.reshape(len(masks), -1).sum(axis=1).astype(int),
-                          "stage1_loss": scores.stage1.loss, "stage2_score": scores.stage2.scores})
-    write_atomic(run_dir / RUN_FILES["synthetic_scores"], lambda tmp: table.to_csv(tmp, index=False, float_format="%.9g"))
-
-
-def read_synthetic_scores(run_dir: str | Path) -> pd.DataFrame | None:
-    """A run's ``synthetic_scores.csv`` (kind, defect_pixels, stage1_loss, stage2_score), or None if it has none."""
-    path = Path(run_dir) / RUN_FILES["synthetic_scores"]
-    return pd.read_csv(path) if path.is_file() else None
-
-
 def calibrate_run(
     run_dir: str | Path,
     calibration: CalibrationConfig | None = None,
@@ -424,9 +413,6 @@ def calibrate_run(
         raise DataError(f"{str(run_dir / RUN_FILES['scores'])!r} lacks column(s) {missing}; it was not written by this version of twostage_ad")
     val = table[table["split"] == "val"]
     synthetic = read_synthetic_scores(run_dir)
-    if synthetic is None and any(c.method in SYNTHETIC_METHODS for c in chosen.values()):
-        raise CalibrationError(f"{str(run_dir)!r} has no {RUN_FILES['synthetic_scores']} (written by runs of this version "
-                               "with at least 2 validation normals): 'synthetic_recall' cannot be picked for it")
     cascade = fit_cascade(val["stage1_loss"].to_numpy(), val["stage2_score"].to_numpy(), val["label"].to_numpy(),
                           chosen["stage1"], fusion=load_run_config(run_dir).cascade.fusion, calibration2=chosen["stage2"],
                           synthetic_stage1=None if synthetic is None else synthetic["stage1_loss"].to_numpy(),
