@@ -31,8 +31,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from twostage_ad.config import AugmentConfig, Stage1Config
-from twostage_ad.data.augment import apply_defect, build_defect_augmentation
-from twostage_ad.data.images import to_tensor
+from twostage_ad.data.training_rows import DefectDataset
 from twostage_ad.device import resolve_device, resolve_precision
 from twostage_ad.distributed import DistributedContext
 from twostage_ad.migration import stored_section
@@ -88,45 +87,6 @@ def build_attention_network(config: Stage1Config, channels: int, image_size: int
         for _ in range(config.ensemble_size)
     ]
     return members[0] if len(members) == 1 else AttentionNetEnsemble(members)
-
-
-# --------------------------------------------------------------------------------------------
-# data
-
-
-class DefectDataset(Dataset):
-    """Training normals; item ``(epoch, i)`` (or ``i``) is ``(input, clean, mask, is_defect)``, tensors in [-1, 1].
-
-    ``mask`` is ``1×H×W`` with 1 = normal, 0 = synthetic defect (all ones for clean rows).
-    Whether a row gets a defect, its kind and its texture (another training image) are drawn
-    from ``(seed, epoch, i)`` alone: the same image gets the same defect in the same epoch
-    whichever process, loader worker or resumed run draws it.
-    """
-
-    def __init__(self, images: np.ndarray, augment: AugmentConfig, seed: int = 0):
-        if images.ndim != 4 or len(images) == 0:
-            raise ValueError(f"expected a non-empty N×H×W×C uint8 array, got shape {images.shape}")
-        self.images = images
-        self.augment_config = augment
-        self.seed = seed
-        self.augmentation = build_defect_augmentation(augment, seed=seed)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        epoch, index = key if isinstance(key, tuple) else (0, key)
-        image = self.images[index]
-        clean = to_tensor(image)[0]
-        entropy = np.random.SeedSequence([self.seed, epoch, index])
-        rng = np.random.default_rng(entropy)
-        is_defect = bool(rng.random() < self.augment_config.probability)
-        if not is_defect:
-            return clean, clean, torch.ones(1, *image.shape[:2]), torch.tensor(False)
-        other = (index + 1 + int(rng.integers(0, len(self.images) - 1))) % len(self.images)  # never itself
-        self.augmentation.set_random_seed(int(entropy.generate_state(1)[0]))
-        defective, mask = apply_defect(self.augmentation, image, self.images[other])
-        return to_tensor(defective)[0], clean, torch.from_numpy(mask).float()[None], torch.tensor(True)
 
 
 # --------------------------------------------------------------------------------------------
