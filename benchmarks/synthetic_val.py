@@ -93,6 +93,7 @@ def row_for(run_dir: Path, seed: int | None, variant: list[str] | None = None) -
         "synthetic_pixel_auroc_stage1": score["pixel_auroc_stage1"],
         "synthetic_stage1_recall": score["stage1_recall_at_threshold"],
         "synthetic_held_out_kinds": score["image_auroc_stage1_held_out_kinds"],
+        "synthetic_held_out_kinds_stage2": score["image_auroc_stage2_held_out_kinds"],
         **{f"synthetic_{kind}": v for kind, v in score["image_auroc_stage1_by_kind"].items()},
         **{f"test_image_auroc_{k}": v for k, v in test["image_auroc"].items()},
         "test_pixel_auroc_stage1": test["pixel_auroc"]["stage1"],

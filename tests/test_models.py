@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from twostage_ad.models.attention_net import AttentionNet, AttentionNetEnsemble, ImageMapDiscriminator, kv_pool_for
 from twostage_ad.models.blocks import CBAM, SelfAttention2d, SingleChannelConv2d, UpBlock
 from twostage_ad.models.ganomaly2d import GANomaly2D, PatchDiscriminator, patch_widths
+from twostage_ad.models.patch_head import HEAD_CELL, DefectHead, GANomaly2DWithHead
 from twostage_ad.models.repair_net import RepairNet, RepairThenAttend
+from twostage_ad.stages.patch_scorer import cell_mask
 
 
 def _open_gates(module: torch.nn.Module) -> None:
@@ -343,3 +345,55 @@ def test_patch_discriminator_is_a_70px_patchgan_with_logits():
     _assert_all_parameters_get_gradients(disc)
     with pytest.raises(ValueError, match="at least 32×32"):
         disc(torch.zeros(1, 3, 16, 16))
+
+
+# stage 2: the defect head beside GANomaly2D
+
+
+@pytest.mark.parametrize("channels, height, width", [(1, 32, 32), (3, 64, 48)])
+def test_headed_ganomaly2d_shapes_finiteness_and_gradients(channels, height, width):
+    torch.manual_seed(0)
+    net = GANomaly2DWithHead(channels, width_divisor=16, head_width=4)
+    x = torch.rand(2, channels, height, width) * 2 - 1
+    out = net(x)
+    cells = (2, 1, height // HEAD_CELL, width // HEAD_CELL)
+    assert out.reconstruction.shape == x.shape and out.defect_logits.shape == cells
+    assert out.latent.shape == (2, 64, height // 16, width // 16)
+    assert net.cell_size == HEAD_CELL
+    assert out.score_map.shape == cells and (out.score_map >= 0).all()
+    for tensor in (out.reconstruction, out.defect_logits, out.score_map):
+        assert torch.isfinite(tensor).all()
+    (out.reconstruction.mean() + (out.latent - out.latent_reconstructed).pow(2).mean() + out.defect_logits.mean()).backward()
+    _assert_all_parameters_get_gradients(net)
+
+
+def test_the_head_loss_stops_at_the_reconstruction():
+    torch.manual_seed(0)
+    net = GANomaly2DWithHead(1, width_divisor=16, head_width=4)
+    net(torch.rand(2, 1, 32, 32)).defect_logits.mean().backward()
+    assert all(p.grad is None for p in net.generator.parameters())
+    assert all(p.grad is not None for p in net.head.parameters())
+
+
+def test_head_score_map_is_softplus_of_the_logits_a_cell_mask_takes_any_defect_pixel():
+    torch.manual_seed(0)
+    out = GANomaly2DWithHead(1, width_divisor=16, head_width=4)(torch.rand(1, 1, 32, 32))
+    torch.testing.assert_close(out.score_map, torch.log1p(out.defect_logits.exp()))
+    mask = torch.ones(1, 1, 8, 8)
+    mask[0, 0, 5, 2] = 0  # one defect pixel in cell (1, 0)
+    expected = torch.ones(1, 1, 2, 2)
+    expected[0, 0, 1, 0] = 0
+    torch.testing.assert_close(cell_mask(mask), expected)
+
+
+def test_defect_head_refuses_bad_arguments_and_inputs_with_the_value():
+    with pytest.raises(ValueError, match="in_channels must be 1 or 3, got 2"):
+        DefectHead(2)
+    with pytest.raises(ValueError, match="base_width must be a positive integer, got 0"):
+        DefectHead(1, base_width=0)
+    with pytest.raises(ValueError, match="depth must be an integer from 1 to 4, got 5"):
+        DefectHead(1, depth=5)
+    with pytest.raises(ValueError, match=r"multiples of 16, got \(1, 1, 40, 32\)"):
+        DefectHead(1, base_width=4)(torch.zeros(1, 1, 40, 32), torch.zeros(1, 1, 40, 32))
+    with pytest.raises(ValueError, match="n_down must be at least 3.*got 2"):
+        GANomaly2DWithHead(1, n_down=2)

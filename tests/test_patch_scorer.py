@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from twostage_ad.config import Stage2Config
+from twostage_ad.config import AugmentConfig, Stage2Config
+from twostage_ad.models.patch_head import GANomaly2DWithHead
 from twostage_ad.stages.losses import discriminator_loss, generator_loss
 from twostage_ad.stages.patch_scorer import PatchScorerStage, guide
 
@@ -135,3 +136,45 @@ def test_wrong_image_shape_is_refused():
     stage = PatchScorerStage(Stage2Config(epochs=1, width_divisor=16), image_size=32, channels=1, device="cpu")
     with pytest.raises(ValueError, match=r"expected N×32×32×1 images, got shape \(4, 32, 32, 3\)"):
         stage.fit(np.zeros((4, 32, 32, 3), np.uint8))
+
+
+# the defect head (score: head)
+
+
+@pytest.fixture(scope="module")
+def headed():
+    rng = np.random.default_rng(0)
+    images = np.stack([textured(rng, size=64)[..., None] for _ in range(12)])
+    config = Stage2Config(epochs=1, width_divisor=16, batch_size=4, guidance="none", score="head", head_width=4, tile_size=32)
+    stage = PatchScorerStage(config, augment=AugmentConfig(probability=0.9, kinds=["blob", "crack"]), image_size=64, channels=1,
+                             device="cpu")
+    stage.fit(images[:10], progress=False).fit_normalisation(images[10:])
+    return stage, images
+
+
+def test_headed_stage_trains_the_head_and_scores_tiles_batch_independently(headed):
+    stage, images = headed
+    assert isinstance(stage.model_, GANomaly2DWithHead) and stage.tiled
+    assert {"head", "recon", "latent", "discriminator"} <= set(stage.history_[-1])
+    together = stage.score(images[8:], progress=False)
+    alone = stage.score(images[9:10], batch_size=1, progress=False)
+    assert together.maps.shape == (4, 64, 64) and np.isfinite(together.maps).all()
+    # σ units of a barely trained head's small spread: batch-size rounding reaches 2e-4 (batch statistics: orders more)
+    np.testing.assert_allclose(alone.maps[0], together.maps[1], rtol=1e-4, atol=1e-3)
+
+
+def test_headed_stage_round_trips_its_augmentation_and_scores(headed, tmp_path):
+    stage, images = headed
+    stage.save(tmp_path / "stage2.pt")
+    loaded = PatchScorerStage.load(tmp_path / "stage2.pt", device="cpu")
+    assert isinstance(loaded.model_, GANomaly2DWithHead) and loaded.augment == stage.augment
+    np.testing.assert_array_equal(loaded.score(images[:3], progress=False).scores, stage.score(images[:3], progress=False).scores)
+
+
+def test_headed_config_is_checked_with_the_value():
+    from twostage_ad.config import ConfigError
+
+    with pytest.raises(ConfigError, match="stage2.score must be one of .*got 'pixels'"):
+        Stage2Config(score="pixels").validate()
+    with pytest.raises(ConfigError, match="stage2.head_width must be an integer >= 1, got 0"):
+        Stage2Config(head_width=0).validate()

@@ -93,4 +93,7 @@ def test_synthetic_validation_metrics_hand_computed():
     assert out["image_auroc_stage1_held_out_kinds"] is None  # no held-out kind among them: one class only
     held = synthetic_validation_metrics(validation, labels, synthetic, masks, ["cutout", "scratch", "stain"], cascade)
     assert held["image_auroc_stage1_held_out_kinds"] == pytest.approx(3 / 6)  # 4 > {1,2,3}, 0.5 > {}
+    assert held["image_auroc_stage2_held_out_kinds"] == pytest.approx(1.0)  # stage 2: every defect 1 > every normal 0
+    assert held["image_auroc_stage2_by_kind"] == {"cutout": pytest.approx(1.0), "scratch": pytest.approx(1.0),
+                                                  "stain": pytest.approx(1.0)}
     assert 0.0 <= out["image_auroc"]["cascade"] <= 1.0

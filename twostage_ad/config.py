@@ -51,6 +51,7 @@ DEFECT_KINDS = ("cutout", "cutpaste", "blob", "crack")
 CALIBRATION_METHODS = ("quantile", "meanstd", "fpr", "youden", "f1", "recall", "synthetic_recall")
 SCORE_REDUCTIONS = ("max", "topk")
 GUIDANCE_MODES = ("none", "attention")
+PATCH_SCORES = ("latent", "head")
 FUSION_MODES = ("stage2", "sum", "max")
 
 
@@ -252,6 +253,11 @@ class Stage2Config:
     ``guidance: attention`` weighs each latent cell's difference by ``0.25 + 0.75·max(1 − A)``
     over the cell, A = stage 1's attention (1 = normal): stage 2's evidence counts fully where
     stage 1 also sees something and a quarter elsewhere.
+
+    ``score: head`` trains the generator to repair synthetic defects (``augment``, drawn on the
+    tiles) and a U-Net head on tile ⊕ reconstruction to segment them (class-balanced BCE, weight
+    ``w_head``, its own Adam at ``head_lr``); the map is then the head's ``softplus(logit)`` per
+    4×4 pixels instead of the latent difference (``models/patch_head.py``).
     """
 
     section: ClassVar[str] = "stage2"
@@ -274,6 +280,11 @@ class Stage2Config:
     score_reduction: str = "max"
     score_topk: float = 0.01
     guidance: str = "attention"  # MTD: stage-2 AUROC 0.551 vs 0.503, PRO 0.33 vs 0.22 (docs/experiments.md)
+    # the map: GANomaly2D's latent difference, or a defect head on tile ⊕ repair
+    score: str = "latent"
+    head_width: int = 8
+    w_head: float = 1.0
+    head_lr: float = 5e-4
 
     def validate(self, prefix: str = "stage2") -> None:
         _check(
@@ -296,6 +307,9 @@ class Stage2Config:
         _check(self.score_reduction in SCORE_REDUCTIONS, f"{prefix}.score_reduction", f"one of {SCORE_REDUCTIONS}", self.score_reduction)
         _check(0.0 < self.score_topk <= 1.0, f"{prefix}.score_topk", "in (0, 1]", self.score_topk)
         _check(self.guidance in GUIDANCE_MODES, f"{prefix}.guidance", f"one of {GUIDANCE_MODES}", self.guidance)
+        _check(self.score in PATCH_SCORES, f"{prefix}.score", f"one of {PATCH_SCORES}", self.score)
+        _check(isinstance(self.head_width, int) and self.head_width >= 1, f"{prefix}.head_width", "an integer >= 1", self.head_width)
+        _check(self.w_head > 0 and self.head_lr > 0, f"{prefix}.w_head", "> 0 (and head_lr > 0)", (self.w_head, self.head_lr))
 
 
 @dataclass

@@ -204,7 +204,8 @@ class TwoStageDetector:
             raise ConfigError("data.channels must be 1 or 3 here (0 = decide from the first training image)")
         shared = {"channels": config.data.channels, "device": device, "seed": config.run.seed, "num_workers": config.run.num_workers}
         stage1 = AttentionStage(config=config.stage1, augment=config.augment, image_size=config.data.image_size, **shared)
-        stage2 = PatchScorerStage(config=config.stage2, image_size=config.stage2.image_size or config.data.image_size, **shared)
+        stage2 = PatchScorerStage(config=config.stage2, augment=config.augment, image_size=config.stage2.image_size or config.data.image_size,
+                                  **shared)
         for stage in (stage1, stage2):
             apply_run_settings(stage, config.run)
         detector = cls(stage1, stage2, name=config.run.name)

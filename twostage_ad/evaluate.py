@@ -172,7 +172,7 @@ def synthetic_validation_metrics(
 
     ``validation``: the scored validation split (``val_labels``); ``synthetic``: the defective
     copies of its normals, ``masks`` ``N×H×W`` (1 = defect) and ``kinds`` (``HELD_OUT_KINDS`` are
-    never drawn in training; ``image_auroc_stage1_held_out_kinds`` scores those alone); ``cascade``: the
+    never drawn in training; ``image_auroc_<stage>_held_out_kinds`` scores those alone); ``cascade``: the
     calibrated cascade (the screen's recall on the synthetic defects is at its τ₁).
     """
     normal = np.asarray(val_labels) == 0
@@ -187,12 +187,16 @@ def synthetic_validation_metrics(
     pixel = pixel_auroc(labels, all_masks, np.ones(len(labels), bool), np.concatenate([parts[0][2], parts[1][2]]))
     categories = np.array(["normal"] * int(normal.sum()) + list(kinds))
     held_out = (labels == 0) | np.isin(categories, HELD_OUT_KINDS)  # kinds training never drew
+    by_stage = {}
+    for name in ("stage1", "stage2"):
+        by_stage[f"image_auroc_{name}_by_kind"] = image_auroc_by_category(labels, categories, scores[name])
+    for name, values in scores.items():
+        by_stage[f"image_auroc_{name}_held_out_kinds"] = image_auroc(labels[held_out], values[held_out]).value
     return {
         "images": len(synthetic),
         "image_auroc": {k: image_auroc(labels, v).value for k, v in scores.items()},
         "pixel_auroc_stage1": pixel.value,
-        "image_auroc_stage1_by_kind": image_auroc_by_category(labels, categories, stage1),
-        "image_auroc_stage1_held_out_kinds": image_auroc(labels[held_out], stage1[held_out]).value,
+        **by_stage,
         "stage1_recall_at_threshold": recall_at_threshold(labels, stage1, cascade.stage1.value).value,
     }
 

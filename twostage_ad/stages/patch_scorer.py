@@ -15,6 +15,13 @@ latent cell is optionally weighted by stage 1's anomaly map (``guidance``), stan
 ``map_mean_`` / ``map_std_`` — the mean and std of validation normals' cells, fitted once by
 :meth:`PatchScorerStage.fit_normalisation` — and bilinear-upsampled to the image.
 
+Defect head (``score: head``, :mod:`twostage_ad.models.patch_head`): the rows get synthetic defects
+(``augment``, drawn on the tile, from another random stream than stage 1's); the generator learns
+to repair them (``L1(x̂, clean)``, the latent and adversarial terms as above) and a segmenter that
+sees the tile beside ``x̂`` learns the defect's 4×4-pixel cells (class-balanced BCE, ``w_head``). The
+raw map is then the head's ``softplus(logit)`` per cell; guidance, standardisation and tiles
+treat it as they treat the latent difference.
+
 Tiles (``tile_size`` smaller than the stage's ``image_size``): training crops one random tile per
 image and step (:class:`RandomTiles`, drawn from the seed, the epoch and the image alone);
 scoring runs the network on overlapping tiles and blends their cell maps into one seamless map
@@ -26,7 +33,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,12 +41,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
-from twostage_ad.config import Stage2Config
+from twostage_ad.config import AugmentConfig, Stage2Config
 from twostage_ad.data.images import to_tensor
+from twostage_ad.data.training_rows import DefectDataset, RandomTiles
 from twostage_ad.distributed import DistributedContext, convert_batchnorm, restore_batchnorm
 from twostage_ad.migration import stored_section
 from twostage_ad.models.ganomaly2d import GANomaly2D, PatchDiscriminator
-from twostage_ad.stages.losses import discriminator_loss, generator_loss
+from twostage_ad.models.patch_head import HEAD_CELL, GANomaly2DWithHead
+from twostage_ad.stages.losses import attention_bce, discriminator_loss, generator_loss
 from twostage_ad.stages.tiling import stitch_cell_maps, tile_stride
 from twostage_ad.stages.training import TrainableStage, inference_batches
 
@@ -54,6 +63,7 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = "twostage_ad.stage2/2"  # /1: before channels_last and the global-batch sampler (loads, cannot resume)
+DEFECT_STREAM = 2  # stage 2's synthetic defects: another random stream than stage 1's from the same seed
 GUIDANCE_FLOOR = 0.25  # a cell's weight where stage 1 sees nothing (MTD: stage-2 AUROC 0.551 guided vs 0.503)
 
 
@@ -88,6 +98,11 @@ def guide(raw_map: torch.Tensor, stage1_anomaly: torch.Tensor, floor: float = GU
     else:
         weight = F.adaptive_max_pool2d(anomaly, raw_map.shape[-2:])
     return raw_map * (floor + (1.0 - floor) * weight)
+
+
+def cell_mask(mask: torch.Tensor, cell: int = HEAD_CELL) -> torch.Tensor:
+    """``B×1×H×W`` mask (1 normal, 0 defect) -> ``B×1×H/cell×W/cell``: a cell is a defect if any pixel is."""
+    return -F.max_pool2d(-mask, kernel_size=cell, stride=cell)
 
 
 def image_scores(maps: torch.Tensor, config: Stage2Config) -> torch.Tensor:
@@ -161,30 +176,6 @@ def patch_scores(
 # training rows
 
 
-class RandomTiles(Dataset):
-    """Training normals as random ``tile × tile`` crops; item ``(epoch, i)`` is ``(crop,)`` in [-1, 1].
-
-    The crop's position is drawn from ``(seed, epoch, i)`` alone, so a resumed run, another
-    process or a loader worker cuts the same tile.
-    """
-
-    def __init__(self, images: np.ndarray, tile: int, seed: int):
-        if min(images.shape[1:3]) < tile:
-            raise ValueError(f"tiles of {tile} px do not fit in images of {images.shape[1]}×{images.shape[2]}")
-        self.images, self.tile, self.seed = images, tile, seed
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor]:
-        epoch, index = key if isinstance(key, tuple) else (0, key)
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, index, 2]))
-        height, width = self.images.shape[1:3]
-        top = int(rng.integers(0, height - self.tile + 1))
-        left = int(rng.integers(0, width - self.tile + 1))
-        return (to_tensor(self.images[index, top : top + self.tile, left : left + self.tile][None])[0],)
-
-
 # --------------------------------------------------------------------------------------------
 # the stage as an estimator
 
@@ -202,10 +193,22 @@ class PatchScorerStage(TrainableStage):
     progress_term = ("recon", "recon")
 
     config: Stage2Config = field(default_factory=Stage2Config, kw_only=False)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # the defects ``score: head`` trains on
+
+    @property
+    def headed(self) -> bool:
+        """Whether the map is the defect head's (``score: head``) rather than the latent difference."""
+        return self.config.score == "head"
 
     def _networks(self) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-        r = self.config.width_divisor
-        return GANomaly2D(self.channels, width_divisor=r), PatchDiscriminator(self.channels, width_divisor=r)
+        c = self.config
+        generator = (GANomaly2DWithHead(self.channels, width_divisor=c.width_divisor, head_width=c.head_width) if self.headed
+                     else GANomaly2D(self.channels, width_divisor=c.width_divisor))
+        return generator, PatchDiscriminator(self.channels, width_divisor=c.width_divisor)
+
+    def _identity(self) -> dict[str, Any]:
+        identity = super()._identity()
+        return {**identity, "augment": asdict(self.augment)} if self.headed else identity
 
     @property
     def tiled(self) -> bool:
@@ -213,13 +216,20 @@ class PatchScorerStage(TrainableStage):
         return 0 < self.config.tile_size < self.image_size
 
     def _dataset(self, images: np.ndarray) -> tuple[Dataset, bool]:
+        if self.headed:
+            tile = self.config.tile_size if self.tiled else 0
+            return DefectDataset(images, self.augment, seed=self.seed, tile=tile, stream=DEFECT_STREAM), True
         if self.tiled:
             return RandomTiles(images, self.config.tile_size, self.seed), True
         return TensorDataset(to_tensor(images)), False  # decoded once, N×C×H×W in [-1, 1], on the CPU
 
     def _optimisers(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
         lr = self.config.lr
-        return (torch.optim.Adam(self.model_.parameters(), lr=lr, betas=(0.5, 0.999)),
+        groups: list[dict[str, Any]] = [{"params": self.model_.parameters()}]
+        if self.headed:  # GAN betas for the generator, Adam's defaults for the segmenter
+            groups = [{"params": self.model_.generator.parameters()},
+                      {"params": self.model_.head.parameters(), "lr": self.config.head_lr, "betas": (0.9, 0.999)}]
+        return (torch.optim.Adam(groups, lr=lr, betas=(0.5, 0.999)),
                 torch.optim.Adam(self.discriminator_.parameters(), lr=lr, betas=(0.5, 0.999)))
 
     def _start_training(self, context: DistributedContext) -> None:
@@ -241,15 +251,21 @@ class PatchScorerStage(TrainableStage):
     def _from_payload(cls, payload: dict[str, Any], device: str) -> PatchScorerStage:
         config = Stage2Config(**stored_section("stage2", payload["config"]))
         config.validate()
-        return cls(config=config, image_size=payload["image_size"], channels=payload["channels"], device=device, seed=payload["seed"])
+        augment = AugmentConfig(**stored_section("augment", payload["augment"])) if "augment" in payload else AugmentConfig()
+        return cls(config=config, augment=augment, image_size=payload["image_size"], channels=payload["channels"], device=device,
+                   seed=payload["seed"])
 
     def _train_step(
         self, batch: list[torch.Tensor], model: torch.nn.Module, discriminator: torch.nn.Module | None,
         g_opt: torch.optim.Optimizer, d_opt: torch.optim.Optimizer | None, context: DistributedContext,
     ) -> dict[str, float]:
-        """One generator and one discriminator update on a batch (``model`` / ``discriminator`` may be DDP-wrapped)."""
+        """One generator and one discriminator update on a batch (``model`` / ``discriminator`` may be DDP-wrapped).
+
+        ``score: head``: the batch is ``(input, clean, mask, is_defect)``; the generator repairs the
+        input towards the clean tile, and the head's balanced BCE against the mask joins its loss."""
         c = self.config
         x = batch[0].to(self.device_, non_blocking=True)
+        clean = batch[1].to(self.device_, non_blocking=True) if self.headed else x
         with torch.autocast(self.device_.type, dtype=torch.bfloat16, enabled=self.amp):
             out = model(x)
             # the plain network (no DDP), frozen: this forward trains the generator, not D
@@ -257,14 +273,17 @@ class PatchScorerStage(TrainableStage):
             fake_logits = self.discriminator_(out.reconstruction) if c.w_adv > 0 else None
             self.discriminator_.requires_grad_(True)
         terms = generator_loss(
-            x, out.reconstruction.float(), out.latent.float(), out.latent_reconstructed.float(),
+            clean, out.reconstruction.float(), out.latent.float(), out.latent_reconstructed.float(),
             None if fake_logits is None else fake_logits.float(), c,
         )
+        if self.headed:  # the head predicts "defect" per cell; attention_bce takes logits of "normal"
+            terms["head"] = attention_bce(-out.defect_logits.float(), cell_mask(batch[2].to(self.device_, non_blocking=True))).mean()
+            terms["total"] = terms["total"] + c.w_head * terms["head"]
         g_opt.zero_grad(set_to_none=True)
         terms["total"].backward()
         g_opt.step()
         with torch.autocast(self.device_.type, dtype=torch.bfloat16, enabled=self.amp):
-            logits = discriminator(torch.cat([x, out.reconstruction.detach()]))
+            logits = discriminator(torch.cat([clean, out.reconstruction.detach()]))
         l_d = discriminator_loss(logits.float())
         d_opt.zero_grad(set_to_none=True)
         l_d.backward()
