@@ -10,6 +10,7 @@ import yaml
 from twostage_ad.config import ConfigError, config_from_dict, load_config
 from twostage_ad.device import resolve_precision
 from twostage_ad.migration import migrate_section
+from twostage_ad.models.ganomaly2d import GANomaly2D
 from twostage_ad.runs import load_checkpoint, save_checkpoint
 from twostage_ad.stages.attention import AttentionStage
 from twostage_ad.stages.patch_scorer import PatchScorerStage
@@ -99,6 +100,20 @@ def test_a_checkpoint_scores_whatever_training_only_fields_it_stored(tmp_path):
     save_checkpoint(tmp_path / "s2-old.pt", payload)
     with pytest.raises(ValueError, match="guidance_floor was removed"):
         PatchScorerStage.load(tmp_path / "s2-old.pt", device="cpu")
+
+
+def test_a_stage2_checkpoint_from_before_the_defect_head_loads_as_the_latent_scorer(tmp_path):
+    rng = np.random.default_rng(0)
+    images = np.stack([textured(rng, size=32)[..., None] for _ in range(6)])
+    config = load_config(None, ["stage2.epochs=1", "stage2.width_divisor=16", "stage2.score=latent", "stage2.guidance=none"]).stage2
+    scorer = PatchScorerStage(config=config, image_size=32, channels=1, device="cpu").fit(images, progress=False)
+    scorer.fit_normalisation(images[:2]).save(tmp_path / "s2.pt")
+    payload = load_checkpoint(tmp_path / "s2.pt")
+    del payload["config"]["score"], payload["config"]["head_width"], payload["config"]["w_head"], payload["config"]["head_lr"]
+    save_checkpoint(tmp_path / "s2-old.pt", payload)
+    loaded = PatchScorerStage.load(tmp_path / "s2-old.pt", device="cpu")
+    assert loaded.config.score == "latent" and isinstance(loaded.model_, GANomaly2D)
+    np.testing.assert_array_equal(loaded.score(images, progress=False).scores, scorer.score(images, progress=False).scores)
 
 
 def test_migrate_section_moves_and_drops_without_touching_the_rest():
