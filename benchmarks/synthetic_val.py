@@ -64,6 +64,8 @@ def row_for(run_dir: Path, seed: int | None, variant: list[str] | None = None) -
     detector = TwoStageDetector.from_run(run_dir, device="cpu")
     if variant:
         apply_variant(detector, variant)
+        if any(v.startswith("stage2.") for v in variant):  # the changed maps' statistics, as run fits them
+            detector.fit_stage2_statistics(val.images, val.labels)
     validation = detector.score(val.images, all_stages=True, progress=False)
     if variant:  # thresholds for the changed scores, as run calibrates them
         detector.cascade = fit_cascade(validation.stage1.loss, validation.stage2.scores, val.labels, config.calibration,

@@ -1,5 +1,7 @@
 """Stage 2 (GANomaly2D) training and scoring: batch-independent maps, fixed statistics, guidance."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,7 @@ from sklearn.metrics import roc_auc_score
 from twostage_ad.config import AugmentConfig, Stage2Config
 from twostage_ad.models.patch_head import GANomaly2DWithHead
 from twostage_ad.stages.losses import discriminator_loss, generator_loss
-from twostage_ad.stages.patch_scorer import PatchScorerStage, guide
+from twostage_ad.stages.patch_scorer import PatchScorerStage, guide, raw_maps, standardised_map
 
 from conftest import textured
 
@@ -196,3 +198,25 @@ def test_the_defect_head_learns_to_find_defects_it_was_trained_to_repair():
     stage.fit(images[:56], progress=False).fit_normalisation(images[56:64])
     scores = stage.score(np.concatenate([clean, painted]), progress=False).scores
     assert roc_auc_score(np.r_[np.zeros(8), np.ones(8)], scores) >= 0.9
+
+
+def test_combined_map_is_the_pixelwise_max_of_both_sigma_maps(headed):
+    stage, images = headed
+    assert stage.config.combine_latent and len(stage.map_statistics) == 2
+    x = torch.from_numpy(images[:2]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    head_only = PatchScorerStage(replace(stage.config, combine_latent=False), image_size=64, channels=1, device="cpu")
+    with torch.inference_mode():
+        combined = standardised_map(stage.model_, x, None, stage.config, stage.map_statistics)
+        head = standardised_map(stage.model_, x, None, head_only.config, stage.map_statistics[:1])
+        latent = raw_maps(stage.model_, x, None, stage.config, ("latent_map",))[0]
+        mean, std = stage.map_statistics[1]
+        latent = torch.nn.functional.interpolate((latent - mean) / std, size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(combined, torch.maximum(head, latent))
+    assert (combined > head).any() and (combined > latent).any()  # each map wins somewhere
+
+
+def test_combining_without_the_latent_statistics_is_refused(headed):
+    stage, images = headed
+    x = torch.zeros(1, 1, 64, 64)
+    with pytest.raises(RuntimeError, match="fit_normalisation"):
+        standardised_map(stage.model_, x, None, stage.config, stage.map_statistics[:1])

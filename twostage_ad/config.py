@@ -257,11 +257,14 @@ class Stage2Config:
     ``score: head`` trains the generator to repair synthetic defects (``augment``, drawn on the
     tiles) and a U-Net head on tile ⊕ reconstruction to segment them (class-balanced BCE, weight
     ``w_head``, its own Adam at ``head_lr``); the map is then the head's ``softplus(logit)`` per
-    4×4 pixels instead of the latent difference (``models/patch_head.py``).
+    4×4 pixels instead of the latent difference (``models/patch_head.py``). With ``combine_latent``
+    the map is the pixel-wise max of the head's and the generator's latent difference's, each in
+    its own validation-normal σ units: the head sees what the synthetic defects look like, the
+    latent difference what no synthetic defect imitates (structure, semantics).
     """
 
     section: ClassVar[str] = "stage2"
-    scoring_fields: ClassVar[tuple[str, ...]] = ("score_reduction", "score_topk", "guidance", "tile_overlap")
+    scoring_fields: ClassVar[tuple[str, ...]] = ("score_reduction", "score_topk", "guidance", "tile_overlap", "combine_latent")
 
     # model
     width_divisor: int = 4  # r: widths 64/r ... 1024/r (GANomaly2D: r = 1)
@@ -285,6 +288,7 @@ class Stage2Config:
     head_width: int = 8
     w_head: float = 1.0
     head_lr: float = 5e-4
+    combine_latent: bool = True  # with score head: the map is the pixel-wise max of the head's and the latent difference's σ-maps
 
     def validate(self, prefix: str = "stage2") -> None:
         _check(

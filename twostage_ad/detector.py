@@ -242,15 +242,24 @@ class TwoStageDetector:
         self._fit_stage(self.stage1, train, folder, resume, progress, context)
         first = self._score_stage1(val, context, progress, "stage 1 score val")
         self._fit_stage(self.stage2, train, folder, resume, progress, context)
-        normal = np.asarray(val_labels) == 0
-        self.stage2.fit_normalisation(resize_images(val[normal], self.stage2.image_size),
-                                      stage1_maps=first.anomaly_maps[normal] if self.guided else None)
+        self.fit_stage2_statistics(val, val_labels, stage1_maps=first.anomaly_maps)
         if folder is not None and context.is_main:
             self.stage2.save(folder / "stage2.pt")  # now with its map statistics
         second = self._score_stage2(val, first.anomaly_maps, context, progress, "stage 2 score val")
         self.validation_ = CascadeScores(first, second, np.ones(len(val), bool))
         self.validation_labels_ = np.asarray(val_labels)
         return self if calibration is None else self.calibrate(calibration, fusion=fusion)
+
+    def fit_stage2_statistics(self, val: np.ndarray, val_labels: np.ndarray, *, stage1_maps: np.ndarray | None = None,
+                              progress: bool = False) -> TwoStageDetector:
+        """Fix stage 2's map statistics on the normals among the validation images (``stage1_maps``:
+        stage 1's ``N×H×W`` anomaly maps of all of them, scored here when guided and not given)."""
+        normal = np.asarray(val_labels) == 0
+        if self.guided and stage1_maps is None:
+            stage1_maps = self._score_stage1(val, DistributedContext(), progress, "stage 1 score val").anomaly_maps
+        self.stage2.fit_normalisation(resize_images(val[normal], self.stage2.image_size),
+                                      stage1_maps=stage1_maps[normal] if self.guided else None)
+        return self
 
     def calibrate(self, calibration: CalibrationConfig, *, fusion: str = "max",
                   synthetic: CascadeScores | None = None) -> TwoStageDetector:

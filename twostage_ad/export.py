@@ -29,7 +29,7 @@ from torch import nn
 from twostage_ad.detector import TwoStageDetector
 from twostage_ad.runs import read_json, write_atomic, write_json
 from twostage_ad.stages.attention import screening_batch, screening_loss
-from twostage_ad.stages.patch_scorer import image_scores, raw_maps
+from twostage_ad.stages.patch_scorer import image_scores, standardised_map
 
 __all__ = ["Stage1Scorer", "Stage2Scorer", "export_run", "EXPORT_FORMATS"]
 
@@ -60,16 +60,13 @@ class Stage2Scorer(nn.Module):
         stage = detector.stage2
         self.model = stage.model_.eval()
         self.config = stage.config
-        self.map_mean = float(stage.map_mean_)
-        self.map_std = float(stage.map_std_)
+        self.statistics = [(float(mean), float(std)) for mean, std in stage.map_statistics]
 
     def forward(self, x: torch.Tensor, stage1_anomaly: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if stage1_anomaly.shape[-2:] != x.shape[-2:]:  # as the detector does: stage 1's map at stage 2's size first
             stage1_anomaly = nn.functional.interpolate(stage1_anomaly[:, None].float(), size=x.shape[-2:], mode="bilinear",
                                                        align_corners=False)[:, 0]
-        raw = raw_maps(self.model, x, stage1_anomaly, self.config)
-        standardised = (raw - self.map_mean) / self.map_std
-        full = nn.functional.interpolate(standardised, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        full = standardised_map(self.model, x, stage1_anomaly, self.config, self.statistics)
         return image_scores(full, self.config), full
 
 

@@ -117,9 +117,14 @@ class GANomaly2DOutput:
     latent_reconstructed: torch.Tensor  # ẑ = E(x̂), same shape as z
 
     @property
-    def score_map(self) -> torch.Tensor:
+    def latent_map(self) -> torch.Tensor:
         """Raw anomaly score per latent cell, ``mean_c (z − ẑ)²``: ``B×1×h×w'``."""
         return (self.latent - self.latent_reconstructed).pow(2).mean(dim=1, keepdim=True)
+
+    @property
+    def score_map(self) -> torch.Tensor:
+        """The network's anomaly map: GANomaly2D's is :attr:`latent_map`."""
+        return self.latent_map
 
 
 class GANomaly2D(nn.Module):
@@ -146,6 +151,11 @@ class GANomaly2D(nn.Module):
     def cell_size(self) -> int:
         """Image pixels per latent cell along each side."""
         return 2**self.n_down
+
+    @property
+    def latent_cell_size(self) -> int:
+        """Image pixels per latent cell (here also the score map's cell)."""
+        return self.cell_size
 
     def forward(self, x: torch.Tensor) -> GANomaly2DOutput:
         if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[-2] % self.cell_size or x.shape[-1] % self.cell_size:

@@ -129,6 +129,11 @@ class GANomaly2DWithHead(nn.Module):
         """Image pixels per score-map cell along each side."""
         return HEAD_CELL
 
+    @property
+    def latent_cell_size(self) -> int:
+        """Image pixels per cell of the generator's latent difference (:attr:`HeadedOutput.latent_map`)."""
+        return self.generator.cell_size
+
     def forward(self, x: torch.Tensor) -> HeadedOutput:
         out = self.generator(x)
         logits = self.head(x, out.reconstruction.detach())

@@ -59,7 +59,9 @@ __all__ = [
     "guide",
     "image_scores",
     "patch_scores",
+    "map_names",
     "raw_maps",
+    "standardised_map",
 ]
 
 CHECKPOINT_FORMAT = "twostage_ad.stage2/2"  # /1: before channels_last and the global-batch sampler (loads, cannot resume)
@@ -114,37 +116,69 @@ def image_scores(maps: torch.Tensor, config: Stage2Config) -> torch.Tensor:
     return flat.topk(k, dim=1).values.mean(dim=1)
 
 
-def cell_maps(model: GANomaly2D, x: torch.Tensor, config: Stage2Config, tile_batch: int = 64) -> torch.Tensor:
-    """``B×1×h×w`` cell maps ``mean_c (z − ẑ)²`` of ``B×C×H×W`` images: one forward pass, or
-    overlapping ``config.tile_size`` tiles stitched when the images are larger (at most
-    ``max(tile_batch, B)`` tiles per forward pass)."""
+MapStatistics = tuple[float, float]  # (mean, std) of validation normals' raw cells of one map
+
+
+def map_names(model: torch.nn.Module, config: Stage2Config) -> tuple[str, ...]:
+    """The outputs the stage scores with: ``score_map`` (the head's, or GANomaly2D's latent
+    difference), and with ``combine_latent`` the headed generator's ``latent_map`` too (a
+    latent-only network has nothing to combine: ``combine_latent`` changes nothing there)."""
+    if config.combine_latent and isinstance(model, GANomaly2DWithHead):
+        return ("score_map", "latent_map")
+    return ("score_map",)
+
+
+def cell_maps(model: torch.nn.Module, x: torch.Tensor, config: Stage2Config, names: tuple[str, ...] = ("score_map",),
+              tile_batch: int = 64) -> list[torch.Tensor]:
+    """The ``B×1×h×w`` cell maps ``names`` of ``B×C×H×W`` images: one forward pass, or overlapping
+    ``config.tile_size`` tiles stitched when the images are larger (at most ``max(tile_batch, B)``
+    tiles per forward pass; tile origins on the latent cells' grid, which every map's cell divides)."""
     tile = config.tile_size
     if not tile or max(x.shape[-2:]) <= tile:
-        return model(x).score_map.float()
-    stride = tile_stride(tile, config.tile_overlap, model.cell_size)
-    return stitch_cell_maps(x, lambda tiles: model(tiles).score_map, tile=tile, stride=stride, cell=model.cell_size,
-                            batch_size=tile_batch)
+        out = model(x)
+        return [getattr(out, name).float() for name in names]
+    stride = tile_stride(tile, config.tile_overlap, model.latent_cell_size)
+    return [stitch_cell_maps(x, lambda tiles, name=name: getattr(model(tiles), name), tile=tile, stride=stride,
+                             cell=model.latent_cell_size if name == "latent_map" else model.cell_size, batch_size=tile_batch)
+            for name in names]
 
 
 def raw_maps(
-    model: GANomaly2D, x: torch.Tensor, stage1_anomaly: torch.Tensor | None, config: Stage2Config
-) -> torch.Tensor:
-    """Raw ``B×1×h×w`` cell maps ``mean_c (z − ẑ)²``, weighted by stage 1 when guided."""
-    raw = cell_maps(model, x, config)
+    model: torch.nn.Module, x: torch.Tensor, stage1_anomaly: torch.Tensor | None, config: Stage2Config,
+    names: tuple[str, ...] = ("score_map",),
+) -> list[torch.Tensor]:
+    """Raw ``B×1×h×w`` cell maps (non-negative), each weighted by stage 1 when guided."""
+    raws = cell_maps(model, x, config, names)
     if config.guidance == "attention":
         if stage1_anomaly is None:
             raise ValueError("stage2.guidance is 'attention' but no stage-1 anomaly maps were given")
-        raw = guide(raw, stage1_anomaly)
-    return raw
+        raws = [guide(raw, stage1_anomaly) for raw in raws]
+    return raws
+
+
+def standardised_map(
+    model: torch.nn.Module, x: torch.Tensor, stage1_anomaly: torch.Tensor | None, config: Stage2Config,
+    statistics: list[MapStatistics],
+) -> torch.Tensor:
+    """``B×H×W`` map in validation-normal σ units, bilinear-upsampled to ``x``'s size: each map of
+    :func:`map_names` standardised with its own statistics, the pixel-wise max where there are two."""
+    names = map_names(model, config)
+    if len(statistics) < len(names):
+        raise RuntimeError(f"stage 2 scores {names} but holds map statistics for {len(statistics)} of them: "
+                           "call fit_normalisation() on validation normals again")
+    full: torch.Tensor | None = None
+    for raw, (mean, std) in zip(raw_maps(model, x, stage1_anomaly, config, names), statistics):
+        z = F.interpolate((raw - mean) / std, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        full = z if full is None else torch.maximum(full, z)
+    return full
 
 
 def patch_scores(
-    model: GANomaly2D,
+    model: torch.nn.Module,
     images: np.ndarray,
     config: Stage2Config,
     device: torch.device,
-    map_mean: float,
-    map_std: float,
+    statistics: list[MapStatistics],
     *,
     stage1_maps: np.ndarray | None = None,
     batch_size: int = 64,
@@ -160,8 +194,7 @@ def patch_scores(
     with torch.inference_mode():
         for x, guidance in inference_batches(images, batch_size, device, extra=stage1_maps, extra_name="stage-1 maps",
                                                  progress=progress, desc=desc):
-            standardised = (raw_maps(model, x, guidance, config) - map_mean) / map_std
-            full = F.interpolate(standardised, size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+            full = standardised_map(model, x, guidance, config, statistics)
             scores.append(image_scores(full, config).cpu().numpy())
             maps.append(full.cpu().numpy())
     seconds = time.perf_counter() - start
@@ -236,12 +269,21 @@ class PatchScorerStage(TrainableStage):
         restore_batchnorm(self.model_)
 
     def _extra_payload(self) -> dict[str, Any]:
-        return {"map_mean": self.map_mean_, "map_std": self.map_std_} if hasattr(self, "map_mean_") else {}
+        if not hasattr(self, "map_mean_"):
+            return {}
+        latent = {"latent_mean": self.latent_mean_, "latent_std": self.latent_std_} if hasattr(self, "latent_mean_") else {}
+        return {"map_mean": self.map_mean_, "map_std": self.map_std_, **latent}
 
     def _load_extra(self, payload: dict[str, Any]) -> None:
-        if "map_mean" in payload:
-            self.map_mean_ = float(payload["map_mean"])
-            self.map_std_ = float(payload["map_std"])
+        for name in ("map_mean", "map_std", "latent_mean", "latent_std"):
+            if name in payload:
+                setattr(self, f"{name}_", float(payload[name]))
+
+    @property
+    def map_statistics(self) -> list[MapStatistics]:
+        """``(mean, std)`` of each map the stage can score with: its own, then the latent difference's (a head)."""
+        pairs = [(self.map_mean_, self.map_std_)]
+        return pairs + [(self.latent_mean_, self.latent_std_)] if hasattr(self, "latent_mean_") else pairs
 
     @classmethod
     def _from_payload(cls, payload: dict[str, Any], device: str) -> PatchScorerStage:
@@ -287,20 +329,25 @@ class PatchScorerStage(TrainableStage):
         return {**{k: v.item() for k, v in terms.items()}, "discriminator": l_d.item()}
 
     def fit_normalisation(self, images: np.ndarray, *, stage1_maps: np.ndarray | None = None) -> PatchScorerStage:
-        """Fix ``map_mean_`` / ``map_std_`` from validation normals' raw cell maps (never a batch's)."""
+        """Fix ``map_mean_`` / ``map_std_`` (and, for a head, ``latent_mean_`` / ``latent_std_`` of the
+        generator's latent difference) from validation normals' raw cell maps (never a batch's)."""
         self._require_fitted()
         self._check_images(images)
         if len(images) == 0:
             raise ValueError("stage-2 map statistics need at least one validation normal image")
         # statistics of the cells, before upsampling (bilinear upsampling is a weighted mean of cells)
+        names = ("score_map", "latent_map") if self.headed else ("score_map",)
+        cells: list[list[np.ndarray]] = [[] for _ in names]
         self.model_.eval()
         with torch.inference_mode():
-            cells = np.concatenate([raw_maps(self.model_, x, guidance, self.config).cpu().numpy()
-                                    for x, guidance in inference_batches(images, self.score_batch_size, self.device_, extra=stage1_maps,
-                                                                         extra_name="stage-1 maps")])
-        self.map_mean_ = float(cells.mean())
-        std = float(cells.std())
-        self.map_std_ = std if std > 0 and math.isfinite(std) else 1.0
+            for x, guidance in inference_batches(images, self.score_batch_size, self.device_, extra=stage1_maps, extra_name="stage-1 maps"):
+                for kept, raw in zip(cells, raw_maps(self.model_, x, guidance, self.config, names)):
+                    kept.append(raw.cpu().numpy().ravel())
+        for prefix, kept in zip(("map", "latent"), cells):
+            values = np.concatenate(kept)
+            std = float(values.std())
+            setattr(self, f"{prefix}_mean_", float(values.mean()))
+            setattr(self, f"{prefix}_std_", std if std > 0 and math.isfinite(std) else 1.0)
         return self
 
     def score(
@@ -312,5 +359,5 @@ class PatchScorerStage(TrainableStage):
         if not hasattr(self, "map_mean_"):
             raise RuntimeError("stage-2 map statistics are not fitted: call fit_normalisation() on validation normals first")
         self._check_images(images)
-        return patch_scores(self.model_, images, self.config, self.device_, self.map_mean_, self.map_std_,
+        return patch_scores(self.model_, images, self.config, self.device_, self.map_statistics,
                             stage1_maps=stage1_maps, batch_size=batch_size or self.score_batch_size, progress=progress, desc=desc)
