@@ -240,27 +240,13 @@ class Stage1Config:
 
 @dataclass
 class Stage2Config:
-    """The GANomaly2D patch scorer and its training (docs/design.md §2, stage 2).
+    """The GANomaly2D patch scorer and its training (docs/design.md §2, stage 2, has the maths).
 
-    Generator loss ``w_adv·BCE(D(x̂), 1) + w_con·L1(x̂, x) + w_enc·L2(z, ẑ)`` (GANomaly's
-    1 / 50 / 1), all mean-reduced; D learns ``BCE(D(x), 1) + BCE(D(x̂), 0)`` with logits.
-
-    Score map: ``mean_c (z − ẑ)²`` per latent cell (one cell = 16×16 pixels), optionally weighted
-    by stage 1's anomaly map (``guidance``), standardised with the mean and std of validation
-    normals' cells (fixed once, never per batch), bilinear-upsampled to the image. Image score:
-    ``max`` of the map or the mean of its ``score_topk`` highest share of pixels (``topk``).
-
-    ``guidance: attention`` weighs each latent cell's difference by ``0.25 + 0.75·max(1 − A)``
-    over the cell, A = stage 1's attention (1 = normal): stage 2's evidence counts fully where
-    stage 1 also sees something and a quarter elsewhere.
-
-    ``score: head`` trains the generator to repair synthetic defects (``augment``, drawn on the
-    tiles) and a U-Net head on tile ⊕ reconstruction to segment them (class-balanced BCE, weight
-    ``w_head``, its own Adam at ``head_lr``); the map is then the head's ``softplus(logit)`` per
-    4×4 pixels instead of the latent difference (``models/patch_head.py``). With ``combine_latent``
-    the map is the pixel-wise max of the head's and the generator's latent difference's, each in
-    its own validation-normal σ units: the head sees what the synthetic defects look like, the
-    latent difference what no synthetic defect imitates (structure, semantics).
+    Generator ``w_adv·BCE(D(x̂), 1) + w_con·L1(x̂, x) + w_enc·L2(z, ẑ)`` (GANomaly's 1 / 50 / 1);
+    ``score: head`` adds a defect head on tile ⊕ repair (``w_head``, ``head_lr``, ``models/patch_head.py``)
+    whose map ``combine_latent`` max-combines with the latent difference's. Maps are weighted by
+    stage 1's (``guidance``: ``0.25 + 0.75·max(1 − A)`` per cell), standardised by validation normals
+    (never per batch) and upsampled; the image score is their ``max`` or top-``score_topk`` mean.
     """
 
     section: ClassVar[str] = "stage2"
@@ -283,18 +269,15 @@ class Stage2Config:
     score_reduction: str = "max"
     score_topk: float = 0.01
     guidance: str = "attention"  # MTD: stage-2 AUROC 0.551 vs 0.503, PRO 0.33 vs 0.22 (docs/experiments.md)
-    # the map: a defect head on tile ⊕ repair, or GANomaly2D's latent difference ("latent")
-    score: str = "head"  # MTD synthetic validation, stage 2: 0.870 vs 0.665 (docs/experiments.md)
+    score: str = "head"  # or "latent" (GANomaly2D's own map); MTD synthetic stage 2: 0.870 vs 0.665 (docs/experiments.md)
     head_width: int = 8
     w_head: float = 1.0
     head_lr: float = 5e-4
     combine_latent: bool = True  # with score head: the map is the pixel-wise max of the head's and the latent difference's σ-maps
 
     def validate(self, prefix: str = "stage2") -> None:
-        _check(
-            isinstance(self.width_divisor, int) and self.width_divisor >= 1 and 64 % self.width_divisor == 0,
-            f"{prefix}.width_divisor", "a divisor of 64 (1, 2, 4, 8, 16, 32 or 64)", self.width_divisor,
-        )
+        _check(isinstance(self.width_divisor, int) and self.width_divisor >= 1 and 64 % self.width_divisor == 0,
+               f"{prefix}.width_divisor", "a divisor of 64 (1, 2, 4, 8, 16, 32 or 64)", self.width_divisor)
         _check(isinstance(self.image_size, int) and (self.image_size == 0 or (self.image_size >= 32 and self.image_size % 16 == 0)),
                f"{prefix}.image_size", "0 (stage 1's size) or a multiple of 16 that is >= 32", self.image_size)
         _check(isinstance(self.tile_size, int) and (self.tile_size == 0 or (self.tile_size >= 32 and self.tile_size % 16 == 0)),
@@ -385,12 +368,8 @@ class RunConfig:
 
     def validate(self, prefix: str = "run") -> None:
         _check(bool(self.name) and "/" not in self.name, f"{prefix}.name", "a non-empty name without '/'", self.name)
-        _check(
-            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-            f"{prefix}.device",
-            "auto, cpu, cuda or cuda:N",
-            self.device,
-        )
+        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), f"{prefix}.device",
+               "auto, cpu, cuda or cuda:N", self.device)
         _check(self.seed >= 0, f"{prefix}.seed", "an integer >= 0", self.seed)
         _check(self.precision in PRECISIONS, f"{prefix}.precision", f"one of {PRECISIONS}", self.precision)
         _check(isinstance(self.score_batch_size, int) and self.score_batch_size >= 1, f"{prefix}.score_batch_size",
