@@ -43,7 +43,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import numpy as np
 import pandas as pd
 
-from twostage_ad.config import load_config
+from twostage_ad.config_io import load_config
 from twostage_ad.runs import read_json, write_atomic, write_text_atomic
 from twostage_ad.workflow import run_pipeline
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from twostage_ad.config import load_config
+from twostage_ad.config_io import load_config
 from twostage_ad.runs import read_json
 from twostage_ad.workflow import load_run_config, run_pipeline
 

@@ -38,7 +38,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from twostage_ad.allocator import tune_malloc
-from twostage_ad.config import Config, load_config
+from twostage_ad.config import Config
+from twostage_ad.config_io import load_config
 from twostage_ad.detector import apply_run_settings
 from twostage_ad.device import resolve_precision
 from twostage_ad.models.ganomaly2d import GANomaly2D, PatchDiscriminator

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from twostage_ad.config import load_config
+from twostage_ad.config_io import load_config
 from twostage_ad.workflow import run_pipeline
 
 from _results import append_row, git_commit

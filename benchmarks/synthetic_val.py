@@ -29,7 +29,7 @@ from pathlib import Path
 from scipy.stats import spearmanr
 
 from twostage_ad.cascade import fit_cascade
-from twostage_ad.config import apply_overrides
+from twostage_ad.config_io import apply_overrides
 from twostage_ad.data.images import decode_records
 from twostage_ad.data.records import load_records, split_records
 from twostage_ad.detector import TwoStageDetector

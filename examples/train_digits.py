@@ -5,7 +5,7 @@
 
 import sys
 
-from twostage_ad.config import load_config
+from twostage_ad.config_io import load_config
 from twostage_ad.workflow import run_pipeline
 
 config = load_config(None, ["data.normal_digit=1", "stage1.epochs=5", "stage2.epochs=5"])

@@ -7,7 +7,7 @@ default recipe.
 
 import sys
 
-from twostage_ad.config import config_from_dict
+from twostage_ad.config_io import config_from_dict
 from twostage_ad.workflow import run_pipeline
 
 root = sys.argv[1]

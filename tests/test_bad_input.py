@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from twostage_ad.config import ConfigError, load_config
+from twostage_ad.config import ConfigError
+from twostage_ad.config_io import load_config
 from twostage_ad.data.records import DataError, load_records
 from twostage_ad.workflow import run_pipeline
 

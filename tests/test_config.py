@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from twostage_ad.config import Config, ConfigError, apply_overrides, config_to_dict, load_config, save_config
+from twostage_ad.config import Config, ConfigError
+from twostage_ad.config_io import apply_overrides, config_to_dict, load_config, save_config
 
 REPO = Path(__file__).resolve().parents[1]
 

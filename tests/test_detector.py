@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import twostage_ad
-from twostage_ad.config import load_config
+from twostage_ad.config_io import load_config
 from twostage_ad.data.images import decode_records
 from twostage_ad.data.records import DataError, load_records, split_records
 from twostage_ad.detector import TwoStageDetector, expand_image_paths
@@ -113,7 +113,7 @@ def test_unfinished_run_is_refused(run, tmp_path):
 
 def test_a_detector_fits_from_arrays_and_predicts_what_fit_scored():
     """The Python API needs no run folder: fit on arrays, then predict gives fit's validation scores."""
-    from twostage_ad.config import load_config as load
+    from twostage_ad.config_io import load_config as load
 
     from conftest import textured
 

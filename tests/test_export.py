@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from twostage_ad.config import load_config
+from twostage_ad.config_io import load_config
 from twostage_ad.data.images import to_tensor
 from twostage_ad.detector import TwoStageDetector
 from twostage_ad.export import export_run

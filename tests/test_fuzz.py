@@ -7,7 +7,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from twostage_ad.config import Config, ConfigError, apply_overrides, config_from_dict
+from twostage_ad.config import Config, ConfigError
+from twostage_ad.config_io import apply_overrides, config_from_dict
 from twostage_ad.data.records import DataError, read_manifest
 
 SECTIONS = {f.name: [g.name for g in dataclasses.fields(f.type if isinstance(f.type, type) else type(getattr(Config(), f.name)))]

@@ -18,7 +18,8 @@ FIT = textwrap.dedent('''
     from pathlib import Path
     import numpy as np
     from PIL import Image
-    from twostage_ad.config import CalibrationConfig, Config, save_config
+    from twostage_ad.config import CalibrationConfig, Config
+    from twostage_ad.config_io import save_config
     from twostage_ad.detector import TwoStageDetector
     from twostage_ad.runs import write_thresholds
 

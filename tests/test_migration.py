@@ -7,7 +7,8 @@ import pytest
 import torch
 import yaml
 
-from twostage_ad.config import ConfigError, config_from_dict, load_config
+from twostage_ad.config import ConfigError
+from twostage_ad.config_io import config_from_dict, load_config
 from twostage_ad.device import resolve_precision
 from twostage_ad.migration import migrate_section
 from twostage_ad.models.ganomaly2d import GANomaly2D

@@ -9,7 +9,7 @@ import sys
 import pandas as pd
 import pytest
 
-from twostage_ad.config import load_config
+from twostage_ad.config_io import load_config
 from twostage_ad.pipeline import main
 from twostage_ad.runs import RunExistsError, load_checkpoint
 from twostage_ad.workflow import calibrate_run, run_pipeline

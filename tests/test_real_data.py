@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from twostage_ad.config import load_config
+from twostage_ad.config_io import load_config
 from twostage_ad.data.records import load_records, split_records
 from twostage_ad.workflow import run_pipeline
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from twostage_ad.config import load_config
+from twostage_ad.config_io import load_config
 from twostage_ad.pipeline import main
 from twostage_ad.runs import load_checkpoint, save_checkpoint
 from twostage_ad.stages.attention import AttentionStage

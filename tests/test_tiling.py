@@ -126,7 +126,7 @@ TINY = ["stage1.epochs=2", "stage1.base_width=8", "stage1.max_width=32", "stage2
 @pytest.fixture(scope="module")
 def tiled_run(tmp_path_factory):
     """The digits demo with stage 2 at twice stage 1's scale (64 px) over 32-px tiles."""
-    from twostage_ad.config import load_config
+    from twostage_ad.config_io import load_config
     from twostage_ad.workflow import run_pipeline
 
     config = load_config(None, [*TINY, "stage2.image_size=64", "stage2.tile_size=32"])

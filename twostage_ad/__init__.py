@@ -15,7 +15,7 @@ __all__ = ["TwoStageDetector", "load_config", "run_pipeline", "calibrate_run", "
 
 _LOCATIONS = {
     "TwoStageDetector": "twostage_ad.detector",
-    "load_config": "twostage_ad.config",
+    "load_config": "twostage_ad.config_io",
     "run_pipeline": "twostage_ad.workflow",
     "calibrate_run": "twostage_ad.workflow",
     "tune_malloc": "twostage_ad.allocator",

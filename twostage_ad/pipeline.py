@@ -10,12 +10,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from twostage_ad.config import (
-    CALIBRATION_METHODS,
-    CalibrationConfig,
-    ConfigError,
-    load_config,
-)
+from twostage_ad.config import CALIBRATION_METHODS, CalibrationConfig, ConfigError
+from twostage_ad.config_io import load_config
 
 __all__ = ["main", "build_parser"]
 

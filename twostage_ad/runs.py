@@ -202,7 +202,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def load_run_config(run_dir: str | Path) -> Config:
     """The resolved ``config.yaml`` of a run (old fields migrated, with a warning)."""
-    from twostage_ad.config import ConfigError, config_from_dict
+    from twostage_ad.config import ConfigError
+    from twostage_ad.config_io import config_from_dict
 
     path = Path(run_dir) / RUN_FILES["config"]
     if not path.is_file():

@@ -25,7 +25,8 @@ import torch
 from twostage_ad.allocator import tune_malloc
 from twostage_ad.calibration import NORMAL_ONLY_METHODS, SYNTHETIC_METHODS, CalibrationError
 from twostage_ad.cascade import Cascade, fit_cascade
-from twostage_ad.config import CalibrationConfig, Config, ConfigError, config_to_dict, save_config
+from twostage_ad.config import CalibrationConfig, Config, ConfigError
+from twostage_ad.config_io import config_to_dict, save_config
 from twostage_ad.data.images import DecodedImages, decode_records, infer_channels
 from twostage_ad.data.records import DataError, Record, load_records, split_records
 from twostage_ad.detector import CascadeScores, TwoStageDetector, expand_image_paths
