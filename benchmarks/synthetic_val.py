@@ -64,6 +64,8 @@ def row_for(run_dir: Path, seed: int | None, variant: list[str] | None = None) -
     detector = TwoStageDetector.from_run(run_dir, device="cpu")
     if variant:
         apply_variant(detector, variant)
+        if detector.stage1.fit_missing_statistics(_decode(config, "train").images):  # e.g. a feature bank of another size
+            logging.getLogger("twostage_ad").info("%s: fitted stage 1's statistics for the variant on the training images", run_dir)
         if any(v.startswith("stage2.") for v in variant):  # the changed maps' statistics, as run fits them
             detector.fit_stage2_statistics(val.images, val.labels)
     validation = detector.score(val.images, all_stages=True, progress=False)

@@ -92,7 +92,7 @@ def test_fit_leaves_statistics_of_the_training_maps_and_scoring_uses_them(small_
     torch.testing.assert_close(stage.position_.mean, bce[:, 0].mean(dim=0), rtol=1e-5, atol=1e-6)
     on = stage.score(images, progress=False)
     expected = screening_topk(bce - stage.position_.mean, stage.config.screen_topk).numpy()  # the default, "mean"
-    np.testing.assert_allclose(on.loss, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(on.components["stage1_att_topk"], expected, rtol=1e-5, atol=1e-6)
     try:
         stage.config = replace(stage.config, position_normality="standardise")
         z = stage.score(images, progress=False)
@@ -100,9 +100,9 @@ def test_fit_leaves_statistics_of_the_training_maps_and_scoring_uses_them(small_
         off = stage.score(images, progress=False)
     finally:
         stage.config = replace(stage.config, position_normality="mean")
-    np.testing.assert_allclose(z.loss, screening_topk(stage.position_.standardise(bce), stage.config.screen_topk).numpy(),
+    np.testing.assert_allclose(z.components["stage1_att_topk"], screening_topk(stage.position_.standardise(bce), stage.config.screen_topk).numpy(),
                                rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(off.loss, screening_topk(bce, stage.config.screen_topk).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(off.components["stage1_att_topk"], screening_topk(bce, stage.config.screen_topk).numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(on.anomaly_maps, off.anomaly_maps)  # the map stays 1 − A
 
 

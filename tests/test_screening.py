@@ -63,9 +63,14 @@ def test_screening_loss_is_the_documented_weighted_sum(fitted_stage):
     stage, images = fitted_stage
     result = stage.score(images[:3], progress=False)
     c = {k: result.components[k] for k in SCREENING_COMPONENTS}
-    config = Stage1Config(screen_con=2.0, screen_enc=0.0, screen_att=3.0)
+    config = Stage1Config(screen_con=2.0, screen_enc=0.0, screen_att=3.0, screen_feature=0.0)
     np.testing.assert_allclose(screening_loss(c, config), 2.0 * c["stage1_recon"] + 3.0 * c["stage1_att_topk"])
-    np.testing.assert_allclose(result.loss, screening_loss(c, stage.config))
+    np.testing.assert_allclose(result.loss, screening_loss(c, stage.config, stage.features_))
+    f = stage.features_  # the attention and feature terms in z units of the training normals, the rest raw
+    expected = (stage.config.screen_con * c["stage1_recon"] + stage.config.screen_enc * c["stage1_latent"]
+                + stage.config.screen_att * (c["stage1_att_topk"] - f.attention_mean) / f.attention_std
+                + stage.config.screen_feature * (c["stage1_feature"] - f.feature_mean) / f.feature_std)
+    np.testing.assert_allclose(result.loss, expected, rtol=1e-5)
     assert result.anomaly_maps.shape == (3, 32, 32)
     assert np.all((result.anomaly_maps >= 0) & (result.anomaly_maps <= 1))
 
@@ -105,7 +110,7 @@ def test_lower_attention_means_higher_loss_and_hotter_map(bias):
     net = AttentionNet(1, 32, base_width=4, max_width=8)
     torch.nn.init.zeros_(net.attention_head.weight)
     images = np.full((1, 32, 32, 1), 128, np.uint8)
-    config = Stage1Config(screen_con=0.0, screen_enc=0.0, screen_att=1.0)
+    config = Stage1Config(screen_con=0.0, screen_enc=0.0, screen_att=1.0, screen_feature=0.0)
     results = []
     for b in (bias, bias - 2.0):  # second one looks more anomalous
         torch.nn.init.constant_(net.attention_head.bias, b)
@@ -181,7 +186,7 @@ def test_attention_only_training_skips_reconstruction_and_screening_stays_finite
     rng = np.random.default_rng(0)
     images = np.stack([textured(rng, size=32)[..., None] for _ in range(8)])
     config = Stage1Config(epochs=1, base_width=8, max_width=16, batch_size=4, w_con=0.0, w_rep=0.0, w_enc=0.0, w_adv=0.0,
-                          screen_con=0.0, screen_enc=0.0)
+                          screen_con=0.0, screen_enc=0.0, screen_feature=0.0)
     torch.manual_seed(0)
     untrained = AttentionNet(1, 32, base_width=8, max_width=16, separate_reconstruction=True).latent_encoder.state_dict()
     stage = AttentionStage(config=config, image_size=32, channels=1, device="cpu", seed=0).fit(images, progress=False)

@@ -142,7 +142,8 @@ class Stage1Config:
     """
 
     section: ClassVar[str] = "stage1"
-    scoring_fields: ClassVar[tuple[str, ...]] = ("screen_con", "screen_enc", "screen_att", "screen_topk", "position_normality")
+    scoring_fields: ClassVar[tuple[str, ...]] = ("screen_con", "screen_enc", "screen_att", "screen_topk", "position_normality",
+                                                 "screen_feature", "feature_stride", "feature_bank_size")
 
     # model
 
@@ -184,6 +185,13 @@ class Stage1Config:
     # fixed structure (corners, borders, printed lines) is not scored as a defect: "mean"; "standardise"
     # also divides by (std + 0.1), which small training sets make noisy; "none" (docs/experiments.md)
     position_normality: str = "mean"
+    # feature normality: the distance of each cell's stage-1 encoder features (the level with feature_stride px
+    # per cell, or the bottleneck) to a coreset of the training normals' (feature_bank_size rows); the screening
+    # adds screen_feature·z(feature) to screen_att·z(attention), both in z units of the training normals
+    # (stages/feature_normality.py); 0 = the attention term alone, as before
+    screen_feature: float = 1.0
+    feature_stride: int = 16
+    feature_bank_size: int = 4096
 
     def validate(self, prefix: str = "stage1") -> None:
         for name in ("base_width", "max_width", "ensemble_size", "epochs", "batch_size"):
@@ -202,10 +210,15 @@ class Stage1Config:
         _check(self.final_up in ("upsample_conv", "conv_upsample"), f"{prefix}.final_up", "upsample_conv or conv_upsample", self.final_up)
         _check(self.lr > 0, f"{prefix}.lr", "> 0", self.lr)
         _check(self.weight_decay >= 0, f"{prefix}.weight_decay", ">= 0", self.weight_decay)
-        for name in ("w_con", "w_enc", "w_att", "w_adv", "w_rep", "w_repair_l2", "w_repair_ssim", "screen_con", "screen_enc", "screen_att"):
+        for name in ("w_con", "w_enc", "w_att", "w_adv", "w_rep", "w_repair_l2", "w_repair_ssim", "screen_con", "screen_enc", "screen_att",
+                     "screen_feature"):
             value = getattr(self, name)
             _check(value >= 0, f"{prefix}.{name}", "a finite number >= 0", value)
         _check(0.0 < self.screen_topk <= 1.0, f"{prefix}.screen_topk", "in (0, 1]", self.screen_topk)
+        _check(isinstance(self.feature_stride, int) and self.feature_stride >= 2 and _is_power_of_two(self.feature_stride),
+               f"{prefix}.feature_stride", "a power of two >= 2", self.feature_stride)
+        _check(isinstance(self.feature_bank_size, int) and self.feature_bank_size >= 1, f"{prefix}.feature_bank_size",
+               "an integer >= 1", self.feature_bank_size)
         _check(self.position_normality in ("none", "mean", "standardise"), f"{prefix}.position_normality",
                "none, mean or standardise", self.position_normality)
         for name in ("repair", "repair_detach"):

@@ -282,9 +282,8 @@ class TwoStageDetector:
         if stage.config_name not in getattr(self, "reused_", {}):
             stage.fit(train, checkpoint_path=path, progress=progress, resume=resume, context=context)
             return
-        if isinstance(stage, AttentionStage) and stage.config.position_normality != "none" and getattr(stage, "position_", None) is None:
-            log.info("stage 1 reused from a checkpoint without position statistics: fitting them on the training images")
-            stage.fit_position_normality(train, context=context, progress=progress)
+        if isinstance(stage, AttentionStage) and stage.fit_missing_statistics(train, context=context, progress=progress):
+            log.info("stage 1 reused from a checkpoint without the statistics its scoring needs: fitted them on the training images")
         if path is not None and context.is_main:
             stage.save(path)
 

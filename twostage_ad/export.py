@@ -46,10 +46,11 @@ class Stage1Scorer(nn.Module):
         self.model = detector.stage1.model_.eval()
         self.config = detector.stage1.config  # exported graphs are float32 (screening_batch's default)
         self.positions = detector.stage1._positions()  # constants in the graph
+        self.features = detector.stage1._features()  # the feature bank, a constant too
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        components, anomaly = screening_batch(self.model, x, self.config, positions=self.positions)
-        return screening_loss(components, self.config), anomaly
+        components, anomaly = screening_batch(self.model, x, self.config, positions=self.positions, features=self.features)
+        return screening_loss(components, self.config, self.features), anomaly
 
 
 class Stage2Scorer(nn.Module):

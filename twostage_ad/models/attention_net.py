@@ -52,6 +52,7 @@ class AttentionOutput:
     latent_reconstructed: torch.Tensor | None  # ẑ = E(x̂), B×w×b×b; None with x̂
     member_attention_logits: torch.Tensor | None = None  # M×B×1×S×S from an ensemble's members, else None
     repaired: torch.Tensor | None = None  # x̃, B×C×S×S in [-1, 1], from a repair network (RepairThenAttend), else None
+    encoder_features: list[torch.Tensor] | None = None  # f_i, B×w_i×S/2^(i+1)×S/2^(i+1); an ensemble's first member's
 
     @property
     def attention(self) -> torch.Tensor:
@@ -245,6 +246,7 @@ class AttentionNet(nn.Module):
             attention_logits=self.attention_head(h),
             latent=features[-1],
             latent_reconstructed=latent_reconstructed,
+            encoder_features=features,
         )
 
     def reconstruction_modules(self) -> list[nn.Module]:
@@ -259,7 +261,8 @@ class AttentionNetEnsemble(nn.Module):
     Estimation using Deep Ensembles", NeurIPS 2017). Deviation: the members train side by side on
     the same batches and synthetic defects (each on its own loss), so they differ by their initial
     weights alone. ``B×C×S×S -> AttentionOutput`` with the mean logits ``B×1×S×S``, the members'
-    ``M×B×1×S×S`` and the members' latents concatenated along channels; no x̂ (attention only).
+    ``M×B×1×S×S``, the members' latents concatenated along channels and the first member's encoder
+    features; no x̂ (attention only).
     """
 
     def __init__(self, members: list[AttentionNet]):
@@ -283,6 +286,7 @@ class AttentionNetEnsemble(nn.Module):
             latent=torch.cat([o.latent for o in outputs], dim=1),
             latent_reconstructed=None,
             member_attention_logits=logits,
+            encoder_features=outputs[0].encoder_features,  # the first member's (feature normality needs one encoder)
         )
 
     def reconstruction_modules(self) -> list[nn.Module]:

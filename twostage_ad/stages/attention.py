@@ -37,6 +37,7 @@ from twostage_ad.distributed import DistributedContext
 from twostage_ad.migration import stored_section
 from twostage_ad.models.attention_net import AttentionNet, AttentionNetEnsemble, ImageMapDiscriminator
 from twostage_ad.models.repair_net import RepairNet, RepairThenAttend
+from twostage_ad.stages.feature_normality import FeatureNormality, feature_level
 from twostage_ad.stages.losses import attention_bce, discriminator_loss, feature_matching, masked_mean, repair_losses
 from twostage_ad.stages.normality import PositionNormality
 from twostage_ad.stages.training import TrainableStage, inference_batches
@@ -55,7 +56,7 @@ __all__ = [
     "uses_reconstruction",
 ]
 
-SCREENING_COMPONENTS = ("stage1_recon", "stage1_latent", "stage1_att_mean", "stage1_att_topk")
+SCREENING_COMPONENTS = ("stage1_recon", "stage1_latent", "stage1_att_mean", "stage1_att_topk", "stage1_feature")
 CHECKPOINT_FORMAT = "twostage_ad.stage1/2"  # /1 loads for scoring but cannot resume
 
 
@@ -112,7 +113,7 @@ class ScreeningResult:
 
 def screening_batch(
     model: AttentionNet | AttentionNetEnsemble | RepairThenAttend, x: torch.Tensor, config: Stage1Config, *, bf16: bool = False,
-    positions: PositionNormality | None = None,
+    positions: PositionNormality | None = None, features: FeatureNormality | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Screening components (each ``B``) and the anomaly map ``1 − A`` (``B×H×W``) of a batch ``x``.
 
@@ -122,6 +123,8 @@ def screening_batch(
     autocast is switched off for the network even inside a caller's autocast region. With
     ``positions`` the attention term is taken over the pixel BCE standardised position by
     position (:class:`~twostage_ad.stages.normality.PositionNormality`); the map stays ``1 − A``.
+    With ``features`` the feature term (``stage1_feature``, the largest distance of a cell's encoder
+    features to the training normals' bank) is computed; otherwise it is NaN.
     """
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         out = model(x, reconstruct=uses_reconstruction(config))
@@ -136,6 +139,7 @@ def screening_batch(
         "stage1_latent": latent,
         "stage1_att_mean": pixel_bce.mean(dim=(1, 2, 3)),
         "stage1_att_topk": screening_topk(screened, config.screen_topk),
+        "stage1_feature": nan if features is None else features.image_scores(out.encoder_features[features.level]),
     }
     return components, 1.0 - torch.sigmoid(out.attention_logits.float())[:, 0]
 
@@ -163,14 +167,22 @@ def uses_reconstruction(config: Stage1Config, *, training: bool = False) -> bool
     return config.screen_con != 0 or config.screen_enc != 0
 
 
-def screening_loss(components: dict[str, Any], config: Stage1Config) -> Any:
+def screening_loss(components: dict[str, Any], config: Stage1Config, features: FeatureNormality | None = None) -> Any:
     """``screen_con·recon + screen_enc·latent + screen_att·att_topk`` (documented weights; terms
-    with weight 0 are left out, so a component that was not computed does not turn it NaN).
+    with weight 0 are left out, so a component that was not computed does not turn it NaN). With
+    ``screen_feature > 0`` the attention and feature terms enter in z units of the training normals
+    instead, ``screen_att·z(att_topk) + screen_feature·z(feature)`` (``features`` holds the statistics).
 
     Works on numpy arrays and on torch tensors (the exported scorer uses it too).
     """
     terms = [(config.screen_con, "stage1_recon"), (config.screen_enc, "stage1_latent"), (config.screen_att, "stage1_att_topk")]
     total = components["stage1_att_topk"] * 0
+    if config.screen_feature > 0:
+        if features is None:
+            raise ValueError("stage1.screen_feature > 0 needs the training normals' feature statistics (FeatureNormality)")
+        total = total + features.combined(components["stage1_att_topk"], components["stage1_feature"], config.screen_att,
+                                          config.screen_feature)
+        terms = terms[:2]
     for weight, name in terms:
         if weight != 0:
             total = total + weight * components[name]
@@ -186,6 +198,7 @@ def screening_scores(
     batch_size: int = 64,
     bf16: bool = False,
     positions: PositionNormality | None = None,
+    features: FeatureNormality | None = None,
     progress: bool = True,
     desc: str = "stage 1 score",
 ) -> ScreeningResult:
@@ -196,7 +209,7 @@ def screening_scores(
     start = time.perf_counter()
     with torch.inference_mode():
         for x, _ in inference_batches(images, batch_size, device, progress=progress, desc=desc):
-            components, anomaly = screening_batch(model, x, config, bf16=bf16, positions=positions)
+            components, anomaly = screening_batch(model, x, config, bf16=bf16, positions=positions, features=features)
             for name, value in components.items():
                 parts[name].append(value.cpu().numpy())
             maps.append(anomaly.cpu().numpy())
@@ -204,7 +217,7 @@ def screening_scores(
     size = images.shape[1]
     components = {k: np.concatenate(v) if v else np.zeros(0, np.float32) for k, v in parts.items()}
     return ScreeningResult(
-        loss=screening_loss(components, config),
+        loss=screening_loss(components, config, features),
         components=components,
         anomaly_maps=np.concatenate(maps) if maps else np.zeros((0, size, size), np.float32),
         seconds=seconds,
@@ -258,7 +271,63 @@ class AttentionStage(TrainableStage):
 
     def _fit_statistics(self, images: np.ndarray, context: DistributedContext, progress: bool) -> bool:
         self.fit_position_normality(images, context=context, progress=progress)
+        if self.config.screen_feature > 0:
+            self.fit_feature_normality(images, progress=progress)
         return True
+
+    def fit_feature_normality(self, images: np.ndarray, *, progress: bool = False) -> FeatureNormality:
+        """Fit ``features_`` on uint8 ``N×H×W×C`` normal images (the training images, after training
+        and after :meth:`fit_position_normality`): the bank of their encoder features and both screening
+        terms' spread (:class:`~twostage_ad.stages.feature_normality.FeatureNormality`), float32, eval
+        mode (an ensemble's first member's features). Every rank fits it on all images, so all hold the
+        same bank."""
+        self._require_fitted()
+        self._check_images(images)
+        level = feature_level(self.image_size, self.config.bottleneck_size, self.config.feature_stride)
+        positions = self._positions()
+        features, attention = [], []
+        self.model_.eval()
+        with torch.inference_mode():
+            for x, _ in inference_batches(images, self.score_batch_size, self.device_, progress=progress, desc="stage 1 features"):
+                with torch.autocast(x.device.type, enabled=False):
+                    out = self.model_(x, reconstruct=False)
+                bce = pixel_screening_bce(out.attention_logits)
+                screened = bce if positions is None else positions.apply(bce, self.config.position_normality)
+                attention.append(screening_topk(screened, self.config.screen_topk).cpu())
+                features.append(out.encoder_features[level].float().cpu())
+        self.features_ = FeatureNormality.fit(torch.cat(features), torch.cat(attention), level=level,
+                                              bank_size=self.config.feature_bank_size, seed=self.seed)
+        return self.features_
+
+    def _features_match(self) -> bool:
+        """Whether ``features_`` was fitted with this config's ``feature_stride`` and ``feature_bank_size``."""
+        features = getattr(self, "features_", None)
+        return features is not None and (features.level, features.bank_size) == (
+            feature_level(self.image_size, self.config.bottleneck_size, self.config.feature_stride), self.config.feature_bank_size)
+
+    def _features(self) -> FeatureNormality | None:
+        """The feature bank the screening compares with, or None when ``screen_feature`` is 0."""
+        if self.config.screen_feature == 0:
+            return None
+        if not self._features_match():
+            raise RuntimeError("stage1.screen_feature > 0 but this stage 1 holds no feature bank for its feature_stride and "
+                               "feature_bank_size (a checkpoint of an older version, or changed fields): call "
+                               "fit_feature_normality(training images), or set stage1.screen_feature: 0")
+        return self.features_
+
+    def fit_missing_statistics(self, images: np.ndarray, *, context: DistributedContext | None = None,
+                               progress: bool = False) -> bool:
+        """Fit, on the training ``images``, the statistics this config's scoring needs and a reused
+        checkpoint lacks (position statistics, a feature bank of the configured stride and size).
+        Returns whether anything was fitted."""
+        fitted = False
+        if self.config.position_normality != "none" and getattr(self, "position_", None) is None:
+            self.fit_position_normality(images, context=context, progress=progress)
+            fitted = True
+        if self.config.screen_feature > 0 and not self._features_match():
+            self.fit_feature_normality(images, progress=progress)
+            fitted = True
+        return fitted
 
     def fit_position_normality(self, images: np.ndarray, *, context: DistributedContext | None = None,
                                progress: bool = False) -> PositionNormality:
@@ -293,12 +362,18 @@ class AttentionStage(TrainableStage):
         return self.position_
 
     def _extra_payload(self) -> dict[str, Any]:
-        position = getattr(self, "position_", None)
-        return {} if position is None else {"position_normality": position.to_payload()}
+        extra = {}
+        if getattr(self, "position_", None) is not None:
+            extra["position_normality"] = self.position_.to_payload()
+        if getattr(self, "features_", None) is not None:
+            extra["feature_normality"] = self.features_.to_payload()
+        return extra
 
     def _load_extra(self, payload: dict[str, Any]) -> None:
         stored = payload.get("position_normality")
         self.position_ = None if stored is None else PositionNormality.from_payload(stored)
+        stored = payload.get("feature_normality")
+        self.features_ = None if stored is None else FeatureNormality.from_payload(stored)
 
     @classmethod
     def _from_payload(cls, payload: dict[str, Any], device: str) -> AttentionStage:
@@ -402,4 +477,4 @@ class AttentionStage(TrainableStage):
         self._require_fitted()
         bf16 = self.scoring_precision() == "bf16"
         return screening_scores(self.model_, images, self.config, self.device_, batch_size=batch_size or self.score_batch_size,
-                                bf16=bf16, positions=self._positions(), progress=progress, desc=desc)
+                                bf16=bf16, positions=self._positions(), features=self._features(), progress=progress, desc=desc)
