@@ -103,3 +103,17 @@ def test_an_unseen_texture_scores_higher_than_the_training_texture(stage_and_ima
     unseen = np.stack([(rng.random((32, 32, 1)) > 0.5).astype(np.uint8) * 255 for _ in range(8)])  # salt and pepper
     scores = stage.score(np.concatenate([normal, unseen]), progress=False).components["stage1_feature"]
     assert image_auroc(np.r_[np.zeros(8), np.ones(8)].astype(int), scores).value >= 0.9
+
+
+def test_the_map_blends_one_minus_a_with_the_cells_feature_z(stage_and_images):
+    stage, images = stage_and_images
+    result = stage.score(images[:3], progress=False)
+    with torch.inference_mode():
+        out = stage.model_(torch.from_numpy(images[:3]).permute(0, 3, 1, 2).float() / 127.5 - 1, reconstruct=False)
+    cells = stage.features_.cell_distances(out.encoder_features[stage.features_.level])
+    cell_map = torch.nn.functional.interpolate(torch.sigmoid((cells - stage.features_.feature_mean) / stage.features_.feature_std)[:, None],
+                                               size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
+    w = stage.config.feature_map_weight
+    expected = (1 - w) * (1 - torch.sigmoid(out.attention_logits[:, 0])) + w * cell_map
+    np.testing.assert_allclose(result.anomaly_maps, expected.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result.components["stage1_feature"], cells.flatten(1).max(dim=1).values.numpy(), rtol=1e-6)

@@ -205,7 +205,7 @@ def test_an_ensemble_member_trains_exactly_as_it_would_alone(tmp_path):
     rng = np.random.default_rng(0)
     images = np.stack([textured(rng, size=32)[..., None] for _ in range(8)])
     attention_only = dict(epochs=2, base_width=8, max_width=16, batch_size=4, w_con=0.0, w_rep=0.0, w_enc=0.0,
-                          w_adv=0.0, screen_con=0.0, screen_enc=0.0)
+                          w_adv=0.0, screen_con=0.0, screen_enc=0.0, feature_map_weight=0.0)
     single = AttentionStage(config=Stage1Config(**attention_only), image_size=32, channels=1, device="cpu", seed=3)
     single.fit(images, progress=False)
     pair = AttentionStage(config=Stage1Config(**attention_only, ensemble_size=2), image_size=32, channels=1, device="cpu", seed=3)

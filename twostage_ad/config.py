@@ -143,7 +143,7 @@ class Stage1Config:
 
     section: ClassVar[str] = "stage1"
     scoring_fields: ClassVar[tuple[str, ...]] = ("screen_con", "screen_enc", "screen_att", "screen_topk", "position_normality",
-                                                 "screen_feature", "feature_stride", "feature_bank_size")
+                                                 "screen_feature", "feature_stride", "feature_bank_size", "feature_map_weight")
 
     # model
 
@@ -192,6 +192,8 @@ class Stage1Config:
     screen_feature: float = 1.0
     feature_stride: int = 16
     feature_bank_size: int = 4096
+    # the map: (1 − w)·(1 − A) + w·sigmoid(z of each cell's feature distance), upsampled; 0 = 1 − A alone
+    feature_map_weight: float = 0.5
 
     def validate(self, prefix: str = "stage1") -> None:
         for name in ("base_width", "max_width", "ensemble_size", "epochs", "batch_size"):
@@ -217,6 +219,7 @@ class Stage1Config:
         _check(0.0 < self.screen_topk <= 1.0, f"{prefix}.screen_topk", "in (0, 1]", self.screen_topk)
         _check(isinstance(self.feature_stride, int) and self.feature_stride >= 2 and _is_power_of_two(self.feature_stride),
                f"{prefix}.feature_stride", "a power of two >= 2", self.feature_stride)
+        _check(0.0 <= self.feature_map_weight <= 1.0, f"{prefix}.feature_map_weight", "in [0, 1]", self.feature_map_weight)
         _check(isinstance(self.feature_bank_size, int) and self.feature_bank_size >= 1, f"{prefix}.feature_bank_size",
                "an integer >= 1", self.feature_bank_size)
         _check(self.position_normality in ("none", "mean", "standardise"), f"{prefix}.position_normality",

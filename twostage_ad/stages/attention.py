@@ -124,7 +124,9 @@ def screening_batch(
     ``positions`` the attention term is taken over the pixel BCE standardised position by
     position (:class:`~twostage_ad.stages.normality.PositionNormality`); the map stays ``1 − A``.
     With ``features`` the feature term (``stage1_feature``, the largest distance of a cell's encoder
-    features to the training normals' bank) is computed; otherwise it is NaN.
+    features to the training normals' bank) is computed, otherwise it is NaN, and the map becomes
+    ``(1 − w)·(1 − A) + w·sigmoid(z)`` with ``w = feature_map_weight`` and ``z`` each cell's distance
+    in z units of the training normals, upsampled bilinearly.
     """
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         out = model(x, reconstruct=uses_reconstruction(config))
@@ -139,9 +141,17 @@ def screening_batch(
         "stage1_latent": latent,
         "stage1_att_mean": pixel_bce.mean(dim=(1, 2, 3)),
         "stage1_att_topk": screening_topk(screened, config.screen_topk),
-        "stage1_feature": nan if features is None else features.image_scores(out.encoder_features[features.level]),
+        "stage1_feature": nan,
     }
-    return components, 1.0 - torch.sigmoid(out.attention_logits.float())[:, 0]
+    anomaly = 1.0 - torch.sigmoid(out.attention_logits.float())[:, 0]
+    if features is not None:
+        cells = features.cell_distances(out.encoder_features[features.level])  # B×h×w
+        components["stage1_feature"] = cells.flatten(1).max(dim=1).values
+        if config.feature_map_weight > 0:
+            cell_map = torch.sigmoid(features.feature_z(cells))[:, None]
+            cell_map = F.interpolate(cell_map, size=tuple(anomaly.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
+            anomaly = (1.0 - config.feature_map_weight) * anomaly + config.feature_map_weight * cell_map
+    return components, anomaly
 
 
 def pixel_screening_bce(attention_logits: torch.Tensor) -> torch.Tensor:

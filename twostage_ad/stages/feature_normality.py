@@ -146,12 +146,15 @@ class FeatureNormality:
         """``B×C×h×w`` -> ``B``: each image's largest cell distance (the feature term, raw)."""
         return self.cell_distances(features).flatten(1).max(dim=1).values
 
+    def feature_z(self, distance: Any) -> Any:
+        """A distance (an image's or a cell's) in z units of the training normals' image scores."""
+        return (distance - self.feature_mean) / max(self.feature_std, STD_FLOOR)
+
     def combined(self, attention_term: Any, feature_term: Any, attention_weight: float, feature_weight: float) -> Any:
         """``attention_weight·z_att + feature_weight·z_feat`` in z units of the training normals
         (numpy arrays or tensors)."""
         z_att = (attention_term - self.attention_mean) / max(self.attention_std, STD_FLOOR)
-        z_feat = (feature_term - self.feature_mean) / max(self.feature_std, STD_FLOOR)
-        return attention_weight * z_att + feature_weight * z_feat
+        return attention_weight * z_att + feature_weight * self.feature_z(feature_term)
 
     def to_payload(self) -> dict[str, Any]:
         """Plain tensors and numbers for a checkpoint (loads with ``weights_only=True``)."""
