@@ -135,6 +135,9 @@ class Stage1Config:
     screen_enc·L2(z, ẑ) + screen_att·topk_mean(−log A)``, where the attention term averages the
     per-pixel BCE against "normal everywhere" over the ``screen_topk`` most anomalous share of
     pixels (after a small blur), so that a small defect is not diluted by a large normal part.
+    With ``screen_feature > 0`` (the default) the attention term and the feature-normality term
+    (the largest distance of a cell's encoder features to the training normals') enter in z units
+    of the training normals: ``screen_att·z(att) + screen_feature·z(feature)`` (docs/design.md §2).
 
     The defaults are the real-data recipe: the attention head alone is trained and screens (on
     local defects the reconstruction, latent and adversarial objectives compete with it for the

@@ -244,7 +244,9 @@ class AttentionStage(TrainableStage):
     Parameters are stored as given (shared ones documented on :class:`TrainableStage`);
     ``precision``: ``float32``, ``bf16`` or ``auto`` for scoring (docs/design.md §8). Fitted
     besides the shared attributes: ``position_``, the training normals' per-position statistics
-    (:class:`~twostage_ad.stages.normality.PositionNormality`), fitted at the end of ``fit``.
+    (:class:`~twostage_ad.stages.normality.PositionNormality`), and ``features_``, their bank of
+    encoder features (:class:`~twostage_ad.stages.feature_normality.FeatureNormality`, when
+    ``screen_feature > 0``), both fitted at the end of ``fit``.
     """
 
     config_name = "stage1"
