@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -142,9 +143,12 @@ def test_torchrun_pipeline_matches_one_process_and_rank0_alone_writes(single_run
     ours, theirs = pd.read_csv(run_dir / "scores.csv"), pd.read_csv(single_run / "scores.csv")
     assert ours["image"].tolist() == theirs["image"].tolist()  # every image once, in order (no padding)
     # two epochs of GAN training: rounding differences stay small, not bit-identical
-    # (the attention term raw: the loss is in z units of the training normals, near 0, where a relative tolerance means
-    # nothing; on the AVX2 kernels the two trainings' attention terms drift apart by up to ~10 %)
-    np.testing.assert_allclose(ours["stage1_att_topk"], theirs["stage1_att_topk"], rtol=0.15)
+    # the screening's raw terms, weighted as the digits config weighs them (the loss itself now adds the attention and
+    # feature terms in z units of the training normals, near 0, where a relative tolerance means nothing)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())["stage1"]
+    raw = [config["screen_con"] * t["stage1_recon"] + config["screen_enc"] * t["stage1_latent"]
+           + config["screen_att"] * t["stage1_att_topk"] for t in (ours, theirs)]
+    np.testing.assert_allclose(raw[0], raw[1], rtol=0.05)
     for stage in ("stage1", "cascade"):
         assert metrics["image_auroc"][stage] == pytest.approx(reference["image_auroc"][stage], abs=0.02)
     history, reference_history = (json.loads((d / "history.json").read_text()) for d in (run_dir, single_run))
