@@ -60,6 +60,8 @@ def test_the_level_follows_the_stride_and_stops_at_the_bottleneck():
     assert feature_level(128, 4, 16) == 3  # 8×8 cells
     assert feature_level(256, 4, 16) == 3  # 16×16 cells
     assert feature_level(32, 4, 16) == 2  # only 3 levels at 32 px: the bottleneck
+    assert feature_level(128, 4, 32) == 4  # the map's default: 4×4 cells, the bottleneck at 128 px
+    assert feature_level(512, 4, 32) == 4  # 16×16 cells
 
 
 # -- the stage ---------------------------------------------------------------------------------
@@ -105,15 +107,50 @@ def test_an_unseen_texture_scores_higher_than_the_training_texture(stage_and_ima
     assert image_auroc(np.r_[np.zeros(8), np.ones(8)].astype(int), scores).value >= 0.9
 
 
-def test_the_map_blends_one_minus_a_with_the_cells_feature_z(stage_and_images):
-    stage, images = stage_and_images
-    result = stage.score(images[:3], progress=False)
+def expected_map_and_feature_term(stage: AttentionStage, images: np.ndarray, bank: FeatureNormality) -> tuple[np.ndarray, np.ndarray]:
+    """By hand: ``(1 − w)·(1 − A) + w·sigmoid(z)`` with z from ``bank``'s cells, and the screening's feature term."""
     with torch.inference_mode():
-        out = stage.model_(torch.from_numpy(images[:3]).permute(0, 3, 1, 2).float() / 127.5 - 1, reconstruct=False)
-    cells = stage.features_.cell_distances(out.encoder_features[stage.features_.level])
-    cell_map = torch.nn.functional.interpolate(torch.sigmoid((cells - stage.features_.feature_mean) / stage.features_.feature_std)[:, None],
-                                               size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
+        out = stage.model_(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1, reconstruct=False)
+    cells = bank.cell_distances(out.encoder_features[bank.level])
+    size = images.shape[1]
+    cell_map = torch.nn.functional.interpolate(torch.sigmoid((cells - bank.feature_mean) / bank.feature_std)[:, None],
+                                               size=(size, size), mode="bilinear", align_corners=False)[:, 0]
     w = stage.config.feature_map_weight
     expected = (1 - w) * (1 - torch.sigmoid(out.attention_logits[:, 0])) + w * cell_map
-    np.testing.assert_allclose(result.anomaly_maps, expected.numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(result.components["stage1_feature"], cells.flatten(1).max(dim=1).values.numpy(), rtol=1e-6)
+    term = stage.features_.cell_distances(out.encoder_features[stage.features_.level]).flatten(1).max(dim=1).values
+    return expected.numpy(), term.numpy()
+
+
+def test_the_map_blends_one_minus_a_with_the_cells_feature_z(stage_and_images):
+    stage, images = stage_and_images
+    assert stage.map_features_ is None  # at 32 px both strides name the bottleneck: one bank
+    result = stage.score(images[:3], progress=False)
+    expected, term = expected_map_and_feature_term(stage, images[:3], stage.features_)
+    np.testing.assert_allclose(result.anomaly_maps, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result.components["stage1_feature"], term, rtol=1e-6)
+
+
+def test_the_map_takes_its_cells_from_its_own_level_and_the_screening_does_not_change(tmp_path, stage_and_images):
+    stage, images = stage_and_images
+    before = stage.score(images, progress=False)
+    original = stage.config
+    try:
+        stage.config = replace(original, feature_map_stride=4)  # 8×8 cells at 32 px; the screening keeps the 4×4 bottleneck
+        with pytest.raises(RuntimeError, match="no feature bank"):
+            stage.score(images, progress=False)
+        assert stage.fit_missing_statistics(images)
+        assert (stage.features_.level, stage.map_features_.level) == (2, 1)
+        after = stage.score(images, progress=False)
+        np.testing.assert_array_equal(after.loss, before.loss)  # the screening's bank is refitted identically
+        assert not np.allclose(after.anomaly_maps, before.anomaly_maps)
+        expected, term = expected_map_and_feature_term(stage, images[:3], stage.map_features_)
+        np.testing.assert_allclose(after.anomaly_maps[:3], expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(after.components["stage1_feature"][:3], term, rtol=1e-6)
+        stage.save(tmp_path / "s1.pt")
+        loaded = AttentionStage.load(tmp_path / "s1.pt", device="cpu")
+        torch.testing.assert_close(loaded.map_features_.bank, stage.map_features_.bank)
+        np.testing.assert_array_equal(loaded.score(images, progress=False).anomaly_maps, after.anomaly_maps)
+    finally:
+        stage.config = original
+        stage.fit_missing_statistics(images)
+    assert stage.map_features_ is None

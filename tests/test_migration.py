@@ -1,6 +1,7 @@
 """Old configs and checkpoints keep loading, or fail with a message saying what to change."""
 
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -115,6 +116,26 @@ def test_a_stage2_checkpoint_from_before_the_defect_head_loads_as_the_latent_sco
     loaded = PatchScorerStage.load(tmp_path / "s2-old.pt", device="cpu")
     assert loaded.config.score == "latent" and isinstance(loaded.model_, GANomaly2D)
     np.testing.assert_array_equal(loaded.score(images, progress=False).scores, scorer.score(images, progress=False).scores)
+
+
+def test_a_stage1_checkpoint_from_before_the_maps_own_bank_keeps_its_map(tmp_path):
+    """A checkpoint that stores no ``feature_map_stride`` drew its map from the screening's cells: it still does
+    (the field's default, 0), and the map bank it lacks is not asked for."""
+    rng = np.random.default_rng(0)
+    images = np.stack([textured(rng, size=32)[..., None] for _ in range(6)])
+    config = load_config(None, ["stage1.epochs=1", "stage1.base_width=8", "stage1.max_width=16", "stage1.batch_size=3",
+                                "stage1.feature_stride=4", "stage1.feature_map_stride=8", "stage1.feature_bank_size=32"]).stage1
+    stage = AttentionStage(config=config, image_size=32, channels=1, device="cpu").fit(images, progress=False)
+    assert stage.map_features_ is not None  # the map's 4×4 bottleneck cells beside the screening's 8×8
+    stage.save(tmp_path / "s1.pt")
+    payload = load_checkpoint(tmp_path / "s1.pt")
+    del payload["config"]["feature_map_stride"], payload["feature_map_normality"]
+    save_checkpoint(tmp_path / "old.pt", payload)
+    loaded = AttentionStage.load(tmp_path / "old.pt", device="cpu")
+    assert loaded.config.feature_map_stride == 0 and loaded.map_features_ is None
+    stage.config = replace(config, feature_map_stride=0)
+    stage.fit_missing_statistics(images)
+    np.testing.assert_array_equal(loaded.score(images, progress=False).anomaly_maps, stage.score(images, progress=False).anomaly_maps)
 
 
 def test_migrate_section_moves_and_drops_without_touching_the_rest():

@@ -146,7 +146,8 @@ class Stage1Config:
 
     section: ClassVar[str] = "stage1"
     scoring_fields: ClassVar[tuple[str, ...]] = ("screen_con", "screen_enc", "screen_att", "screen_topk", "position_normality",
-                                                 "screen_feature", "feature_stride", "feature_bank_size", "feature_map_weight")
+                                                 "screen_feature", "feature_stride", "feature_bank_size", "feature_map_weight",
+                                                 "feature_map_stride")
 
     # model
 
@@ -193,10 +194,13 @@ class Stage1Config:
     # adds screen_feature·z(feature) to screen_att·z(attention), both in z units of the training normals
     # (stages/feature_normality.py); 0 = the attention term alone, as before
     screen_feature: float = 1.0
-    feature_stride: int = 16
+    feature_stride: int = 32  # 4×4 cells at 128 px: the synthetic-validation optimum over 16 and 32 (docs/experiments.md)
     feature_bank_size: int = 4096
     # the map: (1 − w)·(1 − A) + w·sigmoid(z of each cell's feature distance), upsampled; 0 = 1 − A alone
     feature_map_weight: float = 0.25  # the synthetic-validation optimum over MTD and PIPED together
+    # px per cell of the map's feature distances when they should differ from the screening's (a second bank at
+    # that level, or the bottleneck's; e.g. 16 for finer maps); 0 = feature_stride's cells, one bank
+    feature_map_stride: int = 0
 
     def validate(self, prefix: str = "stage1") -> None:
         for name in ("base_width", "max_width", "ensemble_size", "epochs", "batch_size"):
@@ -222,6 +226,9 @@ class Stage1Config:
         _check(0.0 < self.screen_topk <= 1.0, f"{prefix}.screen_topk", "in (0, 1]", self.screen_topk)
         _check(isinstance(self.feature_stride, int) and self.feature_stride >= 2 and _is_power_of_two(self.feature_stride),
                f"{prefix}.feature_stride", "a power of two >= 2", self.feature_stride)
+        _check(self.feature_map_stride == 0 or (isinstance(self.feature_map_stride, int) and self.feature_map_stride >= 2
+                                                 and _is_power_of_two(self.feature_map_stride)),
+               f"{prefix}.feature_map_stride", "0 (feature_stride's) or a power of two >= 2", self.feature_map_stride)
         _check(0.0 <= self.feature_map_weight <= 1.0, f"{prefix}.feature_map_weight", "in [0, 1]", self.feature_map_weight)
         _check(isinstance(self.feature_bank_size, int) and self.feature_bank_size >= 1, f"{prefix}.feature_bank_size",
                "an integer >= 1", self.feature_bank_size)

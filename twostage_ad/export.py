@@ -46,10 +46,12 @@ class Stage1Scorer(nn.Module):
         self.model = detector.stage1.model_.eval()
         self.config = detector.stage1.config  # exported graphs are float32 (screening_batch's default)
         self.positions = detector.stage1._positions()  # constants in the graph
-        self.features = detector.stage1._features()  # the feature bank, a constant too
+        self.features = detector.stage1._features()  # the feature banks, constants too
+        self.map_features = detector.stage1._map_features()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        components, anomaly = screening_batch(self.model, x, self.config, positions=self.positions, features=self.features)
+        components, anomaly = screening_batch(self.model, x, self.config, positions=self.positions, features=self.features,
+                                              map_features=self.map_features)
         return screening_loss(components, self.config, self.features), anomaly
 
 

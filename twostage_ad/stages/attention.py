@@ -114,6 +114,7 @@ class ScreeningResult:
 def screening_batch(
     model: AttentionNet | AttentionNetEnsemble | RepairThenAttend, x: torch.Tensor, config: Stage1Config, *, bf16: bool = False,
     positions: PositionNormality | None = None, features: FeatureNormality | None = None,
+    map_features: FeatureNormality | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Screening components (each ``B``) and the anomaly map ``1 − A`` (``B×H×W``) of a batch ``x``.
 
@@ -126,7 +127,8 @@ def screening_batch(
     With ``features`` the feature term (``stage1_feature``, the largest distance of a cell's encoder
     features to the training normals' bank) is computed, otherwise it is NaN, and the map becomes
     ``(1 − w)·(1 − A) + w·sigmoid(z)`` with ``w = feature_map_weight`` and ``z`` each cell's distance
-    in z units of the training normals, upsampled bilinearly.
+    in z units of the training normals, upsampled bilinearly; the cells are ``map_features``' (a bank
+    at ``feature_map_stride``'s level) when given, else ``features``'.
     """
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         out = model(x, reconstruct=uses_reconstruction(config))
@@ -148,7 +150,9 @@ def screening_batch(
         cells = features.cell_distances(out.encoder_features[features.level])  # B×h×w
         components["stage1_feature"] = cells.flatten(1).max(dim=1).values
         if config.feature_map_weight > 0:
-            cell_map = torch.sigmoid(features.feature_z(cells))[:, None]
+            if map_features is not None and map_features is not features:
+                cells = map_features.cell_distances(out.encoder_features[map_features.level])
+            cell_map = torch.sigmoid((map_features or features).feature_z(cells))[:, None]
             cell_map = F.interpolate(cell_map, size=tuple(anomaly.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
             anomaly = (1.0 - config.feature_map_weight) * anomaly + config.feature_map_weight * cell_map
     return components, anomaly
@@ -209,6 +213,7 @@ def screening_scores(
     bf16: bool = False,
     positions: PositionNormality | None = None,
     features: FeatureNormality | None = None,
+    map_features: FeatureNormality | None = None,
     progress: bool = True,
     desc: str = "stage 1 score",
 ) -> ScreeningResult:
@@ -219,7 +224,8 @@ def screening_scores(
     start = time.perf_counter()
     with torch.inference_mode():
         for x, _ in inference_batches(images, batch_size, device, progress=progress, desc=desc):
-            components, anomaly = screening_batch(model, x, config, bf16=bf16, positions=positions, features=features)
+            components, anomaly = screening_batch(model, x, config, bf16=bf16, positions=positions, features=features,
+                                                  map_features=map_features)
             for name, value in components.items():
                 parts[name].append(value.cpu().numpy())
             maps.append(anomaly.cpu().numpy())
@@ -244,9 +250,10 @@ class AttentionStage(TrainableStage):
     Parameters are stored as given (shared ones documented on :class:`TrainableStage`);
     ``precision``: ``float32``, ``bf16`` or ``auto`` for scoring (docs/design.md §8). Fitted
     besides the shared attributes: ``position_``, the training normals' per-position statistics
-    (:class:`~twostage_ad.stages.normality.PositionNormality`), and ``features_``, their bank of
+    (:class:`~twostage_ad.stages.normality.PositionNormality`), ``features_``, their bank of
     encoder features (:class:`~twostage_ad.stages.feature_normality.FeatureNormality`, when
-    ``screen_feature > 0``), both fitted at the end of ``fit``.
+    ``screen_feature > 0``), and ``map_features_``, the map's bank when ``feature_map_stride`` names
+    another level (else None), all fitted at the end of ``fit``.
     """
 
     config_name = "stage1"
@@ -287,17 +294,26 @@ class AttentionStage(TrainableStage):
             self.fit_feature_normality(images, progress=progress)
         return True
 
+    def _feature_levels(self) -> tuple[int, int]:
+        """Encoder levels of the screening's feature cells and of the map's."""
+        c = self.config
+        level = feature_level(self.image_size, c.bottleneck_size, c.feature_stride)
+        return level, feature_level(self.image_size, c.bottleneck_size, c.feature_map_stride) if c.feature_map_stride else level
+
     def fit_feature_normality(self, images: np.ndarray, *, progress: bool = False) -> FeatureNormality:
-        """Fit ``features_`` on uint8 ``N×H×W×C`` normal images (the training images, after training
-        and after :meth:`fit_position_normality`): the bank of their encoder features and both screening
-        terms' spread (:class:`~twostage_ad.stages.feature_normality.FeatureNormality`), float32, eval
-        mode (an ensemble's first member's features). Every rank fits it on all images, so all hold the
-        same bank."""
+        """Fit ``features_`` (and ``map_features_``) on uint8 ``N×H×W×C`` normal images (the training
+        images, after training and after :meth:`fit_position_normality`): the bank of their encoder
+        features and both screening terms' spread (:class:`~twostage_ad.stages.feature_normality.FeatureNormality`),
+        and a second bank at the map's level when ``feature_map_stride`` names another; float32, eval
+        mode (an ensemble's first member's features). Every rank fits them on all images, so all hold the
+        same banks."""
         self._require_fitted()
         self._check_images(images)
-        level = feature_level(self.image_size, self.config.bottleneck_size, self.config.feature_stride)
+        level, map_level = self._feature_levels()
+        levels = sorted({level, map_level})
         positions = self._positions()
-        features, attention = [], []
+        features: dict[int, list[torch.Tensor]] = {lv: [] for lv in levels}
+        attention = []
         self.model_.eval()
         with torch.inference_mode():
             for x, _ in inference_batches(images, self.score_batch_size, self.device_, progress=progress, desc="stage 1 features"):
@@ -306,26 +322,40 @@ class AttentionStage(TrainableStage):
                 bce = pixel_screening_bce(out.attention_logits)
                 screened = bce if positions is None else positions.apply(bce, self.config.position_normality)
                 attention.append(screening_topk(screened, self.config.screen_topk).cpu())
-                features.append(out.encoder_features[level].float().cpu())
-        self.features_ = FeatureNormality.fit(torch.cat(features), torch.cat(attention), level=level,
-                                              bank_size=self.config.feature_bank_size, seed=self.seed)
+                for lv in levels:
+                    features[lv].append(out.encoder_features[lv].float().cpu())
+        attention_terms = torch.cat(attention)
+        banks = {lv: FeatureNormality.fit(torch.cat(features[lv]), attention_terms, level=lv, bank_size=self.config.feature_bank_size,
+                                          seed=self.seed) for lv in levels}
+        self.features_ = banks[level]
+        self.map_features_ = banks[map_level] if map_level != level else None
         return self.features_
 
     def _features_match(self) -> bool:
-        """Whether ``features_`` was fitted with this config's ``feature_stride`` and ``feature_bank_size``."""
-        features = getattr(self, "features_", None)
-        return features is not None and (features.level, features.bank_size) == (
-            feature_level(self.image_size, self.config.bottleneck_size, self.config.feature_stride), self.config.feature_bank_size)
+        """Whether ``features_`` (and ``map_features_``) were fitted with this config's ``feature_stride``,
+        ``feature_map_stride`` and ``feature_bank_size``."""
+        level, map_level = self._feature_levels()
+        size = self.config.feature_bank_size
+        features, map_features = getattr(self, "features_", None), getattr(self, "map_features_", None)
+        if features is None or (features.level, features.bank_size) != (level, size):
+            return False
+        return map_features is None if map_level == level else (
+            map_features is not None and (map_features.level, map_features.bank_size) == (map_level, size))
 
     def _features(self) -> FeatureNormality | None:
         """The feature bank the screening compares with, or None when ``screen_feature`` is 0."""
         if self.config.screen_feature == 0:
             return None
         if not self._features_match():
-            raise RuntimeError("stage1.screen_feature > 0 but this stage 1 holds no feature bank for its feature_stride and "
-                               "feature_bank_size (a checkpoint of an older version, or changed fields): call "
-                               "fit_feature_normality(training images), or set stage1.screen_feature: 0")
+            raise RuntimeError("stage1.screen_feature > 0 but this stage 1 holds no feature bank for its feature_stride, "
+                               "feature_map_stride and feature_bank_size (a checkpoint of an older version, or changed fields): "
+                               "call fit_feature_normality(training images), or set stage1.screen_feature: 0")
         return self.features_
+
+    def _map_features(self) -> FeatureNormality | None:
+        """The bank of the map's feature cells (``features_`` when both strides name one level)."""
+        features = self._features()
+        return None if features is None else (getattr(self, "map_features_", None) or features)
 
     def fit_missing_statistics(self, images: np.ndarray, *, context: DistributedContext | None = None,
                                progress: bool = False) -> bool:
@@ -379,6 +409,8 @@ class AttentionStage(TrainableStage):
             extra["position_normality"] = self.position_.to_payload()
         if getattr(self, "features_", None) is not None:
             extra["feature_normality"] = self.features_.to_payload()
+        if getattr(self, "map_features_", None) is not None:
+            extra["feature_map_normality"] = self.map_features_.to_payload()
         return extra
 
     def _load_extra(self, payload: dict[str, Any]) -> None:
@@ -386,6 +418,8 @@ class AttentionStage(TrainableStage):
         self.position_ = None if stored is None else PositionNormality.from_payload(stored)
         stored = payload.get("feature_normality")
         self.features_ = None if stored is None else FeatureNormality.from_payload(stored)
+        stored = payload.get("feature_map_normality")
+        self.map_features_ = None if stored is None else FeatureNormality.from_payload(stored)
 
     @classmethod
     def _from_payload(cls, payload: dict[str, Any], device: str) -> AttentionStage:
@@ -489,4 +523,5 @@ class AttentionStage(TrainableStage):
         self._require_fitted()
         bf16 = self.scoring_precision() == "bf16"
         return screening_scores(self.model_, images, self.config, self.device_, batch_size=batch_size or self.score_batch_size,
-                                bf16=bf16, positions=self._positions(), features=self._features(), progress=progress, desc=desc)
+                                bf16=bf16, positions=self._positions(), features=self._features(), map_features=self._map_features(),
+                                progress=progress, desc=desc)

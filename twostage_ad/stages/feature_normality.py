@@ -3,7 +3,7 @@
 The attention head answers "does this look like a synthetic defect?"; a real defect that looks
 like none of them passes. :class:`FeatureNormality` adds the one-class question, "has a normal
 image ever looked like this?": stage 1's own encoder features at one level (``feature_stride``
-pixels per cell; 16 by default, the 8×8 level at 128 px) of every training normal go into a
+pixels per cell; 32 by default, the 4×4 level at 128 px) of every training normal go into a
 memory bank, and a cell's score is the Euclidean distance to its nearest bank row; an image's is
 its largest cell score (docs/design.md §2, stage 1).
 
