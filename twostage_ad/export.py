@@ -28,8 +28,8 @@ from torch import nn
 
 from twostage_ad.detector import TwoStageDetector
 from twostage_ad.runs import read_json, write_atomic, write_json
-from twostage_ad.stages.attention import screening_batch, screening_loss
 from twostage_ad.stages.patch_scorer import image_scores, standardised_map
+from twostage_ad.stages.screening import screening_batch, screening_loss
 
 __all__ = ["Stage1Scorer", "Stage2Scorer", "export_run", "EXPORT_FORMATS"]
 
