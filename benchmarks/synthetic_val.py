@@ -28,7 +28,7 @@ from pathlib import Path
 
 from scipy.stats import spearmanr
 
-from twostage_ad.cascade import fit_cascade
+from twostage_ad.cascade import MapFusion, fit_cascade
 from twostage_ad.config_io import apply_overrides
 from twostage_ad.data.images import decode_records
 from twostage_ad.data.records import load_records, split_records
@@ -75,7 +75,8 @@ def row_for(run_dir: Path, seed: int | None, variant: list[str] | None = None) -
     synthetic = detector.score_synthetic(val.images[val.labels == 0], config.augment, seed=seed, progress=False)
     if synthetic is None:
         raise SystemExit(f"{run_dir}: fewer than 2 validation normals")
-    score = synthetic_validation_metrics(validation, val.labels, *synthetic, detector.cascade)
+    fusion = MapFusion.fit(validation.stage1.anomaly_maps[val.labels == 0], config.cascade.map_weight)
+    score = synthetic_validation_metrics(validation, val.labels, *synthetic, detector.cascade, fusion)
     test = read_json(run_dir / RUN_FILES["metrics"])
     if variant:
         test_split = _decode(config, "test")
@@ -94,7 +95,8 @@ def row_for(run_dir: Path, seed: int | None, variant: list[str] | None = None) -
         "seed": seed,
         "synthetic_images": score["images"],
         **{f"synthetic_image_auroc_{k}": v for k, v in score["image_auroc"].items()},
-        "synthetic_pixel_auroc_stage1": score["pixel_auroc_stage1"],
+        "synthetic_pixel_auroc_stage1": score["pixel_auroc"]["stage1"],
+        "synthetic_pixel_auroc_fused": score["pixel_auroc"]["fused"],
         "synthetic_stage1_recall": score["stage1_recall_at_threshold"],
         "synthetic_held_out_kinds": score["image_auroc_stage1_held_out_kinds"],
         "synthetic_held_out_kinds_stage2": score["image_auroc_stage2_held_out_kinds"],

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from twostage_ad.calibration import Threshold
-from twostage_ad.cascade import Cascade, fit_cascade, fused_anomaly_map, second_stage_score
+from twostage_ad.cascade import Cascade, MapFusion, fit_cascade, fused_anomaly_map, second_stage_score
 from twostage_ad.config import CalibrationConfig
 
 
@@ -67,12 +67,29 @@ def test_fit_cascade_calibrates_both_thresholds_on_validation_normals():
         fit_cascade(s1, np.r_[s2[:-1], np.nan], np.zeros(200, int), CalibrationConfig())
 
 
-def test_fused_map_is_high_only_where_both_stages_are():
-    stage1 = np.array([[[0.9, 0.9, 0.0]]])
-    stage2 = np.array([[[3.0, -1.0, 3.0]]])  # standardised; raw = 2·z + 2 with mean 2, std 2
-    fused = fused_anomaly_map(stage1, stage2, map_mean=2.0, map_std=2.0)
-    # sqrt(0.9 · 8/2), sqrt(0.9 · 0/2), sqrt(0 · 8/2)
-    np.testing.assert_allclose(fused, [[[np.sqrt(3.6), 0.0, 0.0]]], rtol=1e-6)
+def test_fused_map_adds_stage2_to_stage1_in_sigma_units():
+    stage1 = np.array([[[0.9, 0.9, 0.1]]])  # 1 − A
+    stage2 = np.array([[[3.0, -1.0, 3.0]]])  # already in validation-normal σ units
+    fused = fused_anomaly_map(stage1, stage2, stage1_mean=0.1, stage1_std=0.4, stage2_weight=0.5)
+    # (0.9 − 0.1)/0.4 + 0.5·3, (0.9 − 0.1)/0.4 − 0.5·1, 0 + 0.5·3: stage 1's region survives where stage 2 is silent
+    np.testing.assert_allclose(fused, [[[3.5, 1.5, 1.5]]], rtol=1e-6)
+    alone = fused_anomaly_map(stage1, stage2, stage1_mean=0.1, stage1_std=0.4, stage2_weight=0.0)
+    np.testing.assert_allclose(alone, [[[2.0, 2.0, 0.0]]], rtol=1e-6)
+    with pytest.raises(ValueError, match="differ in shape"):
+        fused_anomaly_map(stage1, stage2[:, :, :2], stage1_mean=0.0, stage1_std=1.0, stage2_weight=0.1)
+    with pytest.raises(ValueError, match="stage1_std must be > 0, got 0.0"):
+        fused_anomaly_map(stage1, stage2, stage1_mean=0.0, stage1_std=0.0, stage2_weight=0.1)
+
+
+def test_map_fusion_takes_its_statistics_from_normal_maps():
+    normals = np.array([[[0.0, 0.2]], [[0.4, 0.2]]])  # mean 0.2, std sqrt(0.02)
+    fusion = MapFusion.fit(normals, stage2_weight=0.1)
+    assert fusion.stage1_mean == pytest.approx(0.2) and fusion.stage1_std == pytest.approx(np.sqrt(0.02))
+    np.testing.assert_allclose(fusion.apply(normals, np.ones_like(normals)),
+                               (normals - 0.2) / np.sqrt(0.02) + 0.1, rtol=1e-5)
+    assert MapFusion.fit(np.full((2, 3, 3), 0.5), stage2_weight=0.1).stage1_std == 1.0  # constant maps: defined
+    with pytest.raises(ValueError, match="no validation normal"):
+        MapFusion.fit(np.zeros((0, 4, 4)), stage2_weight=0.1)
 
 
 def test_an_image_stage1_cannot_score_fails_closed():

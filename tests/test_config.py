@@ -73,6 +73,7 @@ def test_int_is_accepted_for_float_fields():
         ("stage1.final_up=bicubic", "stage1.final_up must be upsample_conv or conv_upsample, got 'bicubic'"),
         ("stage1.ensemble_size=0", "stage1.ensemble_size must be an integer >= 1, got 0"),
         ("stage1.feature_map_stride=12", "stage1.feature_map_stride must be 0 (feature_stride's) or a power of two >= 2, got 12"),
+        ("cascade.map_weight=-0.5", "cascade.map_weight must be a finite number >= 0, got -0.5"),
     ],
 )
 def test_bad_values_name_the_field_and_value(override, message):

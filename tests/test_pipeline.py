@@ -253,4 +253,6 @@ def test_run_reports_the_synthetic_validation_score(tiny_run):
     for key in ("stage1", "stage2", "cascade"):
         assert 0.0 <= synthetic["image_auroc"][key] <= 1.0
     assert set(synthetic["image_auroc_stage1_by_kind"]) <= {"cutout", "cutpaste", "blob", "crack", "scratch", "stain"}
-    assert 0.0 <= synthetic["stage1_recall_at_threshold"] <= 1.0 and 0.0 <= synthetic["pixel_auroc_stage1"] <= 1.0
+    assert 0.0 <= synthetic["stage1_recall_at_threshold"] <= 1.0
+    for key in ("stage1", "stage2", "fused"):
+        assert 0.0 <= synthetic["pixel_auroc"][key] <= 1.0 and 0.0 <= synthetic["pro"][key] <= 1.0

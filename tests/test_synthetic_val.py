@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from twostage_ad.calibration import Threshold
-from twostage_ad.cascade import Cascade
+from twostage_ad.cascade import Cascade, MapFusion
 from twostage_ad.config import AugmentConfig
 from twostage_ad.data.augment import HELD_OUT_KINDS, build_defect_augmentation, held_out_defect, synthetic_defects
 from twostage_ad.detector import CascadeScores
@@ -63,10 +63,11 @@ def test_too_few_images_are_refused():
         synthetic_defects(np.zeros((1, 32, 32, 1), np.uint8), AugmentConfig())
 
 
-def _scores(loss, stage2, maps):
+def _scores(loss, stage2, maps, maps2=None):
     loss = np.asarray(loss, float)
+    maps2 = np.zeros_like(maps, np.float32) if maps2 is None else np.asarray(maps2, np.float32)
     return CascadeScores(ScreeningResult(loss, {}, np.asarray(maps, np.float32)),
-                         PatchScoreResult(np.asarray(stage2, float), np.zeros_like(maps, np.float32)), np.ones(len(loss), bool))
+                         PatchScoreResult(np.asarray(stage2, float), maps2), np.ones(len(loss), bool))
 
 
 def test_synthetic_validation_metrics_hand_computed():
@@ -79,19 +80,25 @@ def test_synthetic_validation_metrics_hand_computed():
     maps[:, 0, 0] = 1.0  # every defect pixel scores above every normal pixel
     masks = np.zeros((3, 2, 2), np.uint8)
     masks[:, 0, 0] = 1
-    synthetic = _scores([2.5, 4.0, 0.5], [1.0, 1.0, 1.0], maps)
+    maps2 = np.zeros((3, 2, 2))
+    maps2[:, 1, 1] = 2.0  # stage 2 marks a defect-free pixel of each defective copy
+    synthetic = _scores([2.5, 4.0, 0.5], [1.0, 1.0, 1.0], maps, maps2)
     cascade = Cascade(stage1=Threshold("quantile", {"q": 0.9}, 2.0, {}), stage2=Threshold("quantile", {"q": 0.9}, 0.5, {}),
                       fusion="stage2", stage1_mean=2.0, stage1_std=1.0, stage2_mean=0.0, stage2_std=1.0, second_std=1.0)
-    out = synthetic_validation_metrics(validation, labels, synthetic, masks, ["cutout", "crack", "crack"], cascade)
+    fusion = MapFusion(stage1_mean=0.0, stage1_std=1.0, stage2_weight=5.0)  # fused: defect pixels 1, the marked ones 10
+    out = synthetic_validation_metrics(validation, labels, synthetic, masks, ["cutout", "crack", "crack"], cascade, fusion)
     assert out["images"] == 3
     # stage 1: pairs (defect > normal) of 2.5 > {1,2}, 4 > {1,2,3}, 0.5 > {} = 5 of 9
     assert out["image_auroc"]["stage1"] == pytest.approx(5 / 9)
     assert out["image_auroc"]["stage2"] == pytest.approx(1.0)
-    assert out["pixel_auroc_stage1"] == pytest.approx(1.0)
+    # 3 defect pixels against 21 defect-free ones (12 of the 3 normals, 9 of the copies; 3 of those marked by stage 2)
+    assert out["pixel_auroc"]["stage1"] == pytest.approx(1.0) and out["pro"]["stage1"] == pytest.approx(1.0)
+    assert out["pixel_auroc"]["stage2"] == pytest.approx(18 * 0.5 / 21)  # defects at 0: ties with 18, below 3
+    assert out["pixel_auroc"]["fused"] == pytest.approx(18 / 21)  # defects at 1: above 18 zeros, below 3 tens
     assert out["image_auroc_stage1_by_kind"] == {"cutout": pytest.approx(2 / 3), "crack": pytest.approx(3 / 6)}
     assert out["stage1_recall_at_threshold"] == pytest.approx(2 / 3)  # 2.5 and 4 exceed τ₁ = 2
     assert out["image_auroc_stage1_held_out_kinds"] is None  # no held-out kind among them: one class only
-    held = synthetic_validation_metrics(validation, labels, synthetic, masks, ["cutout", "scratch", "stain"], cascade)
+    held = synthetic_validation_metrics(validation, labels, synthetic, masks, ["cutout", "scratch", "stain"], cascade, fusion)
     assert held["image_auroc_stage1_held_out_kinds"] == pytest.approx(3 / 6)  # 4 > {1,2,3}, 0.5 > {}
     assert held["image_auroc_stage2_held_out_kinds"] == pytest.approx(1.0)  # stage 2: every defect 1 > every normal 0
     assert held["image_auroc_stage2_by_kind"] == {"cutout": pytest.approx(1.0), "scratch": pytest.approx(1.0),

@@ -27,7 +27,7 @@ import numpy as np
 from twostage_ad.calibration import Threshold, calibrate
 from twostage_ad.config import FUSION_MODES, CalibrationConfig
 
-__all__ = ["Cascade", "CascadeOutput", "fit_cascade", "second_stage_score", "fused_anomaly_map"]
+__all__ = ["Cascade", "CascadeOutput", "fit_cascade", "MapFusion", "fused_anomaly_map", "second_stage_score"]
 
 
 def _std(values: np.ndarray) -> float:
@@ -183,16 +183,42 @@ def fit_cascade(
     return cascade
 
 
-def fused_anomaly_map(stage1_maps: np.ndarray, stage2_maps: np.ndarray, map_mean: float, map_std: float) -> np.ndarray:
-    """Pixel-wise geometric mean of stage 1's ``1 − A`` and stage 2's raw map relative to its mean.
+def fused_anomaly_map(stage1_maps: np.ndarray, stage2_maps: np.ndarray, *, stage1_mean: float, stage1_std: float,
+                      stage2_weight: float) -> np.ndarray:
+    """``(m₁ − μ₁)/σ₁ + w·z₂``: stage 1's map in validation-normal σ units plus ``w`` × stage 2's.
 
-    ``stage2_maps`` are standardised (``(raw − map_mean) / map_std``); the raw map is recovered
-    and divided by the validation-normal mean, so both factors are non-negative and unitless.
-    A geometric mean is high only where *both* stages see something, and — unlike a sum — needs
-    no weight between two maps on different scales. ``N×H×W`` in, ``N×H×W`` out.
+    ``stage1_maps``: ``1 − A`` (any scale); ``stage1_mean`` / ``stage1_std``: the mean and std of
+    validation normals' stage-1 map pixels (:meth:`MapFusion.fit`); ``stage2_maps``: already in
+    validation-normal σ units (``(raw − map_mean)/map_std``). A sum keeps stage 1's filled regions
+    where stage 2 is silent (a product would erase them) and lets stage 2 add where it sees more;
+    ``stage2_weight`` 0 gives stage 1's map alone. ``N×H×W`` in, ``N×H×W`` float32 out.
     """
     if stage1_maps.shape != stage2_maps.shape:
         raise ValueError(f"stage-1 and stage-2 maps differ in shape: {stage1_maps.shape} vs {stage2_maps.shape}")
-    raw2 = np.maximum(stage2_maps.astype(np.float32) * map_std + map_mean, 0.0)
-    scale = map_mean if map_mean > 0 else 1.0
-    return np.sqrt(np.clip(stage1_maps, 0.0, None).astype(np.float32) * raw2 / scale)
+    if not stage1_std > 0:
+        raise ValueError(f"stage1_std must be > 0, got {stage1_std!r}")
+    z1 = (stage1_maps.astype(np.float32) - np.float32(stage1_mean)) / np.float32(stage1_std)
+    return z1 + np.float32(stage2_weight) * stage2_maps.astype(np.float32)
+
+
+@dataclass
+class MapFusion:
+    """How the cascade's map is made from both stages' maps: :func:`fused_anomaly_map` with stage
+    1's validation-normal map statistics and stage 2's weight (``cascade.map_weight``)."""
+
+    stage1_mean: float
+    stage1_std: float
+    stage2_weight: float
+
+    @classmethod
+    def fit(cls, normal_stage1_maps: np.ndarray, stage2_weight: float) -> MapFusion:
+        """From validation normals' stage-1 maps (``N×H×W``): the mean and std of all their pixels
+        (std 1.0 when the maps are constant, so dividing by it is always defined)."""
+        values = np.asarray(normal_stage1_maps, dtype=np.float64)
+        if values.size == 0:
+            raise ValueError("no validation normal's stage-1 map to take the map statistics from")
+        return cls(stage1_mean=float(values.mean()), stage1_std=_std(values.reshape(-1)), stage2_weight=float(stage2_weight))
+
+    def apply(self, stage1_maps: np.ndarray, stage2_maps: np.ndarray) -> np.ndarray:
+        return fused_anomaly_map(stage1_maps, stage2_maps, stage1_mean=self.stage1_mean, stage1_std=self.stage1_std,
+                                 stage2_weight=self.stage2_weight)

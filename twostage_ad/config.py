@@ -17,6 +17,7 @@ e.g. ``ConfigError: stage1.epochs must be an integer >= 1, got -3``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -323,14 +324,23 @@ class CascadeConfig:
     The second-stage score is the stage-2 image score (``fusion: stage2``), or the sum (``fusion:
     sum``) or the larger (``fusion: max``) of both stages' scores, each standardised with
     validation normals' mean and std.
+
+    The cascade's map (``pixel_auroc.fused``, ``pro.fused``) is stage 1's map plus ``map_weight`` ×
+    stage 2's, each in validation-normal σ units (:func:`~twostage_ad.cascade.fused_anomaly_map`);
+    0 = stage 1's map alone.
     """
 
     # max: cascade AUROC within 0.003 of the best fusion and above sum on MTD (0.844 vs 0.840),
     # PIPED (0.993 vs 0.986) and digits (0.9993 vs 0.9989) — docs/experiments.md, fusion
     fusion: str = "max"
+    # 0.1: the best mean synthetic-validation pixel AUROC and PRO over MTD and PIPED among 0–1 and
+    # the former geometric mean (benchmarks/map_fusion.py; docs/experiments.md, the cascade's map)
+    map_weight: float = 0.1
 
     def validate(self, prefix: str = "cascade") -> None:
         _check(self.fusion in FUSION_MODES, f"{prefix}.fusion", f"one of {FUSION_MODES}", self.fusion)
+        _check(self.map_weight >= 0 and math.isfinite(self.map_weight), f"{prefix}.map_weight", "a finite number >= 0",
+               self.map_weight)
 
 
 @dataclass

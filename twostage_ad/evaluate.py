@@ -7,13 +7,13 @@ run with those thresholds would (docs/design.md §7). Test labels are used here 
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from twostage_ad.cascade import Cascade, fused_anomaly_map
+from twostage_ad.cascade import Cascade, MapFusion
 from twostage_ad.data.augment import HELD_OUT_KINDS
 from twostage_ad.data.records import Record
 from twostage_ad.metrics import (
@@ -105,12 +105,12 @@ def score_metrics(table: pd.DataFrame) -> dict[str, Any]:
 
 def map_metrics(
     table: pd.DataFrame, masks: np.ndarray, has_mask: np.ndarray, stage1_maps: np.ndarray, stage2_maps: np.ndarray,
-    map_mean: float, map_std: float,
+    fusion: MapFusion,
 ) -> dict[str, Any]:
     """Pixel AUROC and PRO of stage 1's map, stage 2's map and their fusion, on the test rows in order."""
     test = _test_rows(table)
     labels, categories = test["label"].to_numpy(), _categories(test)
-    fused = fused_anomaly_map(stage1_maps, stage2_maps, map_mean, map_std)
+    fused = fusion.apply(stage1_maps, stage2_maps)
     maps = {"stage1": stage1_maps, "stage2": stage2_maps, "fused": fused}
     pixel = {k: pixel_auroc(labels, masks, has_mask, m) for k, m in maps.items()}
     pro = {k: pro_score(labels, masks, has_mask, m, max_fpr=PRO_MAX_FPR) for k, m in maps.items()}
@@ -120,6 +120,7 @@ def map_metrics(
         "pixel_auroc_fused_by_category": pixel_auroc_by_category(labels, categories, masks, has_mask, fused),
         "pro": {k: m.value for k, m in pro.items()},
         "pro_max_fpr": PRO_MAX_FPR,
+        "map_fusion": asdict(fusion),
         "notes": {**_notes("pixel_auroc", pixel), **_notes("pro", pro)},
     }
 
@@ -165,7 +166,7 @@ def merge_threshold_metrics(metrics: dict[str, Any], table: pd.DataFrame, cascad
 
 def synthetic_validation_metrics(
     validation: CascadeScores, val_labels: np.ndarray, synthetic: CascadeScores, masks: np.ndarray, kinds: list[str],
-    cascade: Cascade,
+    cascade: Cascade, fusion: MapFusion,
 ) -> dict[str, Any]:
     """How well the run separates the validation normals from the same normals with a synthetic
     defect each (drawn apart from training's): a score for choosing settings without test labels.
@@ -173,18 +174,19 @@ def synthetic_validation_metrics(
     ``validation``: the scored validation split (``val_labels``); ``synthetic``: the defective
     copies of its normals, ``masks`` ``N×H×W`` (1 = defect) and ``kinds`` (``HELD_OUT_KINDS`` are
     never drawn in training; ``image_auroc_<stage>_held_out_kinds`` scores those alone); ``cascade``: the
-    calibrated cascade (the screen's recall on the synthetic defects is at its τ₁).
+    calibrated cascade (the screen's recall on the synthetic defects is at its τ₁); ``fusion``: how
+    the cascade's map is made (pixel AUROC and PRO of each stage's map and of the fused one).
     """
     normal = np.asarray(val_labels) == 0
-    parts = [
-        (validation.stage1.loss[normal], validation.stage2.scores[normal], validation.stage1.anomaly_maps[normal]),
-        (synthetic.stage1.loss, synthetic.stage2.scores, synthetic.stage1.anomaly_maps),
-    ]
     labels = np.r_[np.zeros(normal.sum(), int), np.ones(len(synthetic), int)]
-    stage1, stage2 = (np.r_[parts[0][i], parts[1][i]] for i in (0, 1))
+    stage1 = np.r_[validation.stage1.loss[normal], synthetic.stage1.loss]
+    stage2 = np.r_[validation.stage2.scores[normal], synthetic.stage2.scores]
     scores = {"stage1": stage1, "stage2": stage2, "cascade": cascade.apply(stage1, stage2).cascade_score}
-    all_masks = np.concatenate([np.zeros_like(parts[0][2], dtype=np.uint8), masks])
-    pixel = pixel_auroc(labels, all_masks, np.ones(len(labels), bool), np.concatenate([parts[0][2], parts[1][2]]))
+    map1 = np.concatenate([validation.stage1.anomaly_maps[normal], synthetic.stage1.anomaly_maps])
+    map2 = np.concatenate([validation.stage2.maps[normal], synthetic.stage2.maps])
+    maps = {"stage1": map1, "stage2": map2, "fused": fusion.apply(map1, map2)}
+    all_masks = np.concatenate([np.zeros((int(normal.sum()), *masks.shape[1:]), dtype=np.uint8), masks])
+    with_mask = np.ones(len(labels), bool)
     categories = np.array(["normal"] * int(normal.sum()) + list(kinds))
     held_out = (labels == 0) | np.isin(categories, HELD_OUT_KINDS)  # kinds training never drew
     by_stage = {}
@@ -195,7 +197,8 @@ def synthetic_validation_metrics(
     return {
         "images": len(synthetic),
         "image_auroc": {k: image_auroc(labels, v).value for k, v in scores.items()},
-        "pixel_auroc_stage1": pixel.value,
+        "pixel_auroc": {k: pixel_auroc(labels, all_masks, with_mask, m).value for k, m in maps.items()},
+        "pro": {k: pro_score(labels, all_masks, with_mask, m, max_fpr=PRO_MAX_FPR).value for k, m in maps.items()},
         **by_stage,
         "stage1_recall_at_threshold": recall_at_threshold(labels, stage1, cascade.stage1.value).value,
     }

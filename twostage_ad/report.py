@@ -286,13 +286,17 @@ def _stage_table(metrics: dict[str, Any]) -> str:
             ("image AUROC, synthetic defects on validation normals (no test label)", "synthetic_image_auroc",
              ("stage1", "stage2", "cascade")),
             ("pixel AUROC", "pixel_auroc", ("stage1", "stage2", "fused")),
+            ("pixel AUROC, synthetic defects on validation normals (no test label)", "synthetic_pixel_auroc",
+             ("stage1", "stage2", "fused")),
             ("PRO (FPR ≤ 0.3)", "pro", ("stage1", "stage2", "fused")),
             ("threshold (τ₁; τ₂ on the second-stage score)", "thresholds", ("stage1", "stage2", None)),
             ("images/s", "images_per_s", ("stage1", "stage2", "cascade"))]
     out = ["<tr><th></th><th>stage 1</th><th>stage 2</th><th>cascade (fused maps)</th></tr>"]
     synthetic = metrics.get("synthetic_val") or {}
     for name, group, keys in rows:
-        values = synthetic.get("image_auroc") if group == "synthetic_image_auroc" else metrics.get(group)
+        values = synthetic.get(group.removeprefix("synthetic_")) if group.startswith("synthetic_") else metrics.get(group)
+        if group == "synthetic_pixel_auroc" and values is None and "pixel_auroc_stage1" in synthetic:  # older metrics.json
+            values = {"stage1": synthetic["pixel_auroc_stage1"]}
         cells = [_fmt(values.get(k)) if isinstance(values, dict) and k else "—" for k in keys]
         out.append(f"<tr><td>{name}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return "<table>" + "".join(out) + "</table>"

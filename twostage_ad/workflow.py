@@ -24,7 +24,7 @@ import torch
 
 from twostage_ad.allocator import tune_malloc
 from twostage_ad.calibration import NORMAL_ONLY_METHODS, SYNTHETIC_METHODS, CalibrationError
-from twostage_ad.cascade import Cascade, fit_cascade
+from twostage_ad.cascade import Cascade, MapFusion, fit_cascade
 from twostage_ad.config import CalibrationConfig, Config, ConfigError
 from twostage_ad.config_io import config_to_dict, save_config
 from twostage_ad.data.images import DecodedImages, decode_records, infer_channels
@@ -298,10 +298,11 @@ def run_pipeline(
     write_test_maps(run_dir, images=test_images.images, stage1=test.stage1.anomaly_maps, stage2=test.stage2.maps,
                     masks=test_images.masks, has_mask=test_images.has_mask, names=[r.name for r in test_images.records])
     write_json(run_dir / RUN_FILES["history"], {"stage1": detector.stage1.history_, "stage2": detector.stage2.history_})
-    metrics = _run_metrics(table, detector, decoded, test, reuse, seconds={"decode": decode_seconds}, context=context,
+    fusion = MapFusion.fit(detector.validation_.stage1.anomaly_maps[decoded["val"].labels == 0], config.cascade.map_weight)
+    metrics = _run_metrics(table, detector, decoded, test, reuse, fusion, seconds={"decode": decode_seconds}, context=context,
                            device=device)
     metrics["synthetic_val"] = None if synthetic is None else synthetic_validation_metrics(
-        detector.validation_, decoded["val"].labels, *synthetic, detector.cascade)
+        detector.validation_, decoded["val"].labels, *synthetic, detector.cascade, fusion)
     metrics["seconds"]["total"] = time.perf_counter() - started
     write_json(run_dir / RUN_FILES["metrics"], metrics)
     build_report(run_dir)
@@ -317,13 +318,13 @@ def run_pipeline(
 
 def _run_metrics(
     table: pd.DataFrame, detector: TwoStageDetector, decoded: dict[str, DecodedImages], test: CascadeScores,
-    reuse: dict[str, Any], *, seconds: dict[str, float], context: DistributedContext, device: torch.device,
+    reuse: dict[str, Any], fusion: MapFusion, *, seconds: dict[str, float], context: DistributedContext, device: torch.device,
 ) -> dict[str, Any]:
     """``metrics.json`` of a run (docs/design.md §7): accuracy, thresholds, speed, counts, notes."""
     stage1, stage2 = detector.stage1, detector.stage2
     images = score_metrics(table)
     maps = map_metrics(table, decoded["test"].masks, decoded["test"].has_mask, test.stage1.anomaly_maps, test.stage2.maps,
-                       stage2.map_mean_, stage2.map_std_)
+                       fusion)
     n_test = len(test)
     labels = decoded["test"].labels
     n_flagged = int((test.stage1.loss.astype(np.float64) > detector.cascade.stage1.value).sum())  # as Cascade.apply
