@@ -97,6 +97,7 @@ def row_for(run_dir: Path, seed: int | None, variant: list[str] | None = None) -
         **{f"synthetic_image_auroc_{k}": v for k, v in score["image_auroc"].items()},
         "synthetic_pixel_auroc_stage1": score["pixel_auroc"]["stage1"],
         "synthetic_pixel_auroc_fused": score["pixel_auroc"]["fused"],
+        "synthetic_pro_fused": score["pro"]["fused"],
         "synthetic_stage1_recall": score["stage1_recall_at_threshold"],
         "synthetic_held_out_kinds": score["image_auroc_stage1_held_out_kinds"],
         "synthetic_held_out_kinds_stage2": score["image_auroc_stage2_held_out_kinds"],

@@ -77,8 +77,12 @@ def test_fused_map_adds_stage2_to_stage1_in_sigma_units():
     np.testing.assert_allclose(alone, [[[2.0, 2.0, 0.0]]], rtol=1e-6)
     with pytest.raises(ValueError, match="differ in shape"):
         fused_anomaly_map(stage1, stage2[:, :, :2], stage1_mean=0.0, stage1_std=1.0, stage2_weight=0.1)
-    with pytest.raises(ValueError, match="stage1_std must be > 0, got 0.0"):
+    with pytest.raises(ValueError, match="stage1_std finite and > 0, got 0.0 and 0.0"):
         fused_anomaly_map(stage1, stage2, stage1_mean=0.0, stage1_std=0.0, stage2_weight=0.1)
+    with pytest.raises(ValueError, match="got 0.0 and inf"):
+        fused_anomaly_map(stage1, stage2, stage1_mean=0.0, stage1_std=np.inf, stage2_weight=0.1)
+    with pytest.raises(ValueError, match="maps must be floats"):  # maps/test_maps.npz's uint8 stage-1 maps, undivided
+        fused_anomaly_map((stage1 * 255).astype(np.uint8), stage2, stage1_mean=0.1, stage1_std=0.4, stage2_weight=0.1)
 
 
 def test_map_fusion_takes_its_statistics_from_normal_maps():
@@ -90,6 +94,8 @@ def test_map_fusion_takes_its_statistics_from_normal_maps():
     assert MapFusion.fit(np.full((2, 3, 3), 0.5), stage2_weight=0.1).stage1_std == 1.0  # constant maps: defined
     with pytest.raises(ValueError, match="no validation normal"):
         MapFusion.fit(np.zeros((0, 4, 4)), stage2_weight=0.1)
+    with pytest.raises(ValueError, match="1 pixels of the validation normals' stage-1 maps are NaN"):
+        MapFusion.fit(np.array([[[0.1, np.nan]]]), stage2_weight=0.1)
 
 
 def test_an_image_stage1_cannot_score_fails_closed():

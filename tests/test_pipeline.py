@@ -256,3 +256,5 @@ def test_run_reports_the_synthetic_validation_score(tiny_run):
     assert 0.0 <= synthetic["stage1_recall_at_threshold"] <= 1.0
     for key in ("stage1", "stage2", "fused"):
         assert 0.0 <= synthetic["pixel_auroc"][key] <= 1.0 and 0.0 <= synthetic["pro"][key] <= 1.0
+    fusion = json.loads((tiny_run.run_dir / "metrics.json").read_text())["map_fusion"]
+    assert fusion["stage2_weight"] == 0.1 and 0.0 <= fusion["stage1_mean"] <= 1.0 and fusion["stage1_std"] > 0

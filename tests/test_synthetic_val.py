@@ -95,6 +95,10 @@ def test_synthetic_validation_metrics_hand_computed():
     assert out["pixel_auroc"]["stage1"] == pytest.approx(1.0) and out["pro"]["stage1"] == pytest.approx(1.0)
     assert out["pixel_auroc"]["stage2"] == pytest.approx(18 * 0.5 / 21)  # defects at 0: ties with 18, below 3
     assert out["pixel_auroc"]["fused"] == pytest.approx(18 / 21)  # defects at 1: above 18 zeros, below 3 tens
+    # PRO to FPR 0.3 (3 one-pixel regions): stage 2 reaches its defects only with every pixel, at FPR 1
+    # (PRO(0.3) = (0.3 − 1/7)/(6/7)); fused reaches them all at FPR 1/7 (the 3 tens first)
+    assert out["pro"]["stage2"] == pytest.approx(0.5 * (0.3 - 1 / 7) * (0.3 - 1 / 7) / (6 / 7) / 0.3)  # 121/2520
+    assert out["pro"]["fused"] == pytest.approx((0.3 - 1 / 7) / 0.3)  # 11/21
     assert out["image_auroc_stage1_by_kind"] == {"cutout": pytest.approx(2 / 3), "crack": pytest.approx(3 / 6)}
     assert out["stage1_recall_at_threshold"] == pytest.approx(2 / 3)  # 2.5 and 4 exceed τ₁ = 2
     assert out["image_auroc_stage1_held_out_kinds"] is None  # no held-out kind among them: one class only

@@ -19,6 +19,7 @@ statistics come from validation rows; :func:`fit_cascade` never sees test labels
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -187,16 +188,20 @@ def fused_anomaly_map(stage1_maps: np.ndarray, stage2_maps: np.ndarray, *, stage
                       stage2_weight: float) -> np.ndarray:
     """``(m₁ − μ₁)/σ₁ + w·z₂``: stage 1's map in validation-normal σ units plus ``w`` × stage 2's.
 
-    ``stage1_maps``: ``1 − A`` (any scale); ``stage1_mean`` / ``stage1_std``: the mean and std of
-    validation normals' stage-1 map pixels (:meth:`MapFusion.fit`); ``stage2_maps``: already in
+    ``stage1_maps``: ``1 − A`` as floats in [0, 1], the scale the statistics were fitted on (the
+    uint8 maps of ``maps/test_maps.npz`` are divided by 255 first; integer maps are refused);
+    ``stage1_mean`` / ``stage1_std``: the mean and std of validation normals' stage-1 map pixels
+    (:meth:`MapFusion.fit`); ``stage2_maps``: already in
     validation-normal σ units (``(raw − map_mean)/map_std``). A sum keeps stage 1's filled regions
     where stage 2 is silent (a product would erase them) and lets stage 2 add where it sees more;
     ``stage2_weight`` 0 gives stage 1's map alone. ``N×H×W`` in, ``N×H×W`` float32 out.
     """
     if stage1_maps.shape != stage2_maps.shape:
         raise ValueError(f"stage-1 and stage-2 maps differ in shape: {stage1_maps.shape} vs {stage2_maps.shape}")
-    if not stage1_std > 0:
-        raise ValueError(f"stage1_std must be > 0, got {stage1_std!r}")
+    if not (np.issubdtype(stage1_maps.dtype, np.floating) and np.issubdtype(stage2_maps.dtype, np.floating)):
+        raise ValueError(f"maps must be floats (stage 1's in [0, 1]), got {stage1_maps.dtype} and {stage2_maps.dtype}")
+    if not (math.isfinite(stage1_std) and stage1_std > 0 and math.isfinite(stage1_mean)):
+        raise ValueError(f"stage1_mean must be finite and stage1_std finite and > 0, got {stage1_mean!r} and {stage1_std!r}")
     z1 = (stage1_maps.astype(np.float32) - np.float32(stage1_mean)) / np.float32(stage1_std)
     return z1 + np.float32(stage2_weight) * stage2_maps.astype(np.float32)
 
@@ -217,6 +222,8 @@ class MapFusion:
         values = np.asarray(normal_stage1_maps, dtype=np.float64)
         if values.size == 0:
             raise ValueError("no validation normal's stage-1 map to take the map statistics from")
+        if not np.isfinite(values).all():
+            raise ValueError(f"{int((~np.isfinite(values)).sum())} pixels of the validation normals' stage-1 maps are NaN or infinite")
         return cls(stage1_mean=float(values.mean()), stage1_std=_std(values.reshape(-1)), stage2_weight=float(stage2_weight))
 
     def apply(self, stage1_maps: np.ndarray, stage2_maps: np.ndarray) -> np.ndarray:

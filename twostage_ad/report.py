@@ -289,6 +289,7 @@ def _stage_table(metrics: dict[str, Any]) -> str:
             ("pixel AUROC, synthetic defects on validation normals (no test label)", "synthetic_pixel_auroc",
              ("stage1", "stage2", "fused")),
             ("PRO (FPR ≤ 0.3)", "pro", ("stage1", "stage2", "fused")),
+            ("PRO, synthetic defects on validation normals (no test label)", "synthetic_pro", ("stage1", "stage2", "fused")),
             ("threshold (τ₁; τ₂ on the second-stage score)", "thresholds", ("stage1", "stage2", None)),
             ("images/s", "images_per_s", ("stage1", "stage2", "cascade"))]
     out = ["<tr><th></th><th>stage 1</th><th>stage 2</th><th>cascade (fused maps)</th></tr>"]
