@@ -85,6 +85,16 @@ def test_fused_map_adds_stage2_to_stage1_in_sigma_units():
         fused_anomaly_map((stage1 * 255).astype(np.uint8), stage2, stage1_mean=0.1, stage1_std=0.4, stage2_weight=0.1)
 
 
+def test_the_cascades_map_statistics_round_trip_and_old_thresholds_have_none():
+    cascade = _cascade()
+    cascade.map_fusion = MapFusion(stage1_mean=0.2, stage1_std=0.05, stage2_weight=0.1)
+    stored = {"stage1": cascade.stage1.to_dict(), "stage2": cascade.stage2.to_dict(),
+              "cascade": {k: v for k, v in cascade.to_dict().items() if k not in ("stage1", "stage2")}}
+    assert Cascade.from_dict(stored).map_fusion == cascade.map_fusion
+    del stored["cascade"]["map_fusion"]  # thresholds.json of a run calibrated before the map was stored
+    assert Cascade.from_dict(stored).map_fusion is None
+
+
 def test_map_fusion_takes_its_statistics_from_normal_maps():
     normals = np.array([[[0.0, 0.2]], [[0.4, 0.2]]])  # mean 0.2, std sqrt(0.02)
     fusion = MapFusion.fit(normals, stage2_weight=0.1)

@@ -81,7 +81,11 @@ def test_cli_and_api_give_the_same_numbers_and_skip_unreadable_files(run, folder
     for column in ("stage1_loss", "stage2_score", "cascade_score", "decision"):
         np.testing.assert_allclose(cli[column].to_numpy(float), api[column].to_numpy(float), rtol=1e-6)
     maps = np.load(tmp_path / "maps.npz")
-    assert maps["stage1"].shape == (40, 32, 32)
+    assert maps["stage1"].shape == (40, 32, 32) and maps["fused"].shape == (40, 32, 32)
+    fusion = TwoStageDetector.from_run(result.run_dir, device="cpu").cascade.map_fusion
+    ran = ~np.isnan(maps["stage2"][:, 0, 0])
+    np.testing.assert_allclose(maps["fused"], fusion.apply(maps["stage1"], np.where(ran[:, None, None], maps["stage2"], 0).astype(np.float32)),
+                               rtol=1e-2, atol=1e-2)  # stage 2's map was stored as float16
     # an existing output is never overwritten silently
     assert main(["-q", "predict", str(result.run_dir), str(folder), "--output", str(out)]) == 2
     assert main(["-q", "predict", str(result.run_dir), str(folder / "img_00*.png"), "--output", str(out), "--overwrite"]) == 0
@@ -130,10 +134,20 @@ def test_a_detector_fits_from_arrays_and_predicts_what_fit_scored():
     np.testing.assert_allclose([p.stage1_loss for p in predicted.images], fitted.stage1.loss, rtol=1e-5)
     np.testing.assert_allclose([p.stage2_score for p in predicted.images], fitted.stage2.scores, rtol=1e-5)
     assert [p.flagged for p in predicted.images] == list(fitted.decided.flagged)
+    # the cascade's map: stage 1's in the validation normals' σ units plus 0.1 × stage 2's
+    maps1 = np.stack([p.stage1_map for p in predicted.images])
+    mean, std = float(maps1.astype(np.float64).mean()), float(maps1.astype(np.float64).std())  # every val image is normal
+    assert detector.cascade.map_fusion.stage1_mean == pytest.approx(mean, rel=1e-4)
+    assert detector.cascade.map_fusion.stage1_std == pytest.approx(std, rel=1e-4)
+    for p in predicted.images[:3]:
+        np.testing.assert_allclose(p.fused_map, (p.stage1_map - mean) / std + 0.1 * p.stage2_map, rtol=1e-3, atol=1e-3)
     # the deployment path runs stage 2 on the flagged images only, with the same decisions
     deployed = detector.predict(val, progress=False)
     assert [p.decision for p in deployed.images] == [p.decision for p in predicted.images]
     assert [p.stage2_score is None for p in deployed.images] == [not f for f in fitted.decided.flagged]
+    for p in deployed.images:  # stage 2's term is 0 where it did not run
+        if p.stage2_map is None:
+            np.testing.assert_allclose(p.fused_map, (p.stage1_map - mean) / std, rtol=1e-3, atol=1e-3)
     # a label-free high-recall screen: synthetic defects on the validation normals, passed in
     from dataclasses import replace
 

@@ -123,9 +123,12 @@ def test_overwrite_moves_the_earlier_run_aside(tiny_run, tmp_path):
 def test_calibrate_changes_the_threshold_and_keeps_history(tiny_run, tmp_path, capsys):
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run.run_dir, run_dir)
+    map_fusion = json.loads((run_dir / "thresholds.json").read_text())["cascade"]["map_fusion"]
+    assert map_fusion == json.loads((run_dir / "metrics.json").read_text())["map_fusion"]  # the map the metrics scored
     assert main(["-q", "calibrate", str(run_dir), "--method", "fpr", "--fpr", "0.3"]) == 0
     printed = json.loads(capsys.readouterr().out)["stage1"]
     thresholds = json.loads((run_dir / "thresholds.json").read_text())
+    assert thresholds["cascade"]["map_fusion"] == map_fusion  # re-picking thresholds keeps the cascade's map
     assert thresholds["stage1"]["method"] == "fpr" and thresholds["stage1"]["params"] == {"fpr": 0.3}
     assert thresholds["stage2"]["method"] == "fpr"
     assert thresholds["stage1"]["value"] == printed["value"]

@@ -59,6 +59,7 @@ class Cascade:
     stage2_mean: float
     stage2_std: float
     second_std: float
+    map_fusion: MapFusion | None = None  # the cascade's map (None: a run calibrated before it was stored)
 
     def second_score(self, stage1_scores: np.ndarray, stage2_scores: np.ndarray) -> np.ndarray:
         return second_stage_score(
@@ -100,6 +101,7 @@ class Cascade:
                 stage1=Threshold.from_dict(thresholds["stage1"]),
                 stage2=Threshold.from_dict(thresholds["stage2"]),
                 **{k: stats[k] for k in ("fusion", "stage1_mean", "stage1_std", "stage2_mean", "stage2_std", "second_std")},
+                map_fusion=MapFusion(**stats["map_fusion"]) if stats.get("map_fusion") else None,
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"thresholds lack the cascade entry {exc}; re-run calibrate on this run") from exc

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from twostage_ad.cascade import Cascade, CascadeOutput, fit_cascade
-from twostage_ad.config import AugmentConfig, CalibrationConfig, Config, ConfigError, RunConfig
+from twostage_ad.cascade import Cascade, CascadeOutput, MapFusion, fit_cascade
+from twostage_ad.config import AugmentConfig, CalibrationConfig, CascadeConfig, Config, ConfigError, RunConfig
 from twostage_ad.data.augment import synthetic_defects
 from twostage_ad.data.images import decode_records, resize_images, resize_maps
 from twostage_ad.data.records import IMAGE_EXTENSIONS, DataError, Record
@@ -76,6 +76,9 @@ class ImagePrediction:
     components: dict[str, float] = field(default_factory=dict)
     stage1_map: np.ndarray | None = None  # 1 − A in [0, 1]
     stage2_map: np.ndarray | None = None  # validation-normal σ units
+    # the cascade's map (cascade.map_weight): stage 1's in validation-normal σ units plus w × stage 2's
+    # (stage 2's term 0 where it did not run); None for a run calibrated before the map was stored
+    fused_map: np.ndarray | None = None
 
 
 @dataclass
@@ -224,6 +227,7 @@ class TwoStageDetector:
         calibration: CalibrationConfig | None,
         *,
         fusion: str = "max",
+        map_weight: float = CascadeConfig.map_weight,
         checkpoint_dir: str | Path | None = None,
         resume: bool = False,
         progress: bool = True,
@@ -248,7 +252,7 @@ class TwoStageDetector:
         second = self._score_stage2(val, first.anomaly_maps, context, progress, "stage 2 score val")
         self.validation_ = CascadeScores(first, second, np.ones(len(val), bool))
         self.validation_labels_ = np.asarray(val_labels)
-        return self if calibration is None else self.calibrate(calibration, fusion=fusion)
+        return self if calibration is None else self.calibrate(calibration, fusion=fusion, map_weight=map_weight)
 
     def fit_stage2_statistics(self, val: np.ndarray, val_labels: np.ndarray, *, stage1_maps: np.ndarray | None = None,
                               progress: bool = False) -> TwoStageDetector:
@@ -262,15 +266,18 @@ class TwoStageDetector:
         return self
 
     def calibrate(self, calibration: CalibrationConfig, *, fusion: str = "max",
-                  synthetic: CascadeScores | None = None) -> TwoStageDetector:
-        """Pick τ₁ and τ₂ (and the fusion statistics) from the validation scores of :meth:`fit`;
-        ``synthetic``: :meth:`score_synthetic`'s scores, which ``synthetic_recall`` calibrates on."""
+                  synthetic: CascadeScores | None = None, map_weight: float = CascadeConfig.map_weight) -> TwoStageDetector:
+        """Pick τ₁ and τ₂ (and the fusion statistics) from the validation scores of :meth:`fit`, and
+        fit the cascade's map (:class:`MapFusion`, stage 2's weight ``map_weight``) on the validation
+        normals' stage-1 maps; ``synthetic``: :meth:`score_synthetic`'s scores, which
+        ``synthetic_recall`` calibrates on."""
         if not hasattr(self, "validation_"):
             raise RuntimeError("no validation scores to calibrate on: call fit() first")
         first, second = self.validation_.stage1, self.validation_.stage2
         self.cascade = fit_cascade(first.loss, second.scores, self.validation_labels_, calibration, fusion=fusion,
                                    synthetic_stage1=None if synthetic is None else synthetic.stage1.loss,
                                    synthetic_stage2=None if synthetic is None else synthetic.stage2.scores)
+        self.cascade.map_fusion = MapFusion.fit(first.anomaly_maps[self.validation_labels_ == 0], map_weight)
         self.validation_.decided = self.cascade.apply(first.loss, second.scores)
         return self
 
@@ -434,12 +441,14 @@ class TwoStageDetector:
             start = time.perf_counter()
             scored = self.score(pixels, all_stages=all_stages, batch_size=batch_size, progress=progress)
             seconds += time.perf_counter() - start
-            results += self._predictions(names, scored, maps)
+            results += self._predictions(names, scored, maps, self.cascade.map_fusion)
         return Predictions(images=results, failed=failed, seconds=seconds)
 
     @staticmethod
-    def _predictions(names: list[str], scored: CascadeScores, maps: bool) -> list[ImagePrediction]:
+    def _predictions(names: list[str], scored: CascadeScores, maps: bool, fusion: MapFusion | None) -> list[ImagePrediction]:
         first, second, decided = scored.stage1, scored.stage2, scored.decided
+        # score() leaves stage 2's map at 0 (its normal mean) where it did not run
+        fused = fusion.apply(first.anomaly_maps, second.maps) if maps and fusion is not None else None
         return [
             ImagePrediction(
                 image=names[i],
@@ -452,6 +461,7 @@ class TwoStageDetector:
                 components={k: float(v[i]) for k, v in first.components.items()},
                 stage1_map=first.anomaly_maps[i] if maps else None,
                 stage2_map=second.maps[i] if maps and scored.ran_stage2[i] else None,
+                fused_map=None if fused is None else fused[i],
             )
             for i in range(len(names))
         ]

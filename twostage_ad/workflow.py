@@ -287,7 +287,8 @@ def run_pipeline(
         scores, masks, kinds = synthetic
         write_synthetic_scores(run_dir, kinds, masks, scores.stage1.loss, scores.stage2.scores)
     try:
-        detector.calibrate(config.calibration, fusion=config.cascade.fusion, synthetic=None if synthetic is None else synthetic[0])
+        detector.calibrate(config.calibration, fusion=config.cascade.fusion, synthetic=None if synthetic is None else synthetic[0],
+                           map_weight=config.cascade.map_weight)
     except ValueError:  # CalibrationError among them: the scores stay on disk for `calibrate`
         write_scores(run_dir, table, errors)
         raise
@@ -298,7 +299,7 @@ def run_pipeline(
     write_test_maps(run_dir, images=test_images.images, stage1=test.stage1.anomaly_maps, stage2=test.stage2.maps,
                     masks=test_images.masks, has_mask=test_images.has_mask, names=[r.name for r in test_images.records])
     write_json(run_dir / RUN_FILES["history"], {"stage1": detector.stage1.history_, "stage2": detector.stage2.history_})
-    fusion = MapFusion.fit(detector.validation_.stage1.anomaly_maps[decoded["val"].labels == 0], config.cascade.map_weight)
+    fusion = detector.cascade.map_fusion
     metrics = _run_metrics(table, detector, decoded, test, reuse, fusion, seconds={"decode": decode_seconds}, context=context,
                            device=device)
     metrics["synthetic_val"] = None if synthetic is None else synthetic_validation_metrics(
@@ -419,6 +420,9 @@ def calibrate_run(
                           chosen["stage1"], fusion=load_run_config(run_dir).cascade.fusion, calibration2=chosen["stage2"],
                           synthetic_stage1=None if synthetic is None else synthetic["stage1_loss"].to_numpy(),
                           synthetic_stage2=None if synthetic is None else synthetic["stage2_score"].to_numpy())
+    thresholds_path = run_dir / RUN_FILES["thresholds"]
+    if thresholds_path.is_file():  # the cascade's map needs the stage-1 maps, which are not saved: keep the run's
+        cascade.map_fusion = Cascade.from_dict(read_json(thresholds_path)).map_fusion
     table = decide(table, cascade)
     write_scores(run_dir, table, errors)
     write_thresholds(run_dir, cascade)
@@ -477,11 +481,14 @@ def predict_files(
         for i, p in enumerate(result.images):
             if p.stage2_map is not None:
                 stage2[i] = np.clip(p.stage2_map, -6e4, 6e4)
+        fused = {} if detector.cascade.map_fusion is None else {
+            "fused": np.array([p.fused_map for p in result.images], dtype=np.float32).reshape(-1, size, size)}
         write_atomic(Path(maps_path), lambda tmp: np.savez_compressed(
             tmp,
             images=np.array([p.image for p in result.images]),
             stage1=np.array([p.stage1_map for p in result.images], dtype=np.float32).reshape(-1, size, size),
             stage2=stage2,  # NaN where stage 2 did not run
+            **fused,  # the cascade's map (stage 2's term 0 where it did not run)
         ))
     summary = {
         "run_dir": str(run_dir),
