@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -65,4 +65,17 @@ def append_row(name: str, row: dict[str, Any], title: str) -> pd.DataFrame:
     table = pd.concat([pd.read_csv(csv_path, dtype=str, keep_default_na=False), new]) if csv_path.exists() else new
     write_atomic(csv_path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.4f"))
     write_text_atomic(RESULTS / f"{name}.md", f"# {title}\n\n" + markdown_table(table))
+    return table
+
+
+def record_rows(name: str, title: str, rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """Append each row to ``results/<name>.csv`` as it comes (an interrupted benchmark keeps what it
+    measured), print it rounded, and return them all as a frame with ``dataset`` cut to the data set."""
+    kept = []
+    for row in rows:
+        append_row(name, row, title)
+        kept.append(row)
+        print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+    table = pd.DataFrame(kept)
+    table["dataset"] = table["dataset"].str.split("/").str[0]
     return table

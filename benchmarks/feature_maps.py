@@ -26,7 +26,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from twostage_ad.data.augment import synthetic_defects
 from twostage_ad.data.images import decode_records
@@ -35,7 +34,7 @@ from twostage_ad.detector import TwoStageDetector
 from twostage_ad.metrics import image_auroc, pixel_auroc
 from twostage_ad.runs import load_run_config
 
-from _results import append_row, git_commit
+from _results import git_commit, record_rows
 
 TITLE = "Stage 1's feature normality: the cells of the screening and of the map, and the map blend (benchmarks/feature_maps.py)"
 
@@ -80,14 +79,7 @@ def main() -> None:
     parser.add_argument("--map-strides", type=int, nargs="+", default=[0], help="stage1.feature_map_stride values (0: the screening's)")
     args = parser.parse_args()
     variants = list(itertools.product(args.strides, args.map_strides, args.weights))
-    rows = []
-    for run_dir in args.runs:
-        for row in rows_for(run_dir, variants):
-            append_row("feature_maps", row, TITLE)
-            rows.append(row)
-            print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
-    table = pd.DataFrame(rows)
-    table["dataset"] = table["dataset"].str.split("/").str[0]
+    table = record_rows("feature_maps", TITLE, (row for run_dir in args.runs for row in rows_for(run_dir, variants)))
     keys = ["dataset", "feature_stride", "feature_map_stride", "feature_map_weight"]
     print(table.groupby(keys)[[c for c in table.columns if "auroc" in c]].agg(["mean", "count"]).round(4).to_string())
 

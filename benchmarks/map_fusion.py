@@ -30,7 +30,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from scipy.ndimage import gaussian_filter
 
 from twostage_ad.cascade import MapFusion
@@ -41,7 +40,7 @@ from twostage_ad.evaluate import PRO_MAX_FPR
 from twostage_ad.metrics import pixel_auroc, pro_score
 from twostage_ad.runs import load_run_config
 
-from _results import append_row, git_commit
+from _results import git_commit, record_rows
 
 TITLE = "The cascade's map: stage 1's plus w × stage 2's, against the former geometric mean and blurred maps (benchmarks/map_fusion.py)"
 
@@ -110,14 +109,7 @@ def main() -> None:
     parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.1, 0.25, 0.5, 1.0], help="cascade.map_weight values")
     parser.add_argument("--blur", type=float, nargs="*", default=[], help="Gaussian σ of blurred variants, as a share of the image side")
     args = parser.parse_args()
-    rows = []
-    for run_dir in args.runs:
-        for row in rows_for(run_dir, args.weights, args.blur):
-            append_row("map_fusion", row, TITLE)
-            rows.append(row)
-            print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
-    table = pd.DataFrame(rows)
-    table["dataset"] = table["dataset"].str.split("/").str[0]
+    table = record_rows("map_fusion", TITLE, (row for run_dir in args.runs for row in rows_for(run_dir, args.weights, args.blur)))
     columns = ["synthetic_pixel_auroc", "synthetic_pro", "test_pixel_auroc", "test_pro"]
     means = table.groupby(["variant", "dataset"], sort=False)[columns].mean().unstack("dataset")
     print(table.groupby(["dataset", "variant"], sort=False)[columns].agg(["mean", "count"]).round(4).to_string())

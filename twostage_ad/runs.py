@@ -14,7 +14,7 @@ import os
 import pickle
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +26,7 @@ import yaml
 if TYPE_CHECKING:
     from twostage_ad.cascade import Cascade
     from twostage_ad.config import Config
+    from twostage_ad.detector import ImagePrediction
 
 __all__ = [
     "RunExistsError",
@@ -44,6 +45,7 @@ __all__ = [
     "write_synthetic_scores",
     "read_synthetic_scores",
     "write_thresholds",
+    "write_prediction_maps",
     "write_test_maps",
     "TEST_MAPS",
 ]
@@ -272,6 +274,25 @@ def write_thresholds(run_dir: Path, cascade: Cascade) -> None:
         "cascade": {k: v for k, v in cascade.to_dict().items() if k not in ("stage1", "stage2")},
         "history": history,
     })
+
+
+def write_prediction_maps(path: Path, predictions: Sequence[ImagePrediction], size: int) -> None:
+    """``predict --maps``: image names, stage-1 maps (float32), stage-2 maps (float16, NaN where stage
+    2 did not run) and, when the run stores the cascade's map, ``fused`` (float32; stage 2's term 0
+    where it did not run), each ``N×size×size``."""
+    stage2 = np.full((len(predictions), size, size), np.nan, np.float16)
+    for i, p in enumerate(predictions):
+        if p.stage2_map is not None:
+            stage2[i] = np.clip(p.stage2_map, -6e4, 6e4)
+    fused = {} if any(p.fused_map is None for p in predictions) else {
+        "fused": np.array([p.fused_map for p in predictions], dtype=np.float32).reshape(-1, size, size)}
+    write_atomic(path, lambda tmp: np.savez_compressed(
+        tmp,
+        images=np.array([p.image for p in predictions]),
+        stage1=np.array([p.stage1_map for p in predictions], dtype=np.float32).reshape(-1, size, size),
+        stage2=stage2,
+        **fused,
+    ))
 
 
 def write_test_maps(run_dir: Path, *, images: np.ndarray, stage1: np.ndarray, stage2: np.ndarray, masks: np.ndarray,

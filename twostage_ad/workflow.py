@@ -52,6 +52,7 @@ from twostage_ad.runs import (
     read_synthetic_scores,
     write_atomic,
     write_json,
+    write_prediction_maps,
     write_scores,
     write_synthetic_scores,
     write_test_maps,
@@ -476,20 +477,7 @@ def predict_files(
                           ignore_index=True)
     write_atomic(output, lambda tmp: table.to_csv(tmp, index=False, float_format="%.9g"))
     if maps_path is not None:
-        size = detector.image_size
-        stage2 = np.full((len(result), size, size), np.nan, np.float16)
-        for i, p in enumerate(result.images):
-            if p.stage2_map is not None:
-                stage2[i] = np.clip(p.stage2_map, -6e4, 6e4)
-        fused = {} if detector.cascade.map_fusion is None else {
-            "fused": np.array([p.fused_map for p in result.images], dtype=np.float32).reshape(-1, size, size)}
-        write_atomic(Path(maps_path), lambda tmp: np.savez_compressed(
-            tmp,
-            images=np.array([p.image for p in result.images]),
-            stage1=np.array([p.stage1_map for p in result.images], dtype=np.float32).reshape(-1, size, size),
-            stage2=stage2,  # NaN where stage 2 did not run
-            **fused,  # the cascade's map (stage 2's term 0 where it did not run)
-        ))
+        write_prediction_maps(Path(maps_path), result.images, detector.image_size)
     summary = {
         "run_dir": str(run_dir),
         "output": str(output),
