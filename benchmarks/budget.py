@@ -28,6 +28,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +44,10 @@ TITLE = "Training budget: one stage's scores against its epochs, snapshots of on
 STAGES = ("stage1", "stage2")
 
 
-def train_with_snapshots(run_dir: Path, stage: str, epochs: list[int], root: Path) -> None:
-    """Train ``stage`` for ``max(epochs)`` (the other stage reused from ``run_dir``), copying its
-    checkpoint to ``root/<stage>-e<N>.pt`` after each epoch N in ``epochs``, then score each snapshot."""
-    other = STAGES[1 - STAGES.index(stage)]
-    config = load_run_config(run_dir)
-    base = ["-q", "run", "--config", str(run_dir / "config.yaml"), "--set", f"run.seed={config.run.seed}",
-            f"--{other}-from", str(run_dir / "checkpoints" / f"{other}.pt")]
-    root.mkdir(parents=True, exist_ok=True)
+@contextmanager
+def keep_snapshots(stage: str, epochs: list[int], root: Path) -> Iterator[None]:
+    """While active, every per-epoch checkpoint ``stage`` writes after an epoch in ``epochs`` is
+    also copied to ``root/<stage>-e<N>.pt`` (the weights an N-epoch training ends with)."""
     save = TrainableStage.save
 
     def save_with_snapshots(self: TrainableStage, path: str | Path, *, epoch: int | None = None,
@@ -59,11 +56,23 @@ def train_with_snapshots(run_dir: Path, stage: str, epochs: list[int], root: Pat
         if self.config_name == stage and epoch in epochs and training_state is not None:
             shutil.copy(path, root / f"{stage}-e{epoch}.pt")
 
+    root.mkdir(parents=True, exist_ok=True)
     TrainableStage.save = save_with_snapshots  # type: ignore[method-assign]
     try:
-        pipeline([*base, "--set", f"{stage}.epochs={max(epochs)}", "--output", str(root / f"e{max(epochs)}")])
+        yield
     finally:
         TrainableStage.save = save  # type: ignore[method-assign]
+
+
+def train_with_snapshots(run_dir: Path, stage: str, epochs: list[int], root: Path) -> None:
+    """Train ``stage`` for ``max(epochs)`` (the other stage reused from ``run_dir``), keeping its
+    checkpoint after each epoch in ``epochs``, then score each snapshot as a run."""
+    other = STAGES[1 - STAGES.index(stage)]
+    config = load_run_config(run_dir)
+    base = ["-q", "run", "--config", str(run_dir / "config.yaml"), "--set", f"run.seed={config.run.seed}",
+            f"--{other}-from", str(run_dir / "checkpoints" / f"{other}.pt")]
+    with keep_snapshots(stage, epochs, root):
+        pipeline([*base, "--set", f"{stage}.epochs={max(epochs)}", "--output", str(root / f"e{max(epochs)}")])
     for n in sorted(epochs)[:-1]:
         pipeline([*base, f"--{stage}-from", str(root / f"{stage}-e{n}.pt"), "--output", str(root / f"e{n}")])
 
