@@ -89,7 +89,7 @@ def test_report_rebuilds_every_plot_from_saved_files(tiny_run, tmp_path):
     images = re.findall(r'src="([^"]+)"', page)
     expected = {"plots/roc.png", "plots/stage1_loss_distribution.png", "plots/stage2_score_distribution.png",
                 "plots/cascade_score_distribution.png", "plots/stage1_training.png", "plots/stage2_training.png",
-                "plots/stage1_overlays.png", "plots/stage2_overlays_flagged.png"}
+                "plots/stage1_overlays.png", "plots/stage2_overlays_flagged.png", "plots/cascade_overlays.png"}
     assert expected <= set(images) and all((run_dir / ref).is_file() for ref in images)
     assert "anomalous, missed" in page  # the confusion table
     assert main(["-q", "report", str(tmp_path / "nope")]) == 2

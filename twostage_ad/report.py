@@ -6,6 +6,7 @@
 - training curves of both stages;
 - overlays: test anomalies with their ground truth outlined and the anomaly map on one global
   colour scale (``1 − A`` in [0, 1], fixed, never per image), a colour bar and the 0.5 contour;
+  the cascade's map on the same images, in validation-normal σ on a fixed 0–6 σ scale;
 - :func:`build_report`: all of them and ``report.html`` from a run folder.
 """
 
@@ -42,6 +43,10 @@ log = logging.getLogger(__name__)
 
 LABEL_NAMES = {0: "normal", 1: "anomalous"}
 PALETTE = {"normal": "#4C72B0", "anomalous": "#DD5246"}
+# the cascade's map is in σ of the validation normals' stage-1 pixels: its colour scale ends at 6 σ
+# and its contour marks 3 σ, the same on every run, so two reports can be compared by eye
+FUSED_SCALE_SIGMA = 6.0
+FUSED_CONTOUR_SIGMA = 3.0
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -271,6 +276,9 @@ PLOT_CAPTIONS = {
     "worst_false_negatives.png": "Anomalies the cascade let through, lowest cascade score first, with both maps.",
     "worst_false_positives.png": "Normal images the cascade rejected, highest cascade score first, with both maps.",
     "stage1_overlays.png": "Stage-1 anomaly map (1 − A) on test anomalies; ground truth in green; one fixed colour scale.",
+    "cascade_overlays.png": (f"The cascade's map (predict's 'fused') on the same test anomalies: stage 1's map in σ of the "
+                             "validation normals' pixels plus cascade.map_weight × stage 2's where the image was flagged; "
+                             f"colour scale 0–{FUSED_SCALE_SIGMA:g} σ, cyan contour at {FUSED_CONTOUR_SIGMA:g} σ."),
     "stage2_overlays_flagged.png": "Stage-2 map on flagged test images, in σ of validation-normal cells; cyan contour at the decision level.",
     "operating_points.png": ("What moving τ₁ does: recall of the screen and of the cascade, the cascade's AUROC, the "
                              "share of test normals flagged and the throughput, against the share of validation normals "
@@ -388,8 +396,8 @@ def build_report(run_dir: str | Path, *, log_scale: bool = False, examples: int 
     """Draw every plot and write ``report.html`` from a run folder's files; no model is loaded.
 
     Score distributions (by label and by defect category, threshold lines, optional log scale),
-    ROC curves of both stages and the cascade, training curves, heat-map overlays (stage 1 on test
-    anomalies, stage 2 on flagged test images) and the worst false negatives and false positives
+    ROC curves of both stages and the cascade, training curves, heat-map overlays (stage 1 and the
+    cascade's map on test anomalies, stage 2 on flagged test images) and the worst false negatives and false positives
     of the cascade with both maps, all on colour scales fixed from validation normals.
     """
     run_dir = Path(run_dir)
@@ -450,6 +458,11 @@ def _draw_maps(run_dir: Path, maps_path: Path, test: pd.DataFrame, table: pd.Dat
     chosen = _pick(np.flatnonzero(labels == 1), count, seed)
     if len(chosen):
         plot_overlays(images[chosen], stage1[chosen], masks[chosen], [title(i) for i in chosen], plots / "stage1_overlays.png")
+    if len(chosen) and cascade.map_fusion is not None:  # runs calibrated before the fused map have none
+        ran2 = test["flagged"].to_numpy(bool)[chosen]  # as predict makes it: stage 2's term only where stage 2 ran
+        fused = cascade.map_fusion.apply(stage1[chosen], np.where(ran2[:, None, None], stage2[chosen], np.float32(0.0)))
+        plot_overlays(images[chosen], fused, masks[chosen], [title(i) for i in chosen], plots / "cascade_overlays.png",
+                      vmax=FUSED_SCALE_SIGMA, contour=FUSED_CONTOUR_SIGMA, map_label="cascade map (validation-normal σ)")
     chosen = _pick(np.flatnonzero(test["flagged"].to_numpy(bool)), count, seed)
     if len(chosen):
         plot_overlays(images[chosen], stage2[chosen], masks[chosen], [title(i) for i in chosen], plots / "stage2_overlays_flagged.png",
