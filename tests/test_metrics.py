@@ -65,6 +65,32 @@ def test_pro_joins_diagonal_pixels_into_one_region():
     assert pro_score(np.array([1]), masks, np.array([True]), maps, max_fpr=0.3).value == pytest.approx(0.25)
 
 
+def test_pro_hand_computed_holds_when_streamed_at_thresholds():
+    # past max_pixels the images are streamed; with every distinct map value among the
+    # thresholds the curve is the exact one, so the hand-computed values hold
+    result = pro_score(*_pro_case(), max_fpr=0.5, max_pixels=4)
+    assert result.value == pytest.approx(0.8) and "streamed per image" in result.reason
+    assert pro_score(*_pro_case(), max_fpr=0.3, max_pixels=4).value == pytest.approx(0.75)
+    labels, masks, has_mask, _ = _pro_case()
+    assert pro_score(labels, masks, has_mask, masks.astype(float), max_pixels=4).value == pytest.approx(1.0)
+
+
+def test_pro_streamed_on_many_pixels_agrees_with_the_exact_curve():
+    rng = np.random.default_rng(0)
+    masks = np.zeros((40, 48, 48), np.uint8)
+    for mask in masks[:25]:  # 25 anomalous images with one to three blobs of any size, 15 normal
+        for _ in range(rng.integers(1, 4)):
+            y, x, r = rng.integers(0, 48), rng.integers(0, 48), rng.integers(1, 9)
+            mask[max(0, y - r):y + r, max(0, x - r):x + r] = 1
+    maps = rng.normal(0.0, 1.0, masks.shape) + 1.5 * masks * rng.uniform(0.2, 1.5, (40, 1, 1))
+    labels, has_mask = (masks.reshape(40, -1).max(axis=1) > 0).astype(int), np.ones(40, bool)
+    exact = pro_score(labels, masks, has_mask, maps)
+    streamed = pro_score(labels, masks, has_mask, maps, max_pixels=10_000, thresholds=2_048)
+    assert exact.reason is None and streamed.reason is not None
+    assert 0.3 < exact.value < 0.95  # a map that is neither perfect nor random
+    assert streamed.value == pytest.approx(exact.value, abs=2e-3)
+
+
 def test_pro_without_masks_is_none_with_a_reason():
     labels, masks, _, maps = _pro_case()
     result = pro_score(labels, masks, np.array([False, False]), maps)
