@@ -68,8 +68,7 @@ def train_with_snapshots(run_dir: Path, stage: str, epochs: list[int], root: Pat
     """Train ``stage`` for ``max(epochs)`` (the other stage reused from ``run_dir``), keeping its
     checkpoint after each epoch in ``epochs``, then score each snapshot as a run."""
     other = STAGES[1 - STAGES.index(stage)]
-    config = load_run_config(run_dir)
-    base = ["-q", "run", "--config", str(run_dir / "config.yaml"), "--set", f"run.seed={config.run.seed}",
+    base = ["-q", "run", "--config", str(run_dir / "config.yaml"),  # the run's own config: its recipe and seed
             f"--{other}-from", str(run_dir / "checkpoints" / f"{other}.pt")]
     with keep_snapshots(stage, epochs, root):
         pipeline([*base, "--set", f"{stage}.epochs={max(epochs)}", "--output", str(root / f"e{max(epochs)}")])

@@ -97,6 +97,8 @@ def test_pro_without_masks_is_none_with_a_reason():
     assert result.value is None and "mask" in result.reason
     with pytest.raises(ValueError, match="max_fpr must be in"):
         pro_score(*_pro_case(), max_fpr=0.0)
+    with pytest.raises(ValueError, match="thresholds must be >= 2, got 1"):
+        pro_score(*_pro_case(), thresholds=1)
 
 
 def test_pixel_auroc_by_category_scores_each_kind_against_all_normals():

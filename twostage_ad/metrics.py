@@ -101,6 +101,9 @@ def pixel_auroc_by_category(
             for c, rows in _category_rows(labels, categories)}
 
 
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=int)  # PRO's regions: diagonal neighbours join
+
+
 def pro_score(
     labels: np.ndarray, masks: np.ndarray, has_mask: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3, *,
     max_pixels: int = 20_000_000, thresholds: int = 65_536,
@@ -119,13 +122,16 @@ def pro_score(
     """
     if not 0.0 < max_fpr <= 1.0:
         raise ValueError(f"max_fpr must be in (0, 1], got {max_fpr!r}")
+    if thresholds < 2:
+        raise ValueError(f"thresholds must be >= 2, got {thresholds!r}")
     labels = np.asarray(labels)
     usable = _usable_for_pixels(labels, masks, has_mask)
     if not np.any(usable & (labels == 1)):
         return MetricResult(None, "no test anomaly has a ground-truth mask")
     rows = np.flatnonzero(usable)
-    if len(rows) * int(np.prod(masks.shape[1:])) > max_pixels:
-        return _binned_pro(masks, maps, rows, max_fpr, max_pixels, thresholds)
+    n_pixels = len(rows) * int(np.prod(masks.shape[1:]))
+    if n_pixels > max_pixels:
+        return _binned_pro(masks, maps, rows, max_fpr, stride=int(np.ceil(n_pixels / max_pixels)), thresholds=thresholds)
     masks = np.asarray(masks)[usable] > 0
     scores = np.asarray(maps, dtype=np.float32)[usable].reshape(-1)
     # each pixel's weight: 1 / (|its region| · number of regions); 0 off the regions
@@ -154,8 +160,6 @@ def pro_score(
     return MetricResult(_area_up_to(np.r_[0.0, fpr[last_of_tie]], np.r_[0.0, pro[last_of_tie]], max_fpr))
 
 
-_EIGHT_CONNECTED = np.ones((3, 3), dtype=int)
-
 
 def _area_up_to(fpr: np.ndarray, pro: np.ndarray, max_fpr: float) -> float:
     """Normalised trapezoid area of a PRO curve (``fpr`` ascending from 0) up to ``max_fpr``."""
@@ -168,10 +172,10 @@ def _area_up_to(fpr: np.ndarray, pro: np.ndarray, max_fpr: float) -> float:
     return float(np.trapezoid(y, x) / max_fpr)
 
 
-def _binned_pro(masks: np.ndarray, maps: np.ndarray, rows: np.ndarray, max_fpr: float, max_pixels: int,
+def _binned_pro(masks: np.ndarray, maps: np.ndarray, rows: np.ndarray, max_fpr: float, *, stride: int,
                 thresholds: int) -> MetricResult:
-    """:func:`pro_score` over images ``rows``, one image at a time, at quantile thresholds."""
-    stride = int(np.ceil(len(rows) * int(np.prod(masks.shape[1:])) / max_pixels))
+    """:func:`pro_score` over images ``rows``, one image at a time, at ``thresholds`` quantiles of
+    every ``stride``-th pixel of their maps."""
     sample = np.concatenate([np.asarray(maps[i], dtype=np.float32).reshape(-1)[::stride] for i in rows])
     edges = np.unique(np.quantile(sample, np.linspace(0.0, 1.0, thresholds)).astype(np.float32))
     normal_hist = np.zeros(len(edges) + 1)  # bin 0: below every threshold; bin k: edges[k-1] <= score < edges[k]
@@ -196,7 +200,7 @@ def _binned_pro(masks: np.ndarray, maps: np.ndarray, rows: np.ndarray, max_fpr: 
     # pixels at or above threshold edges[k-1] are bins k.. : reverse cumulative sums, highest threshold first
     fpr = np.cumsum(normal_hist[:0:-1]) / normal_hist.sum()
     pro = np.cumsum(region_hist[:0:-1]) / n_regions
-    note = f"{len(rows) * int(np.prod(masks.shape[1:]))} pixels: {len(edges)} quantile thresholds, streamed per image"
+    note = f"{len(edges)} quantile thresholds of 1 in {stride} pixels, streamed per image"
     # below the lowest threshold every pixel counts: the curve ends at (1, 1) as the exact one does
     return MetricResult(_area_up_to(np.r_[0.0, fpr, 1.0], np.r_[0.0, pro, 1.0], max_fpr), note)
 
