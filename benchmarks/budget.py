@@ -10,8 +10,9 @@ each snapshot is then scored as a run of its own (``run --stageK-from``: the sta
 fits after training are refitted on the same training images) in ``ROOT/e<N>``. The learning
 rate is constant and every epoch's sampling is seeded by the seed and the epoch alone, so the
 epoch-N snapshot holds exactly the weights an N-epoch training ends with (the first 30 epochs'
-losses of a 30- and a 40-epoch training are equal to every digit). ``RUN_DIR`` itself is the
-point at its own epoch count.
+losses of a 30- and a 40-epoch training are equal to every digit); the snapshot training runs
+without the stage's step bounds (``min_steps`` / ``max_steps``), so that holds past the cap too.
+``RUN_DIR`` itself is the point at its own epoch count.
 
 One row per point: the synthetic-validation scores (validation normals with one synthetic
 defect each, drawn apart from training's: what a choice is made on) and the test scores
@@ -71,7 +72,9 @@ def train_with_snapshots(run_dir: Path, stage: str, epochs: list[int], root: Pat
     base = ["-q", "run", "--config", str(run_dir / "config.yaml"),  # the run's own config: its recipe and seed
             f"--{other}-from", str(run_dir / "checkpoints" / f"{other}.pt")]
     with keep_snapshots(stage, epochs, root):
-        pipeline([*base, "--set", f"{stage}.epochs={max(epochs)}", "--output", str(root / f"e{max(epochs)}")])
+        # unbounded steps: the epoch-N snapshot is then exactly the N-epoch training, whatever the cap
+        pipeline([*base, "--set", f"{stage}.epochs={max(epochs)}", "--set", f"{stage}.min_steps=0", "--set", f"{stage}.max_steps=0",
+                  "--output", str(root / f"e{max(epochs)}")])
     for n in sorted(epochs)[:-1]:
         pipeline([*base, f"--{stage}-from", str(root / f"{stage}-e{n}.pt"), "--output", str(root / f"e{n}")])
 
@@ -84,7 +87,7 @@ def point_row(run_dir: Path, stage: str, epochs: int) -> dict[str, Any]:
     return {
         "date": time.strftime("%Y-%m-%d %H:%M"), "commit": git_commit(), "run": str(run_dir),
         "dataset": Path(str(config.data.path)).parent.name + (f"/{config.data.category}" if config.data.category else ""),
-        "seed": config.run.seed, "stage": stage, "epochs": epochs,
+        "seed": config.run.seed, "stage": stage, "epochs": epochs, "steps": (metrics.get("steps") or {}).get(stage),
         "synthetic_stage1": synthetic.get("image_auroc", {}).get("stage1"),
         "synthetic_stage2": synthetic.get("image_auroc", {}).get("stage2"),
         "synthetic_cascade": synthetic.get("image_auroc", {}).get("cascade"),

@@ -44,6 +44,7 @@ def main() -> None:
         "overrides": " ".join(args.overrides),
         "image_size": config.data.image_size,
         "epochs": config.stage1.epochs,
+        "steps": (metrics.get("steps") or {}).get("stage1"),
         "train_s": round(metrics["seconds"]["train_stage1"], 1),
         "total_s": round(metrics["seconds"]["total"], 1),
         "image_auroc_stage1": metrics["image_auroc"]["stage1"],

@@ -58,6 +58,14 @@ def _is_power_of_two(n: int) -> bool:
     return n > 0 and (n & (n - 1)) == 0
 
 
+def _check_step_bounds(min_steps: Any, max_steps: Any, prefix: str) -> None:
+    """A stage's ``min_steps`` / ``max_steps``: integers >= 0 (0: no bound), the cap not below the floor."""
+    for name, value in (("min_steps", min_steps), ("max_steps", max_steps)):
+        _check(isinstance(value, int) and not isinstance(value, bool) and value >= 0, f"{prefix}.{name}",
+               "an integer >= 0 (0: no bound)", value)
+    _check(max_steps == 0 or max_steps >= min_steps, f"{prefix}.max_steps", f"0 or >= min_steps ({min_steps})", max_steps)
+
+
 @dataclass
 class DataConfig:
     """Where the images come from and how they are decoded.
@@ -169,8 +177,11 @@ class Stage1Config:
     # own loss), scored with their averaged attention logits; ensemble_size x the stage-1 training and
     # scoring time; attention-only training (docs/experiments.md, ensembles)
     ensemble_size: int = 1
-    # training
+    # training: epochs passes over the training set, at least min_steps and at most max_steps optimiser steps
+    # (0: no bound); the cap keeps a large set's training time bounded (docs/experiments.md, training budget)
     epochs: int = 40
+    min_steps: int = 0
+    max_steps: int = 1400
     batch_size: int = 16
     lr: float = 5e-4
     weight_decay: float = 0.0
@@ -207,6 +218,7 @@ class Stage1Config:
         for name in ("base_width", "max_width", "ensemble_size", "epochs", "batch_size"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, f"{prefix}.{name}", "an integer >= 1", value)
+        _check_step_bounds(self.min_steps, self.max_steps, prefix)
         _check(self.max_width >= self.base_width, f"{prefix}.max_width", f">= base_width ({self.base_width})", self.max_width)
         _check(
             isinstance(self.bottleneck_size, int) and _is_power_of_two(self.bottleneck_size) and self.bottleneck_size <= 16,
@@ -274,8 +286,10 @@ class Stage2Config:
     image_size: int = 0  # stage 2's square input size; 0 = data.image_size (stage 1's); a multiple of 16, >= 32
     tile_size: int = 0  # train on random tiles and score overlapping tiles of this size; 0 = the whole image
     tile_overlap: float = 0.5  # share of a tile its neighbour overlaps when scoring (stride rounded to 16 px)
-    # training
+    # training: as stage 1's
     epochs: int = 15
+    min_steps: int = 0
+    max_steps: int = 600
     batch_size: int = 16
     lr: float = 2e-4
     w_adv: float = 1.0
@@ -302,6 +316,7 @@ class Stage2Config:
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, f"{prefix}.{name}", "an integer >= 1", value)
+        _check_step_bounds(self.min_steps, self.max_steps, prefix)
         _check(self.lr > 0, f"{prefix}.lr", "> 0", self.lr)
         for name in ("w_adv", "w_con", "w_enc"):
             value = getattr(self, name)

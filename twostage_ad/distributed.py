@@ -201,7 +201,7 @@ class GlobalBatchSampler(Sampler):
     processes see the same global batches. Items are ``(epoch, index)`` when ``with_epoch`` (for
     datasets whose augmentation is seeded per epoch and image), else plain indices. Only full
     batches are used. The sampler counts epochs itself: one pass = one epoch (``start_epoch``
-    when resuming).
+    when resuming; a training capped at a number of steps stops part-way through its last pass).
     """
 
     def __init__(

@@ -13,7 +13,8 @@ from typing import Any
 
 from twostage_ad.config import SOURCE_ALIASES, ConfigError
 
-__all__ = ["FORMER_DEFAULTS", "MOVED_FIELDS", "REMOVED_FIELDS", "RENAMED_FIELDS", "migrate_config", "migrate_section", "stored_section"]
+__all__ = ["FORMER_DEFAULTS", "MOVED_FIELDS", "REMOVED_FIELDS", "RENAMED_FIELDS", "migrate_config", "migrate_section",
+           "stored_run_config", "stored_section"]
 
 # section -> {field: (the one value that remains, whether it changes scores)}
 REMOVED_FIELDS: dict[str, dict[str, tuple[Any, bool]]] = {
@@ -36,9 +37,21 @@ MOVED_FIELDS: dict[str, dict[str, str]] = {
 FORMER_DEFAULTS: dict[str, dict[str, Any]] = {
     "stage1": {"attention_kv_max_tokens": None, "final_up": "upsample_conv", "epochs": 10, "w_con": 1.0, "w_enc": 1.0,
                "w_adv": 0.1, "w_rep": 1.0, "screen_con": 1.0, "screen_enc": 1.0,
-               "position_normality": "none", "screen_feature": 0.0},
-    "stage2": {"score": "latent"},
+               "position_normality": "none", "screen_feature": 0.0, "min_steps": 0, "max_steps": 0},
+    "stage2": {"score": "latent", "min_steps": 0, "max_steps": 0},
 }
+
+
+def stored_run_config(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A run folder's resolved ``config.yaml`` as it was written: a stage field it lacks did not
+    exist then and takes the value it had (:data:`FORMER_DEFAULTS`), not today's default, so an
+    older run resumes and reports what it trained with (a user's config file, by contrast, means
+    today's default by a missing field)."""
+    values = dict(values)
+    for section, former in FORMER_DEFAULTS.items():
+        if isinstance(values.get(section), Mapping):
+            values[section] = {**former, **values[section]}
+    return values
 
 
 def stored_section(section: str, values: Mapping[str, Any], *, strict: bool = False) -> dict[str, Any]:

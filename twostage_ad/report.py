@@ -166,11 +166,13 @@ def plot_training_curves(history: list[dict[str, float]], path: Path, *, title: 
     frame = pd.DataFrame(history)
     if frame.empty:
         return path
-    columns = [c for c in frame.columns if c not in ("epoch", "seconds")]
-    long = frame.melt(id_vars="epoch", value_vars=columns, var_name="loss", value_name="value")
+    x = "steps" if "steps" in frame else "epoch"  # optimiser steps at each epoch's end (a capped last epoch is short)
+    columns = [c for c in frame.columns if c not in ("epoch", "steps", "seconds")]
+    long = frame.melt(id_vars=x, value_vars=columns, var_name="loss", value_name="value")
     fig, axes = _subplots()
     ax = axes[0, 0]
-    sns.lineplot(data=long, x="epoch", y="value", hue="loss", marker="o", ax=ax)
+    sns.lineplot(data=long, x=x, y="value", hue="loss", marker="o", ax=ax)
+    ax.set_xlabel("optimiser steps" if x == "steps" else "epoch")
     ax.set_yscale("log")
     ax.set_title(title)
     return _save(fig, path)

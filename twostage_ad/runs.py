@@ -203,15 +203,18 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def load_run_config(run_dir: str | Path) -> Config:
-    """The resolved ``config.yaml`` of a run (old fields migrated, with a warning)."""
+    """The resolved ``config.yaml`` of a run (old fields migrated, with a warning; fields added since it
+    was written at the value they had then, :func:`~twostage_ad.migration.stored_run_config`)."""
     from twostage_ad.config import ConfigError
     from twostage_ad.config_io import config_from_dict
+    from twostage_ad.migration import stored_run_config
 
     path = Path(run_dir) / RUN_FILES["config"]
     if not path.is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run folder: {RUN_FILES['config']} is missing")
     try:
-        return config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")))
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return config_from_dict(stored_run_config(values) if isinstance(values, dict) else values)
     except (yaml.YAMLError, ConfigError) as exc:
         raise ConfigError(f"{str(path)!r}: {exc}") from exc
 

@@ -207,6 +207,11 @@ def _error_rows(decoded: dict[str, DecodedImages], splits: dict[str, list[Record
     return pd.DataFrame(rows, columns=[*SCORE_KEYS, "error"])
 
 
+def _steps_trained(stage: Any) -> int | None:
+    """Optimiser steps a stage's training took (None for a checkpoint written before steps were recorded)."""
+    return stage.history_[-1].get("steps") if stage.history_ else None
+
+
 def _table(decoded: DecodedImages, scored: CascadeScores) -> pd.DataFrame:
     return score_table(decoded.records, scored.stage1.loss, scored.stage1.components, scored.stage2.scores)
 
@@ -364,6 +369,7 @@ def _run_metrics(
         },
         "unreadable_images": [{"image": name, "reason": reason} for name, reason in failed],
         "epochs": {"stage1": len(stage1.history_), "stage2": len(stage2.history_)},
+        "steps": {"stage1": _steps_trained(stage1), "stage2": _steps_trained(stage2)},
         "stage2_discriminator_resets": int(sum(h.get("discriminator_resets", 0) for h in stage2.history_)),
         "stage1_discriminator_resets": int(sum(h.get("discriminator_resets", 0) for h in stage1.history_)),
         "device": str(device),

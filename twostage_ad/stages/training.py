@@ -11,6 +11,7 @@ the per-epoch atomic checkpoint and resuming from it bit-exactly (docs/design.md
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import math
 import time
@@ -36,6 +37,7 @@ __all__ = [
     "check_resumable",
     "inference_batches",
     "load_for_resume",
+    "planned_steps",
     "reinitialise_discriminator",
     "training_fingerprint",
 ]
@@ -52,6 +54,21 @@ def reinitialise_discriminator(discriminator: torch.nn.Module, optimizer: torch.
         if sub is not discriminator and hasattr(sub, "reset_parameters"):
             sub.reset_parameters()
     optimizer.state.clear()
+
+
+def planned_steps(epochs: int, steps_per_epoch: int, *, min_steps: int = 0, max_steps: int = 0) -> int:
+    """Optimiser steps of one training: ``epochs`` passes of ``steps_per_epoch`` steps, raised to
+    ``min_steps`` and capped at ``max_steps`` (0: no bound).
+
+    Epochs say how often each image of a small set is seen; the cap bounds the training time of a
+    large one (an epoch of 10 000 images is 625 steps at batch 16), so the last epoch may stop
+    part-way. ``planned_steps(40, 35, max_steps=1400) == 1400``; ``planned_steps(40, 625,
+    max_steps=1400) == 1400`` (2.24 epochs); ``planned_steps(40, 2, min_steps=160) == 160``.
+    """
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch!r}")
+    steps = max(epochs * steps_per_epoch, min_steps)
+    return min(steps, max_steps) if max_steps else steps
 
 
 def training_fingerprint(images: np.ndarray) -> str:
@@ -89,10 +106,11 @@ def _same_as_stored(stored: Any, current: Any) -> Any:
 
 
 def load_for_resume(
-    path: Path, expected: dict[str, Any], estimator: Any, data: str, *, name: str
+    path: Path, expected: dict[str, Any], estimator: Any, data: str, *, name: str, epochs: int
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Check that a per-epoch checkpoint belongs to this training, load weights and history into
-    ``estimator`` (``model_``, ``discriminator_``, ``history_``, ``config.epochs``, ``device_``).
+    ``estimator`` (``model_``, ``discriminator_``, ``history_``, ``device_``); ``epochs``: how many
+    the training has (its planned steps over the steps per epoch, the last one possibly partial).
 
     Returns ``(payload, training_state)``; the state is None when all epochs are already done.
     """
@@ -107,7 +125,7 @@ def load_for_resume(
         stored = _same_as_stored(payload.get(key), getattr(estimator, key, None))
         if stored != value:
             raise ValueError(f"cannot resume from {str(path)!r}: its {key} differs from this run's ({payload.get(key)!r} vs {value!r})")
-    finished = int(payload["epoch"]) >= estimator.config.epochs
+    finished = int(payload["epoch"]) >= epochs
     state = payload.get("training_state")
     if not finished:
         if state is None:
@@ -120,9 +138,9 @@ def load_for_resume(
         estimator.discriminator_.load_state_dict(payload["discriminator"])
     estimator.history_ = list(payload.get("history", []))
     if finished:
-        log.info("%s already trained for %d epochs in %s", name, estimator.config.epochs, path)
+        log.info("%s already trained for %d epochs in %s", name, epochs, path)
         return payload, None
-    log.info("%s resumes after epoch %d of %d from %s", name, payload["epoch"], estimator.config.epochs, path)
+    log.info("%s resumes after epoch %d of %d from %s", name, payload["epoch"], epochs, path)
     return payload, state
 
 
@@ -151,7 +169,9 @@ class TrainableStage:
 
     ``amp``: bf16 autocast in training; ``channels_last``: NHWC weights and activations;
     ``score_batch_size``: images per scoring batch. Fitted attributes: ``model_``,
-    ``discriminator_`` (or None), ``device_``, ``history_`` (per-epoch losses), ``train_seconds_``.
+    ``discriminator_`` (or None), ``device_``, ``history_`` (per-epoch losses), ``train_seconds_``,
+    ``steps_`` and ``epochs_`` (the optimiser steps and epochs the training has: ``config.epochs``
+    passes, bounded by ``config.min_steps`` and ``config.max_steps``, :func:`planned_steps`).
     """
 
     config_name: ClassVar[str] = "stage"  # the config section its settings live in ("stage1")
@@ -261,25 +281,31 @@ class TrainableStage:
         generator = torch.Generator().manual_seed(self.seed)
         g_opt, d_opt = self._optimisers()
         self.history_: list[dict[str, float]] = []
+        batch_size = min(self.config.batch_size, len(dataset))
+        steps_per_epoch = len(dataset) // batch_size  # full batches only
+        self.steps_ = planned_steps(self.config.epochs, steps_per_epoch, min_steps=self.config.min_steps,
+                                    max_steps=self.config.max_steps)
+        self.epochs_ = math.ceil(self.steps_ / steps_per_epoch)
         first_epoch, earlier_seconds, state = 1, 0.0, None
         data_id = training_fingerprint(images)
         if resume and checkpoint_path is not None and Path(checkpoint_path).is_file():
             first_epoch = self._restore(Path(checkpoint_path), g_opt, d_opt, generator, data_id)
             earlier_seconds = self.history_[-1]["seconds"] if self.history_ else 0.0
-        # full batches only; under DDP each rank takes its slice of every global batch
-        sampler = GlobalBatchSampler(len(dataset), min(self.config.batch_size, len(dataset)), generator, context,
-                                     with_epoch=with_epoch, start_epoch=first_epoch)
+        # under DDP each rank takes its slice of every global batch
+        sampler = GlobalBatchSampler(len(dataset), batch_size, generator, context, with_epoch=with_epoch, start_epoch=first_epoch)
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
         self._start_training(context)
         try:
             model = wrap_ddp(self.model_, context, self.device_)
             discriminator = None if self.discriminator_ is None else wrap_ddp(self.discriminator_, context, self.device_)
             start = time.perf_counter() - earlier_seconds
-            epochs = tqdm(range(first_epoch, self.config.epochs + 1), desc=f"{self.stage_name} train", unit="epoch",
-                          disable=not progress, initial=first_epoch - 1, total=self.config.epochs)
+            epochs = tqdm(range(first_epoch, self.epochs_ + 1), desc=f"{self.stage_name} train", unit="epoch",
+                          disable=not progress, initial=first_epoch - 1, total=self.epochs_)
             for epoch in epochs:
-                means = self._train_epoch(epoch, loader, model, discriminator, g_opt, d_opt, context, progress)
-                record = {"epoch": epoch, "seconds": time.perf_counter() - start, **means}
+                planned = min(steps_per_epoch, self.steps_ - (epoch - 1) * steps_per_epoch)  # the last may be partial
+                means, steps = self._train_epoch(epoch, loader, model, discriminator, g_opt, d_opt, context, progress, planned)
+                record = {"epoch": epoch, "steps": (epoch - 1) * steps_per_epoch + steps,
+                          "seconds": time.perf_counter() - start, **means}
                 self._finish_epoch(record, epochs)
                 if checkpoint_path is not None and context.is_main:
                     state = {"g_opt": g_opt.state_dict(), "d_opt": None if d_opt is None else d_opt.state_dict(),
@@ -299,16 +325,19 @@ class TrainableStage:
 
     def _train_epoch(self, epoch: int, loader: DataLoader, model: torch.nn.Module, discriminator: torch.nn.Module | None,
                      g_opt: torch.optim.Optimizer, d_opt: torch.optim.Optimizer | None, context: DistributedContext,
-                     progress: bool) -> dict[str, float]:
-        """One pass over the loader; the mean of each loss over the steps (and the discriminator resets)."""
+                     progress: bool, steps: int) -> tuple[dict[str, float], int]:
+        """The loader's first ``steps`` batches (a whole pass, or part of the last one): the mean of
+        each loss over the steps run (and the discriminator resets), and how many ran."""
         self.model_.train()
         if self.discriminator_ is not None:
             self.discriminator_.train()
         sums: dict[str, float] = {}
-        steps = resets = 0
-        for step, batch in enumerate(tqdm(loader, desc=f"epoch {epoch}", unit="batch", disable=not progress, leave=False)):
+        done = resets = 0
+        batches = itertools.islice(loader, steps)
+        for step, batch in enumerate(tqdm(batches, desc=f"epoch {epoch}", unit="batch", disable=not progress, leave=False,
+                                          total=steps)):
             losses = context.mean_of(self._train_step(batch, model, discriminator, g_opt, d_opt, context))
-            steps += 1
+            done += 1
             if d_opt is not None and losses["discriminator"] < COLLAPSE_LOSS:  # the same decision on every rank
                 reinitialise_discriminator(self.discriminator_, d_opt)
                 context.broadcast_parameters(self.discriminator_)
@@ -317,8 +346,8 @@ class TrainableStage:
                             self.stage_name, epoch, step, losses["discriminator"], COLLAPSE_LOSS)
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + value
-        means = {k: v / steps for k, v in sums.items()}
-        return {**means, "discriminator_resets": resets} if d_opt is not None else means
+        means = {k: v / done for k, v in sums.items()}
+        return ({**means, "discriminator_resets": resets} if d_opt is not None else means), done
 
     def _finish_epoch(self, record: dict[str, float], epochs: tqdm) -> None:
         """The NaN check, the history, the progress bar and the log line of a finished epoch."""
@@ -331,16 +360,16 @@ class TrainableStage:
         self.history_.append(record)
         short, key = self.progress_term
         epochs.set_postfix({"loss": f"{record['total']:.4f}", short: f"{record[key]:.4f}"})
-        log.info("%s epoch %d/%d: %s", self.stage_name, epoch, self.config.epochs,
+        log.info("%s epoch %d/%d: %s", self.stage_name, epoch, self.epochs_,
                  {k: round(v, 5) for k, v in record.items() if k != "epoch"})
 
     def _restore(self, path: Path, g_opt: torch.optim.Optimizer, d_opt: torch.optim.Optimizer | None,
                  generator: torch.Generator, data: str) -> int:
         """Load a per-epoch checkpoint into the fresh training objects; returns the next epoch."""
         expected = {"format": self.checkpoint_format, **self._identity()}
-        payload, state = load_for_resume(path, expected, self, data, name=self.stage_name)
+        payload, state = load_for_resume(path, expected, self, data, name=self.stage_name, epochs=self.epochs_)
         if state is None:
-            return self.config.epochs + 1
+            return self.epochs_ + 1
         g_opt.load_state_dict(state["g_opt"])
         if d_opt is not None:
             d_opt.load_state_dict(state["d_opt"])
