@@ -26,7 +26,7 @@ TINY = ["stage1.base_width=8", "stage1.max_width=16", "stage1.batch_size=4"]
 
 
 @pytest.mark.parametrize(("epochs", "per_epoch", "min_steps", "max_steps", "expected"), [
-    (40, 35, 0, 1400, 1400),   # MTD: 571 images at batch 16, the cap not reached
+    (40, 35, 0, 1400, 1400),   # MTD: 571 images at batch 16, exactly the cap
     (40, 625, 0, 1400, 1400),  # 10 000 images: 2.24 epochs
     (40, 2, 0, 1400, 80),      # 32 images: 40 passes, far below the cap
     (40, 2, 160, 1400, 160),   # ... raised to the floor

@@ -160,7 +160,6 @@ def pro_score(
     return MetricResult(_area_up_to(np.r_[0.0, fpr[last_of_tie]], np.r_[0.0, pro[last_of_tie]], max_fpr))
 
 
-
 def _area_up_to(fpr: np.ndarray, pro: np.ndarray, max_fpr: float) -> float:
     """Normalised trapezoid area of a PRO curve (``fpr`` ascending from 0) up to ``max_fpr``."""
     inside = fpr <= max_fpr

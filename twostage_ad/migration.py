@@ -48,16 +48,21 @@ def stored_run_config(values: Mapping[str, Any]) -> dict[str, Any]:
     older run resumes and reports what it trained with (a user's config file, by contrast, means
     today's default by a missing field)."""
     values = dict(values)
-    for section, former in FORMER_DEFAULTS.items():
+    for section in FORMER_DEFAULTS:
         if isinstance(values.get(section), Mapping):
-            values[section] = {**former, **values[section]}
+            values[section] = _with_former_defaults(section, values[section])
     return values
+
+
+def _with_former_defaults(section: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with each field it lacks at its :data:`FORMER_DEFAULTS` value."""
+    return {**FORMER_DEFAULTS.get(section, {}), **values}
 
 
 def stored_section(section: str, values: Mapping[str, Any], *, strict: bool = False) -> dict[str, Any]:
     """A section as a checkpoint stored it -> this version's fields: missing fields take the value
     they had when it was written (:data:`FORMER_DEFAULTS`), then :func:`migrate_section`."""
-    return migrate_section(section, {**FORMER_DEFAULTS.get(section, {}), **values}, strict=strict)[0]
+    return migrate_section(section, _with_former_defaults(section, values), strict=strict)[0]
 
 
 def migrate_section(section: str, values: Mapping[str, Any], *, strict: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
