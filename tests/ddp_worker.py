@@ -27,7 +27,7 @@ def train(context) -> dict:
     torch.optim.Adam = sgd  # the stages look Adam up when they build their optimisers
     # every stage-1 objective on (the digits demo's): the masked means and feature matching run under DDP
     objectives = {"w_con": 1.0, "w_enc": 1.0, "w_adv": 0.1, "w_rep": 1.0, "screen_con": 1.0, "screen_enc": 1.0}
-    stage1 = AttentionStage(config=Stage1Config(epochs=2, batch_size=8, base_width=8, max_width=32, **objectives),
+    stage1 = AttentionStage(config=Stage1Config(min_steps=0, epochs=2, batch_size=8, base_width=8, max_width=32, **objectives),
                             augment=AugmentConfig(probability=0.5),
                             image_size=32, channels=1, device="cpu")
     stage1.fit(images, progress=False, context=context)

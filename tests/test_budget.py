@@ -20,7 +20,7 @@ keep_snapshots = pytest.importorskip("budget").keep_snapshots
 
 
 def _stage(epochs: int) -> AttentionStage:
-    config = Stage1Config(epochs=epochs, batch_size=4, base_width=8, max_width=16, feature_bank_size=64)
+    config = Stage1Config(min_steps=0, epochs=epochs, batch_size=4, base_width=8, max_width=16, feature_bank_size=64)
     return AttentionStage(config=config, image_size=32, channels=1, device="cpu", seed=3)
 
 

@@ -72,7 +72,7 @@ def test_exported_stage1_of_an_attention_only_recipe_is_finite(tmp_path):
     from twostage_ad.export import Stage1Scorer
     from twostage_ad.stages.attention import AttentionStage
 
-    config = Stage1Config(epochs=1, base_width=8, max_width=16, batch_size=4, w_con=0.0, w_rep=0.0, w_enc=0.0, w_adv=0.0,
+    config = Stage1Config(min_steps=0, epochs=1, base_width=8, max_width=16, batch_size=4, w_con=0.0, w_rep=0.0, w_enc=0.0, w_adv=0.0,
                           screen_con=0.0, screen_enc=0.0)
     images = (np.random.default_rng(0).random((8, 32, 32, 1)) * 255).astype(np.uint8)
     stage = AttentionStage(config=config, image_size=32, channels=1, device="cpu").fit(images, progress=False)

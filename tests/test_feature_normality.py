@@ -71,7 +71,7 @@ def test_the_level_follows_the_stride_and_stops_at_the_bottleneck():
 def stage_and_images():
     rng = np.random.default_rng(0)
     images = np.stack([textured(rng, size=32)[..., None] for _ in range(10)])
-    config = Stage1Config(epochs=1, base_width=8, max_width=16, batch_size=5, feature_bank_size=64)
+    config = Stage1Config(min_steps=0, epochs=1, base_width=8, max_width=16, batch_size=5, feature_bank_size=64)
     return AttentionStage(config=config, image_size=32, channels=1, device="cpu", seed=0).fit(images, progress=False), images
 
 

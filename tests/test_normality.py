@@ -79,7 +79,7 @@ def test_payload_round_trip():
 def small_stage():
     rng = np.random.default_rng(0)
     images = np.stack([textured(rng, size=32)[..., None] for _ in range(10)])
-    config = Stage1Config(epochs=1, base_width=8, max_width=16, batch_size=5)
+    config = Stage1Config(min_steps=0, epochs=1, base_width=8, max_width=16, batch_size=5)
     return AttentionStage(config=config, image_size=32, channels=1, device="cpu", seed=0).fit(images, progress=False), images
 
 
@@ -153,7 +153,7 @@ def test_the_screen_separates_small_defects_from_fixed_structure():
     train = np.stack([fixed_structure_image(rng) for _ in range(96)])
     normal = np.stack([fixed_structure_image(rng) for _ in range(24)])
     defective = np.stack([fixed_structure_image(rng, defect=True) for _ in range(24)])
-    config = Stage1Config(epochs=20, base_width=8, max_width=32, batch_size=8)
+    config = Stage1Config(min_steps=0, epochs=20, base_width=8, max_width=32, batch_size=8)
     stage = AttentionStage(config=config, image_size=64, channels=1, device="cpu", seed=0).fit(train, progress=False)
     labels = np.r_[np.zeros(len(normal)), np.ones(len(defective))].astype(int)
     test = np.concatenate([normal, defective])

@@ -28,7 +28,7 @@ from conftest import ALL_OBJECTIVES, textured
 def fitted_stage():
     rng = np.random.default_rng(0)
     images = np.stack([textured(rng, size=32)[..., None] for _ in range(12)])
-    config = Stage1Config(epochs=1, base_width=8, max_width=16, batch_size=6, **ALL_OBJECTIVES)
+    config = Stage1Config(min_steps=0, epochs=1, base_width=8, max_width=16, batch_size=6, **ALL_OBJECTIVES)
     return AttentionStage(config=config, image_size=32, channels=1, device="cpu", seed=0).fit(images, progress=False), images
 
 
@@ -78,7 +78,7 @@ def test_screening_loss_is_the_documented_weighted_sum(fitted_stage):
 def test_training_is_reproducible_with_a_seed():
     rng = np.random.default_rng(0)
     images = np.stack([textured(rng, size=32)[..., None] for _ in range(8)])
-    config = Stage1Config(epochs=1, base_width=4, max_width=8, batch_size=4, **ALL_OBJECTIVES)
+    config = Stage1Config(min_steps=0, epochs=1, base_width=4, max_width=8, batch_size=4, **ALL_OBJECTIVES)
     a = AttentionStage(config=config, image_size=32, channels=1, device="cpu", seed=7).fit(images, progress=False)
     b = AttentionStage(config=config, image_size=32, channels=1, device="cpu", seed=7).fit(images, progress=False)
     np.testing.assert_allclose(a.score(images, progress=False).loss, b.score(images, progress=False).loss, rtol=1e-6)
@@ -140,7 +140,7 @@ def test_balanced_bce_weighs_defect_and_normal_pixels_equally():
 def test_adversarial_branch_is_built_and_trained_only_when_weighted(tmp_path, w_adv):
     rng = np.random.default_rng(0)
     images = np.stack([textured(rng, size=32)[..., None] for _ in range(8)])
-    config = Stage1Config(epochs=2, base_width=4, max_width=8, batch_size=4, w_adv=w_adv, w_con=0.1)
+    config = Stage1Config(min_steps=0, epochs=2, base_width=4, max_width=8, batch_size=4, w_adv=w_adv, w_con=0.1)
     stage = AttentionStage(config=config, image_size=32, channels=1, device="cpu", seed=0)
     stage.fit(images, checkpoint_path=tmp_path / "s1.pt", progress=False)
     history = stage.history_[-1]
@@ -157,7 +157,7 @@ def test_collapsed_discriminator_is_reinitialised_and_logged(monkeypatch, caplog
     monkeypatch.setattr(training, "COLLAPSE_LOSS", 10.0)  # every step counts as collapsed
     rng = np.random.default_rng(0)
     images = np.stack([textured(rng, size=32)[..., None] for _ in range(8)])
-    config = Stage1Config(epochs=1, base_width=8, max_width=16, batch_size=4, w_adv=0.1)
+    config = Stage1Config(min_steps=0, epochs=1, base_width=8, max_width=16, batch_size=4, w_adv=0.1)
     stage = AttentionStage(config=config, image_size=32, channels=1, device="cpu", seed=0)
     with caplog.at_level("WARNING"):
         stage.fit(images, progress=False)
@@ -185,7 +185,7 @@ def test_attention_only_training_skips_reconstruction_and_screening_stays_finite
     loss is the attention term alone, not NaN from the skipped components."""
     rng = np.random.default_rng(0)
     images = np.stack([textured(rng, size=32)[..., None] for _ in range(8)])
-    config = Stage1Config(epochs=1, base_width=8, max_width=16, batch_size=4, w_con=0.0, w_rep=0.0, w_enc=0.0, w_adv=0.0,
+    config = Stage1Config(min_steps=0, epochs=1, base_width=8, max_width=16, batch_size=4, w_con=0.0, w_rep=0.0, w_enc=0.0, w_adv=0.0,
                           screen_con=0.0, screen_enc=0.0, screen_feature=0.0)
     torch.manual_seed(0)
     untrained = AttentionNet(1, 32, base_width=8, max_width=16, separate_reconstruction=True).latent_encoder.state_dict()
@@ -204,7 +204,7 @@ def test_an_ensemble_member_trains_exactly_as_it_would_alone(tmp_path):
     drawn) ends where a single network with the same seed ends; member 1 started elsewhere."""
     rng = np.random.default_rng(0)
     images = np.stack([textured(rng, size=32)[..., None] for _ in range(8)])
-    attention_only = dict(epochs=2, base_width=8, max_width=16, batch_size=4, w_con=0.0, w_rep=0.0, w_enc=0.0,
+    attention_only = dict(min_steps=0, epochs=2, base_width=8, max_width=16, batch_size=4, w_con=0.0, w_rep=0.0, w_enc=0.0,
                           w_adv=0.0, screen_con=0.0, screen_enc=0.0, feature_map_weight=0.0)
     single = AttentionStage(config=Stage1Config(**attention_only), image_size=32, channels=1, device="cpu", seed=3)
     single.fit(images, progress=False)
@@ -297,7 +297,7 @@ def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
 def test_reconstruct_then_attend_trains_its_repair_and_scores_deterministically(tmp_path):
     rng = np.random.default_rng(0)
     images = np.stack([textured(rng, size=32)[..., None] for _ in range(8)])
-    config = Stage1Config(epochs=2, base_width=8, max_width=16, batch_size=4, repair=True)
+    config = Stage1Config(min_steps=0, epochs=2, base_width=8, max_width=16, batch_size=4, repair=True)
     stage = AttentionStage(config=config, image_size=32, channels=1, device="cpu", seed=0)
     stage.fit(images, checkpoint_path=tmp_path / "s1.pt", progress=False)
     assert {"repair_l2", "repair_ssim"} <= set(stage.history_[-1])

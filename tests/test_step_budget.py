@@ -7,7 +7,7 @@ import pytest
 import yaml
 from test_resume import _train_until_interrupted
 
-from twostage_ad.config import ConfigError
+from twostage_ad.config import Config, ConfigError
 from twostage_ad.config_io import config_to_dict, load_config
 from twostage_ad.migration import stored_section
 from twostage_ad.runs import load_run_config
@@ -35,6 +35,19 @@ TINY = ["stage1.base_width=8", "stage1.max_width=16", "stage1.batch_size=4"]
 ])
 def test_planned_steps_bounds_the_epochs(epochs, per_epoch, min_steps, max_steps, expected):
     assert planned_steps(epochs, per_epoch, min_steps=min_steps, max_steps=max_steps) == expected
+
+
+def test_the_recipe_gives_a_small_set_its_floor_and_a_large_one_its_cap():
+    recipe = Config().validate().stage1
+
+    def steps(n_images: int) -> int:
+        return planned_steps(recipe.epochs, n_images // recipe.batch_size, min_steps=recipe.min_steps,
+                             max_steps=recipe.max_steps)
+
+    assert steps(32) == 160      # a PIPED class: 80 epochs, not 40
+    assert steps(400) == 1000    # 25 steps an epoch, 40 epochs: between the bounds
+    assert steps(571) == 1400    # MTD: the cap
+    assert steps(10_000) == 1400
 
 
 def test_planned_steps_refuses_an_empty_epoch():
