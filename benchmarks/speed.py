@@ -106,8 +106,9 @@ def measure(size: int, n_images: int, config: Config, flag_rate: float, repeats:
     images = _images(n_images, size, channels)
     c1, c2 = config.stage1, config.stage2
     bottleneck = min(c1.bottleneck_size, size // 16)
-    c1 = type(c1)(**{**c1.__dict__, "epochs": 1, "bottleneck_size": bottleneck})
-    c2 = type(c2)(**{**c2.__dict__, "epochs": 1})
+    # one pass over the images, whatever the recipe's step floor: training images/s = images / seconds
+    c1 = type(c1)(**{**c1.__dict__, "epochs": 1, "min_steps": 0, "bottleneck_size": bottleneck})
+    c2 = type(c2)(**{**c2.__dict__, "epochs": 1, "min_steps": 0})
     x = torch.zeros(1, channels, size, size)
     net1 = build_attention_network(c1, channels, size)
     flops1 = forward_flops(net1, x, lambda net, batch: screening_batch(net, batch, c1))  # what scoring runs

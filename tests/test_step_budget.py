@@ -15,7 +15,7 @@ from twostage_ad.stages.attention import AttentionStage
 from twostage_ad.stages.patch_scorer import PatchScorerStage
 from twostage_ad.stages.training import planned_steps
 
-from conftest import textured
+from conftest import REPO, textured
 
 
 def save_config_values(path, values) -> None:
@@ -137,10 +137,13 @@ def test_bad_step_bounds_are_refused_with_the_value(settings, message):
 
 def test_checkpoints_and_runs_from_before_the_bounds_read_as_unbounded(tmp_path):
     assert stored_section("stage1", {"epochs": 40})["max_steps"] == 0
+    assert stored_section("stage1", {"epochs": 40})["min_steps"] == 0
     assert stored_section("stage2", {"epochs": 15})["min_steps"] == 0
-    values = config_to_dict(load_config(None, []))
-    del values["stage1"]["max_steps"], values["stage2"]["max_steps"]  # a run folder written before the fields
+    values = config_to_dict(load_config(REPO / "pipelines" / "piped.yaml", []))  # the recipe: floor 160, cap 1400
+    # a run folder written before the fields
+    del values["stage1"]["min_steps"], values["stage1"]["max_steps"], values["stage2"]["max_steps"]
     save_config_values(tmp_path / "config.yaml", values)
     old = load_run_config(tmp_path)
-    assert (old.stage1.max_steps, old.stage2.max_steps) == (0, 0)
-    assert load_config(None, []).stage1.max_steps == 1400  # a user's config file: today's default
+    assert (old.stage1.min_steps, old.stage1.max_steps, old.stage2.max_steps) == (0, 0, 0)
+    today = load_config(REPO / "pipelines" / "piped.yaml", []).stage1  # a user's config file: today's defaults
+    assert (today.min_steps, today.max_steps) == (160, 1400)
