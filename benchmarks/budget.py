@@ -96,6 +96,9 @@ def point_row(run_dir: Path, stage: str, epochs: int) -> dict[str, Any]:
         "test_stage1": metrics["image_auroc"]["stage1"], "test_stage2": metrics["image_auroc"]["stage2"],
         "test_cascade": metrics["image_auroc"]["cascade"], "test_pixel_stage1": metrics["pixel_auroc"]["stage1"],
         "train_seconds": metrics["seconds"][f"train_{stage}"] or None,
+        "synthetic_pixel_stage2": (synthetic.get("pixel_auroc") or {}).get("stage2"),
+        "synthetic_pixel_fused": (synthetic.get("pixel_auroc") or {}).get("fused"),
+        "test_pixel_fused": metrics["pixel_auroc"].get("fused"),
     }
 
 

@@ -13,7 +13,8 @@ its stage-1 checkpoint, ``positions`` its data too. Statistics and thresholds co
 images (validation normals, as the pipeline does; ``positions`` also tries training normals);
 test labels are used only for the reported metrics.
 
-``fusion``: for every run, the cascade (stage-1 threshold from the run's calibration, flagged
+``fusion``: for every run (with ``--synthetic``: on its validation normals beside their
+synthetic-defect copies from ``synthetic_scores.csv``, no test label), the cascade (stage-1 threshold from the run's calibration, flagged
 images ordered by their second-stage score) with the second-stage score ``z1 + w·z2`` for
 w = 0, 0.25, 0.5, 1 (``sum``), 2, with ``max(z1, z2)`` (``max``) and with the stage-2 score alone
 (``stage2``); ``z`` = a stage's score standardised by validation normals. Reports cascade image
@@ -56,6 +57,7 @@ import pandas as pd
 
 from twostage_ad.cascade import fit_cascade
 from twostage_ad.metrics import image_auroc, pixel_auroc, pixel_auroc_by_category
+from twostage_ad.runs import read_synthetic_scores
 from twostage_ad.workflow import load_run_config
 
 from _results import append_row, git_commit
@@ -69,15 +71,35 @@ def _splits(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return table[table["split"] == "val"], table[table["split"] == "test"].sort_values("image")
 
 
-def fusion_row(run_dir: Path) -> dict:
+def _synthetic_set(run_dir: Path, val: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Label-free evaluation rows: the validation normals (0) and their synthetic-defect copies (1)."""
+    synthetic = read_synthetic_scores(run_dir)
+    if synthetic is None:
+        raise SystemExit(f"{run_dir} has no synthetic_scores.csv (a run with fewer than 2 validation normals): "
+                         "--synthetic needs it")
+    normal = val[val["label"] == 0]
+    labels = np.r_[np.zeros(len(normal), int), np.ones(len(synthetic), int)]
+    return (labels, np.r_[normal["stage1_loss"].to_numpy(), synthetic["stage1_loss"].to_numpy()],
+            np.r_[normal["stage2_score"].to_numpy(), synthetic["stage2_score"].to_numpy()])
+
+
+def fusion_row(run_dir: Path, *, synthetic: bool = False) -> dict:
+    """One run's cascade under each fusion rule, on its test split or (``synthetic``) on its validation
+    normals beside their synthetic-defect copies, which needs no test label. With ``synthetic`` the
+    false-positive rates are measured on the normals the thresholds were calibrated on."""
     config = load_run_config(run_dir)
     val, test = _splits(run_dir)
-    labels = test["label"].to_numpy()
     s1v, s2v = val["stage1_loss"].to_numpy(), val["stage2_score"].to_numpy()
-    s1, s2 = test["stage1_loss"].to_numpy(), test["stage2_score"].to_numpy()
-    row: dict = {"data": config.run.name, "run": str(run_dir)}
+    if synthetic:
+        labels, s1, s2 = _synthetic_set(run_dir, val)
+    else:
+        labels, s1, s2 = test["label"].to_numpy(), test["stage1_loss"].to_numpy(), test["stage2_score"].to_numpy()
+    row: dict = {"data": config.run.name, "scored": "synthetic" if synthetic else "test", "run": str(run_dir)}
+    copies = read_synthetic_scores(run_dir)  # for runs calibrated by synthetic_recall, as the pipeline does
+    copies1, copies2 = (None, None) if copies is None else (copies["stage1_loss"].to_numpy(), copies["stage2_score"].to_numpy())
     for fusion in ("sum", "max", "stage2"):
-        cascade = fit_cascade(s1v, s2v, val["label"].to_numpy(), config.calibration, fusion=fusion)
+        cascade = fit_cascade(s1v, s2v, val["label"].to_numpy(), config.calibration, fusion=fusion,
+                              synthetic_stage1=copies1, synthetic_stage2=copies2)
         out = cascade.apply(s1, s2)
         row[f"auroc_{fusion}"] = image_auroc(labels, out.cascade_score).value
         row[f"fpr_{fusion}"] = float(out.decision[labels == 0].mean())
@@ -208,12 +230,15 @@ def main() -> None:
     parser.add_argument("mode", choices=("fusion", "ensemble", "maps", "flips", "positions"))
     parser.add_argument("runs", type=Path, nargs="+", help="finished run folders (scores.csv, config.yaml; maps/, checkpoints/ for some modes)")
     parser.add_argument("--note", default="")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="fusion: score validation normals and their synthetic-defect copies (synthetic_scores.csv) "
+                             "instead of the test split: a choice that needs no test label")
     args = parser.parse_args()
     stamp = {"date": time.strftime("%Y-%m-%d %H:%M"), "commit": git_commit()}
     if args.mode == "fusion":
-        table = pd.DataFrame([fusion_row(r) for r in args.runs])
-        summary = table.drop(columns="run").groupby("data").mean().reset_index()
-        summary.insert(1, "runs", table.groupby("data").size().to_numpy())
+        table = pd.DataFrame([fusion_row(r, synthetic=args.synthetic) for r in args.runs])
+        summary = table.drop(columns="run").groupby(["data", "scored"]).mean().reset_index()
+        summary.insert(2, "runs", table.groupby(["data", "scored"]).size().to_numpy())
         for row in summary.to_dict("records"):
             row = {**stamp, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, "note": args.note}
             append_row("rescore_fusion", row, "Cascade fusion rules re-scored from saved scores (benchmarks/rescore.py; do not edit)")
