@@ -71,9 +71,9 @@ def _splits(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return table[table["split"] == "val"], table[table["split"] == "test"].sort_values("image")
 
 
-def _synthetic_set(run_dir: Path, val: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Label-free evaluation rows: the validation normals (0) and their synthetic-defect copies (1)."""
-    synthetic = read_synthetic_scores(run_dir)
+def _synthetic_set(run_dir: Path, val: pd.DataFrame, synthetic: pd.DataFrame | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Label-free evaluation rows: the validation normals (0) and their synthetic-defect copies (1,
+    ``synthetic``: the run's ``synthetic_scores.csv``)."""
     if synthetic is None:
         raise SystemExit(f"{run_dir} has no synthetic_scores.csv (a run with fewer than 2 validation normals): "
                          "--synthetic needs it")
@@ -90,12 +90,12 @@ def fusion_row(run_dir: Path, *, synthetic: bool = False) -> dict:
     config = load_run_config(run_dir)
     val, test = _splits(run_dir)
     s1v, s2v = val["stage1_loss"].to_numpy(), val["stage2_score"].to_numpy()
+    copies = read_synthetic_scores(run_dir)  # also for runs calibrated by synthetic_recall, as the pipeline does
     if synthetic:
-        labels, s1, s2 = _synthetic_set(run_dir, val)
+        labels, s1, s2 = _synthetic_set(run_dir, val, copies)
     else:
         labels, s1, s2 = test["label"].to_numpy(), test["stage1_loss"].to_numpy(), test["stage2_score"].to_numpy()
     row: dict = {"data": config.run.name, "scored": "synthetic" if synthetic else "test", "run": str(run_dir)}
-    copies = read_synthetic_scores(run_dir)  # for runs calibrated by synthetic_recall, as the pipeline does
     copies1, copies2 = (None, None) if copies is None else (copies["stage1_loss"].to_numpy(), copies["stage2_score"].to_numpy())
     for fusion in ("sum", "max", "stage2"):
         cascade = fit_cascade(s1v, s2v, val["label"].to_numpy(), config.calibration, fusion=fusion,

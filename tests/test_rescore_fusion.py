@@ -34,7 +34,8 @@ def _run_folder(tmp_path, rng):
 
 def test_synthetic_fusion_scores_normals_against_their_synthetic_copies(tmp_path):
     run = _run_folder(tmp_path, np.random.default_rng(0))
-    labels, stage1, stage2 = rescore._synthetic_set(run, pd.read_csv(run / "scores.csv").query("split == 'val'"))
+    val = pd.read_csv(run / "scores.csv").query("split == 'val'")
+    labels, stage1, stage2 = rescore._synthetic_set(run, val, pd.read_csv(run / "synthetic_scores.csv"))
     assert labels.tolist() == [0] * 40 + [1] * 40  # the labelled validation anomalies are left out
     assert stage1.max() < 100.0 and len(stage2) == 80
     row = rescore.fusion_row(run, synthetic=True)
