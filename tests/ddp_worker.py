@@ -31,7 +31,7 @@ def train(context) -> dict:
                             augment=AugmentConfig(probability=0.5),
                             image_size=32, channels=1, device="cpu")
     stage1.fit(images, progress=False, context=context)
-    stage2 = PatchScorerStage(Stage2Config(epochs=2, batch_size=8, width_divisor=16, guidance="none"), image_size=32,
+    stage2 = PatchScorerStage(Stage2Config(epochs=2, min_steps=0, batch_size=8, width_divisor=16, guidance="none"), image_size=32,
                               channels=1, device="cpu")
     stage2.fit(images, progress=False, context=context)
     return {

@@ -31,7 +31,7 @@ FIT = textwrap.dedent('''
     config = Config()
     config.data.image_size, config.data.channels = 32, 1
     config.stage1.epochs, config.stage1.base_width, config.stage1.max_width, config.stage1.batch_size = 1, 8, 32, 4
-    config.stage1.min_steps = 0
+    config.stage1.min_steps = config.stage2.min_steps = 0
     config.stage2.epochs, config.stage2.width_divisor, config.stage2.batch_size = 1, 16, 4
     config.stage2.image_size, config.stage2.tile_size = size, 128
     config.validate()

@@ -19,7 +19,7 @@ from conftest import textured
 def fitted():
     rng = np.random.default_rng(0)
     images = np.stack([textured(rng, size=32)[..., None] for _ in range(16)])
-    stage = PatchScorerStage(Stage2Config(epochs=2, width_divisor=16, batch_size=4, guidance="none"), image_size=32, channels=1, device="cpu")
+    stage = PatchScorerStage(Stage2Config(epochs=2, min_steps=0, width_divisor=16, batch_size=4, guidance="none"), image_size=32, channels=1, device="cpu")
     stage.fit(images[:12], progress=False).fit_normalisation(images[12:])
     return stage, images
 
@@ -130,7 +130,7 @@ def test_collapsed_discriminator_is_reinitialised(monkeypatch):
     monkeypatch.setattr(training, "COLLAPSE_LOSS", 10.0)  # every step counts as collapsed
     rng = np.random.default_rng(0)
     images = np.stack([textured(rng, size=32)[..., None] for _ in range(8)])
-    stage = PatchScorerStage(Stage2Config(epochs=1, width_divisor=16, batch_size=4), image_size=32, channels=1, device="cpu")
+    stage = PatchScorerStage(Stage2Config(epochs=1, min_steps=0, width_divisor=16, batch_size=4), image_size=32, channels=1, device="cpu")
     stage.fit(images, progress=False)
     assert stage.history_[-1]["discriminator_resets"] == 2
 

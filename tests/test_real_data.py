@@ -28,7 +28,7 @@ def test_manifests_load_with_the_documented_counts(name, counts):
 
 def test_piped_class_runs_end_to_end_with_pixel_metrics(tmp_path):
     _require("piped")
-    config = load_config(REPO / "pipelines" / "piped.yaml", ["stage1.epochs=3", "stage1.min_steps=0", "stage2.epochs=3"])
+    config = load_config(REPO / "pipelines" / "piped.yaml", ["stage1.epochs=3", "stage1.min_steps=0", "stage2.epochs=3", "stage2.min_steps=0"])
     result = run_pipeline(config, tmp_path / "piped", progress=False)
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     assert metrics["counts"]["test_anomalous"] == 48

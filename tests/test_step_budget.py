@@ -48,6 +48,9 @@ def test_the_recipe_gives_a_small_set_its_floor_and_a_large_one_its_cap():
     assert steps(400) == 1000    # 25 steps an epoch, 40 epochs: between the bounds
     assert steps(571) == 1400    # MTD: the cap
     assert steps(10_000) == 1400
+    stage2 = Config().validate().stage2
+    assert planned_steps(stage2.epochs, 32 // stage2.batch_size, min_steps=stage2.min_steps,
+                         max_steps=stage2.max_steps) == 160  # a PIPED class: 80 epochs, not 15
 
 
 def test_planned_steps_refuses_an_empty_epoch():
@@ -141,9 +144,10 @@ def test_checkpoints_and_runs_from_before_the_bounds_read_as_unbounded(tmp_path)
     assert stored_section("stage2", {"epochs": 15})["min_steps"] == 0
     values = config_to_dict(load_config(REPO / "pipelines" / "piped.yaml", []))  # the recipe: floor 160, cap 1400
     # a run folder written before the fields
-    del values["stage1"]["min_steps"], values["stage1"]["max_steps"], values["stage2"]["max_steps"]
+    for section in ("stage1", "stage2"):
+        del values[section]["min_steps"], values[section]["max_steps"]
     save_config_values(tmp_path / "config.yaml", values)
     old = load_run_config(tmp_path)
-    assert (old.stage1.min_steps, old.stage1.max_steps, old.stage2.max_steps) == (0, 0, 0)
-    today = load_config(REPO / "pipelines" / "piped.yaml", []).stage1  # a user's config file: today's defaults
-    assert (today.min_steps, today.max_steps) == (160, 1400)
+    assert (old.stage1.min_steps, old.stage1.max_steps, old.stage2.min_steps, old.stage2.max_steps) == (0, 0, 0, 0)
+    today = load_config(REPO / "pipelines" / "piped.yaml", [])  # a user's config file: today's defaults
+    assert (today.stage1.min_steps, today.stage1.max_steps, today.stage2.min_steps, today.stage2.max_steps) == (160, 1400, 160, 600)

@@ -99,7 +99,7 @@ def test_random_tiles_depend_on_seed_epoch_and_image_only() -> None:
 def test_tiled_stage_trains_on_tiles_and_scores_whole_images() -> None:
     rng = np.random.default_rng(0)
     images = np.stack([textured(rng, size=64)[..., None] for _ in range(10)])
-    config = Stage2Config(epochs=1, width_divisor=16, batch_size=4, guidance="none", tile_size=32)
+    config = Stage2Config(epochs=1, min_steps=0, width_divisor=16, batch_size=4, guidance="none", tile_size=32)
     stage = PatchScorerStage(config, image_size=64, channels=1, device="cpu")
     assert stage.tiled
     stage.fit(images[:8], progress=False).fit_normalisation(images[8:])
