@@ -2,6 +2,7 @@
 
     python benchmarks/synthetic_val.py RUN_DIR [RUN_DIR ...] [--seed N] [--note "..."]
     python benchmarks/synthetic_val.py RUN_DIR --variant stage1.position_normality=none
+    python benchmarks/synthetic_val.py RUN_DIR --copies 16   # 16 synthetic copies of each validation normal
 
 For each run: its validation normals are scored against copies with one synthetic defect each
 (``twostage_ad.data.augment.synthetic_defects``, drawn from ``--seed`` plus a fixed offset, apart
@@ -16,6 +17,10 @@ the Spearman rank correlation of synthetic and test stage-1 AUROC is printed.
 stages (``stage1.position_normality``, ``stage1.screen_topk``, ...) without retraining: the
 thresholds are re-calibrated on the validation scores as ``run`` would, and the test AUROC beside
 it is recomputed from a fresh scoring of the test split instead of copied.
+
+``--copies K`` gives each validation normal K synthetic copies, each with its own defect (``run``
+makes one): a class with 4 validation normals is then scored on 4 × 4K (normal, copy) pairs
+instead of 16, so its AUROC moves in steps of 1/(16K) rather than 1/16.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 from scipy.stats import spearmanr
 
 from twostage_ad.cascade import MapFusion, fit_cascade
@@ -57,7 +63,7 @@ def _decode(config, split: str):
     return decode_records(records, config.data.image_size, config.data.channels, config.data.invert_masks, progress=False)
 
 
-def row_for(run_dir: Path, seed: int | None, variant: list[str] | None = None) -> dict:
+def row_for(run_dir: Path, seed: int | None, variant: list[str] | None = None, copies: int = 1) -> dict:
     config = load_run_config(run_dir)
     seed = config.run.seed if seed is None else seed
     val = _decode(config, "val")
@@ -72,7 +78,9 @@ def row_for(run_dir: Path, seed: int | None, variant: list[str] | None = None) -
     if variant:  # thresholds for the changed scores, as run calibrates them
         detector.cascade = fit_cascade(validation.stage1.loss, validation.stage2.scores, val.labels, config.calibration,
                                        fusion=config.cascade.fusion)
-    synthetic = detector.score_synthetic(val.images[val.labels == 0], config.augment, seed=seed, progress=False)
+    # the normals over and over: each copy draws its own defect and kind, and a blob's texture is another normal
+    normals = np.tile(val.images[val.labels == 0], (copies, 1, 1, 1))
+    synthetic = detector.score_synthetic(normals, config.augment, seed=seed, progress=False)
     if synthetic is None:
         raise SystemExit(f"{run_dir}: fewer than 2 validation normals")
     fusion = MapFusion.fit(validation.stage1.anomaly_maps[val.labels == 0], config.cascade.map_weight)
@@ -93,6 +101,7 @@ def row_for(run_dir: Path, seed: int | None, variant: list[str] | None = None) -
         "run": str(run_dir),
         "variant": " ".join(variant or []),
         "seed": seed,
+        "copies": copies,
         "synthetic_images": score["images"],
         **{f"synthetic_image_auroc_{k}": v for k, v in score["image_auroc"].items()},
         "synthetic_pixel_auroc_stage1": score["pixel_auroc"]["stage1"],
@@ -115,12 +124,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, help="synthetic-defect seed (default: each run's run.seed)")
     parser.add_argument("--variant", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="score with a changed scoring field (repeatable); thresholds re-calibrated, test AUROC recomputed")
+    parser.add_argument("--copies", type=int, default=1, help="synthetic copies of each validation normal (default 1, as run)")
     parser.add_argument("--note", default="")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.copies < 1:
+        parser.error(f"--copies must be >= 1, got {args.copies}")
     rows = []
     for run_dir in args.runs:
-        row = {**row_for(run_dir, args.seed, args.variant), "note": args.note}
+        row = {**row_for(run_dir, args.seed, args.variant, args.copies), "note": args.note}
         append_row("synthetic_val", row, "Synthetic-defect validation score beside test AUROC (benchmarks/synthetic_val.py)")
         rows.append(row)
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
