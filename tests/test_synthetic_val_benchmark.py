@@ -1,0 +1,48 @@
+"""``benchmarks/synthetic_val.py`` scores a finished run on synthetic copies of its validation normals."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from twostage_ad.config_io import load_config
+from twostage_ad.workflow import run_pipeline
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+synthetic_val = pytest.importorskip("synthetic_val")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    config = load_config(None, ["stage1.epochs=1", "stage1.base_width=8", "stage1.max_width=16", "run.overlays=0",
+                                "stage2.epochs=1", "stage2.width_divisor=16"])
+    return run_pipeline(config, tmp_path_factory.mktemp("runs") / "digits", progress=False).run_dir
+
+
+def test_the_row_reproduces_the_score_the_run_wrote(tiny_run):
+    row = synthetic_val.row_for(tiny_run, None)
+    written = json.loads((tiny_run / "metrics.json").read_text())["synthetic_val"]
+    assert row["synthetic_images"] == written["images"]
+    assert row["synthetic_image_auroc_stage1"] == pytest.approx(written["image_auroc"]["stage1"], abs=1e-6)
+    assert row["synthetic_image_auroc_stage2"] == pytest.approx(written["image_auroc"]["stage2"], abs=1e-6)
+
+
+def test_copies_give_each_validation_normal_several_defects(tiny_run):
+    one, three = synthetic_val.row_for(tiny_run, None), synthetic_val.row_for(tiny_run, None, copies=3)
+    assert three["copies"] == 3
+    assert three["synthetic_images"] > 2 * one["synthetic_images"]  # (a defect that changes no pixel is left out)
+    assert 0.0 <= three["synthetic_image_auroc_stage1"] <= 1.0
+
+
+def test_a_stage2_scoring_variant_is_rescored_and_a_training_field_is_refused(tiny_run):
+    guided = synthetic_val.row_for(tiny_run, None, ["stage2.guidance=attention"])
+    unguided = synthetic_val.row_for(tiny_run, None, ["stage2.guidance=none"])
+    assert guided["variant"] == "stage2.guidance=attention"
+    assert guided["synthetic_image_auroc_stage1"] == unguided["synthetic_image_auroc_stage1"]  # stage 1 untouched
+    assert guided["synthetic_pixel_auroc_stage2"] != unguided["synthetic_pixel_auroc_stage2"]
+    with pytest.raises(SystemExit, match="scoring fields"):
+        synthetic_val.row_for(tiny_run, None, ["stage2.epochs=3"])
