@@ -18,8 +18,8 @@ stages (``stage1.position_normality``, ``stage1.screen_topk``, ...) without retr
 thresholds are re-calibrated on the validation scores as ``run`` would, and the test AUROC beside
 it is recomputed from a fresh scoring of the test split instead of copied.
 
-``--copies K`` gives each validation normal K synthetic copies, each with its own defect (``run``
-makes one): a class with 4 validation normals is then scored on 4 × 4K (normal, copy) pairs
+``--copies K`` gives each validation normal K synthetic copies, each with its own defect, kind and
+texture partner (``run`` makes one; :func:`copy_order`): a class with 4 validation normals is then scored on 4 × 4K (normal, copy) pairs
 instead of 16, so its AUROC moves in steps of 1/(16K) rather than 1/16.
 """
 
@@ -58,6 +58,22 @@ def apply_variant(detector: TwoStageDetector, variant: list[str]) -> None:
         stage.config.validate()
 
 
+def copy_order(n: int, copies: int, seed: int) -> np.ndarray:
+    """Indices of ``n`` validation normals for ``copies`` synthetic copies of each: the normals in
+    order (so one copy is exactly what ``run`` scores), then a fresh seeded permutation per copy.
+    ``synthetic_defects`` gives image ``i`` kind ``i mod K`` and the next image's texture, so with the
+    permutations each normal meets several kinds and texture partners (a plain repeat would tie
+    them to the normal when ``n`` and ``K`` share a factor); no image follows a copy of itself."""
+    rng = np.random.default_rng(seed)
+    order = [np.arange(n)]
+    for _ in range(copies - 1):
+        permutation = rng.permutation(n)
+        while n > 1 and permutation[0] == order[-1][-1]:
+            permutation = rng.permutation(n)
+        order.append(permutation)
+    return np.concatenate(order)
+
+
 def _decode(config, split: str):
     records = split_records(load_records(config.data, seed=config.run.seed))[split]
     return decode_records(records, config.data.image_size, config.data.channels, config.data.invert_masks, progress=False)
@@ -78,11 +94,10 @@ def row_for(run_dir: Path, seed: int | None, variant: list[str] | None = None, c
     if variant:  # thresholds for the changed scores, as run calibrates them
         detector.cascade = fit_cascade(validation.stage1.loss, validation.stage2.scores, val.labels, config.calibration,
                                        fusion=config.cascade.fusion)
-    # the normals over and over: each copy draws its own defect and kind, and a blob's texture is another normal
-    normals = np.tile(val.images[val.labels == 0], (copies, 1, 1, 1))
-    synthetic = detector.score_synthetic(normals, config.augment, seed=seed, progress=False)
-    if synthetic is None:
+    normals = val.images[val.labels == 0]
+    if len(normals) < 2:
         raise SystemExit(f"{run_dir}: fewer than 2 validation normals")
+    synthetic = detector.score_synthetic(normals[copy_order(len(normals), copies, seed)], config.augment, seed=seed, progress=False)
     fusion = MapFusion.fit(validation.stage1.anomaly_maps[val.labels == 0], config.cascade.map_weight)
     score = synthetic_validation_metrics(validation, val.labels, *synthetic, detector.cascade, fusion)
     test = read_json(run_dir / RUN_FILES["metrics"])

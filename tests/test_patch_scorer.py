@@ -148,7 +148,8 @@ def test_wrong_image_shape_is_refused():
 def headed():
     rng = np.random.default_rng(0)
     images = np.stack([textured(rng, size=64)[..., None] for _ in range(12)])
-    config = Stage2Config(epochs=1, width_divisor=16, batch_size=4, guidance="none", score="head", head_width=4, tile_size=32)
+    config = Stage2Config(epochs=1, min_steps=0, width_divisor=16, batch_size=4, guidance="none", score="head", head_width=4,
+                          tile_size=32)
     stage = PatchScorerStage(config, augment=AugmentConfig(probability=0.9, kinds=["blob", "crack"]), image_size=64, channels=1,
                              device="cpu")
     stage.fit(images[:10], progress=False).fit_normalisation(images[10:])
@@ -192,7 +193,7 @@ def test_the_defect_head_learns_to_find_defects_it_was_trained_to_repair():
     painted = clean.copy()
     for k, image in enumerate(painted):
         image[4 + 3 * k : 8 + 3 * k, 22 - 2 * k : 26 - 2 * k] = 30 if k % 2 else 230
-    config = Stage2Config(epochs=10, width_divisor=16, batch_size=8, guidance="none", head_width=4)
+    config = Stage2Config(epochs=10, min_steps=0, width_divisor=16, batch_size=8, guidance="none", head_width=4)
     stage = PatchScorerStage(config, augment=AugmentConfig(probability=0.5, kinds=["cutout", "blob"]), image_size=32, channels=1,
                              device="cpu")
     stage.fit(images[:56], progress=False).fit_normalisation(images[56:64])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
 import pytest
 
 from twostage_ad.config_io import load_config
@@ -35,13 +36,26 @@ def test_copies_give_each_validation_normal_several_defects(tiny_run):
     one, three = synthetic_val.row_for(tiny_run, None), synthetic_val.row_for(tiny_run, None, copies=3)
     assert three["copies"] == 3
     assert three["synthetic_images"] > 2 * one["synthetic_images"]  # (a defect that changes no pixel is left out)
-    assert 0.0 <= three["synthetic_image_auroc_stage1"] <= 1.0
+    assert three["synthetic_image_auroc_stage1"] != one["synthetic_image_auroc_stage1"]
+
+
+def test_copy_order_varies_each_normals_kind_and_never_repeats_an_image():
+    kinds = 6  # synthetic_defects: image i gets kind i mod 6 and image i + 1's texture
+    order = synthetic_val.copy_order(4, 16, seed=0)  # a PIPED class: 4 validation normals
+    assert order[:4].tolist() == [0, 1, 2, 3]  # one copy is what `run` scores
+    assert all(sorted(order[c * 4:(c + 1) * 4]) == [0, 1, 2, 3] for c in range(16))
+    assert (order[1:] != order[:-1]).all()  # no blob textured with its own normal
+    for normal in range(4):
+        assert len({i % kinds for i in np.flatnonzero(order == normal)}) >= 4  # a plain repeat gives each only 3
+    np.testing.assert_array_equal(order, synthetic_val.copy_order(4, 16, seed=0))
 
 
 def test_a_stage2_scoring_variant_is_rescored_and_a_training_field_is_refused(tiny_run):
     guided = synthetic_val.row_for(tiny_run, None, ["stage2.guidance=attention"])
     unguided = synthetic_val.row_for(tiny_run, None, ["stage2.guidance=none"])
     assert guided["variant"] == "stage2.guidance=attention"
+    plain = synthetic_val.row_for(tiny_run, None)  # the run's own guidance, rescored the same way
+    assert guided["synthetic_image_auroc_stage2"] == pytest.approx(plain["synthetic_image_auroc_stage2"], abs=1e-6)
     assert guided["synthetic_image_auroc_stage1"] == unguided["synthetic_image_auroc_stage1"]  # stage 1 untouched
     assert guided["synthetic_pixel_auroc_stage2"] != unguided["synthetic_pixel_auroc_stage2"]
     with pytest.raises(SystemExit, match="scoring fields"):
