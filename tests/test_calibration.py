@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from twostage_ad.calibration import CalibrationError, calibrate
+from twostage_ad.calibration import CalibrationError, calibrate, conformal_threshold
 from twostage_ad.config import CalibrationConfig
 
 NORMAL = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0])
@@ -14,6 +14,42 @@ def test_quantile_matches_numpy_linear_interpolation():
     assert t.params == {"q": 0.9}
     assert t.stats["n_normal"] == 10 and t.stats["max"] == 10.0
     assert t.stats["flagged_fraction_normal"] == pytest.approx(0.1)
+
+
+def test_conformal_is_the_order_statistic_a_new_normal_exceeds_at_most_1_minus_q_of_the_time():
+    t = calibrate(np.arange(1.0, 20.0), np.zeros(19, int), CalibrationConfig(method="conformal", q=0.9))
+    assert t.value == 18.0  # the ⌈(19 + 1)·0.9⌉ = 18th smallest of 1..19
+    assert t.params == {"q": 0.9} and t.stats["bound"] == "order_statistic" and t.stats["rank"] == 18
+    assert calibrate(NORMAL, LABELS, CalibrationConfig(method="conformal", q=0.9)).value == 10.0  # ⌈11·0.9⌉ = 10th of 10
+
+
+def test_conformal_on_too_few_normals_is_the_gaussian_prediction_bound():
+    t = calibrate(np.array([1.0, 2.0, 3.0, 4.0]), np.zeros(4, int), CalibrationConfig(method="conformal", q=0.9))
+    # ⌈5·0.9⌉ = 5 > 4 normals: mean 2.5 + t(0.9, 3 df) 1.637744 · s 1.290994 · √(1 + 1/4)
+    assert t.value == pytest.approx(2.5 + 1.637744 * 1.290994 * 1.118034, rel=1e-6)
+    assert t.stats["bound"] == "gaussian_prediction"
+    # never below the largest normal: one far normal among eight (⌈9·0.9⌉ = 9 > 8) sets it
+    assert conformal_threshold(np.array([0.0] * 7 + [10.0]), 0.9)[0] == 10.0
+
+
+def test_conformal_on_one_normal_is_its_score_with_a_warning(caplog):
+    value, how = conformal_threshold(np.array([3.5]), 0.9)
+    assert value == 3.5 and how["bound"] == "single_normal"
+    assert "single validation normal" in caplog.text
+
+
+@pytest.mark.parametrize("n", [4, 19])
+def test_conformal_keeps_new_normals_false_positive_rate_at_1_minus_q_where_the_quantile_does_not(n):
+    """Many calibration sets of ``n`` normals: the share of new normals above the threshold. The plain
+    0.9-quantile lies between two order statistics, so it rejects more than the upper one's
+    1 − ⌈pos⌉/(n + 1) (0.2 of new normals with 4, 0.1 with 19); conformal rejects 0.1."""
+    rng = np.random.default_rng(0)
+    calibration, new = rng.normal(size=(4000, n)), rng.normal(size=(4000, 50))
+    conformal = np.array([conformal_threshold(c, 0.9)[0] for c in calibration])
+    quantile = np.quantile(calibration, 0.9, axis=1)
+    assert np.mean(new > conformal[:, None]) == pytest.approx(0.10, abs=0.01)
+    position = 1 + 0.9 * (n - 1)  # numpy's linear interpolation, 1-based
+    assert 1 - np.ceil(position) / (n + 1) + 0.02 < np.mean(new > quantile[:, None]) < 1 - np.floor(position) / (n + 1)
 
 
 def test_mean_plus_k_std_uses_the_sample_std():

@@ -56,11 +56,12 @@ def test_sum_fusion_standardises_both_stages_with_validation_normals():
 def test_fit_cascade_calibrates_both_thresholds_on_validation_normals():
     rng = np.random.default_rng(0)
     s1, s2 = rng.normal(1.0, 0.1, 200), rng.normal(3.0, 1.0, 200)
-    cascade = fit_cascade(s1, s2, np.zeros(200, int), CalibrationConfig(q=0.8), calibration2=CalibrationConfig(q=0.95))
+    quantile = CalibrationConfig(method="quantile", q=0.8)
+    cascade = fit_cascade(s1, s2, np.zeros(200, int), quantile, calibration2=CalibrationConfig(method="quantile", q=0.95))
     assert cascade.stage1.value == pytest.approx(np.quantile(s1, 0.8))
     assert cascade.stage2.value == pytest.approx(np.quantile(s2, 0.95))
     assert cascade.stage2_std == pytest.approx(np.std(s2))
-    fused = fit_cascade(s1, s2, np.zeros(200, int), CalibrationConfig(q=0.8), fusion="sum")
+    fused = fit_cascade(s1, s2, np.zeros(200, int), quantile, fusion="sum")
     r2 = (s1 - s1.mean()) / s1.std() + (s2 - s2.mean()) / s2.std()
     assert fused.stage2.value == pytest.approx(np.quantile(r2, 0.8))
     with pytest.raises(ValueError, match="finite stage-2 score"):

@@ -23,7 +23,7 @@ from conftest import textured
 OLD_RECIPE = """
 data: {source: digits, image_size: 32}
 augment: {opacity_min: 0.25}
-stage1: {epochs: 40, lr_schedule: constant, att_balanced: true, w_con: 0.0, w_rep: 0.0, w_enc: 0.0, w_adv: 0.0,
+stage1: {epochs: 40, lr_schedule: constant, w_con: 0.0, w_rep: 0.0, w_enc: 0.0, w_adv: 0.0,
          screen_con: 0.0, screen_enc: 0.0, score_bf16: true, amp: false, channels_last: true, score_batch_size: 32}
 stage2: {guidance_floor: 0.25, amp: false, channels_last: true, score_batch_size: 32}
 """
@@ -37,7 +37,7 @@ def test_an_old_config_loads_with_a_warning_naming_each_new_field(tmp_path):
     messages = " ".join(str(w.message) for w in caught)
     assert "stage1.score_bf16 is obsolete: use run.precision" in messages
     assert "stage2.score_batch_size is obsolete: use run.score_batch_size" in messages
-    assert "stage1.att_balanced is obsolete: delete it" in messages
+    assert "stage1.lr_schedule is obsolete: delete it" in messages
     assert "augment.opacity_min is obsolete: use augment.blob_opacity_min" in messages
     assert config.run.precision == "auto"  # bf16 where native, float32 elsewhere: what score_bf16 meant
     assert (config.run.amp, config.run.channels_last, config.run.score_batch_size) == (False, True, 32)
@@ -84,7 +84,7 @@ def test_a_checkpoint_scores_whatever_training_only_fields_it_stored(tmp_path):
     stage = AttentionStage(config=config, image_size=32, channels=1, device="cpu").fit(images, progress=False)
     stage.save(tmp_path / "s1.pt")
     payload = load_checkpoint(tmp_path / "s1.pt")
-    payload["config"].update(lr_schedule="cosine", att_balanced=False, score_bf16=False, amp=False, score_batch_size=7)
+    payload["config"].update(lr_schedule="cosine", score_bf16=False, amp=False, score_batch_size=7)
     payload["augment"]["opacity_min"] = 0.5
     save_checkpoint(tmp_path / "old.pt", payload)
     loaded = AttentionStage.load(tmp_path / "old.pt", device="cpu")

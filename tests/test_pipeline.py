@@ -132,7 +132,7 @@ def test_calibrate_changes_the_threshold_and_keeps_history(tiny_run, tmp_path, c
     assert thresholds["stage1"]["method"] == "fpr" and thresholds["stage1"]["params"] == {"fpr": 0.3}
     assert thresholds["stage2"]["method"] == "fpr"
     assert thresholds["stage1"]["value"] == printed["value"]
-    assert [(h["stage"], h["method"]) for h in thresholds["history"]] == [("stage1", "quantile"), ("stage2", "quantile")]
+    assert [(h["stage"], h["method"]) for h in thresholds["history"]] == [("stage1", "conformal"), ("stage2", "conformal")]
     scores = pd.read_csv(run_dir / "scores.csv")
     val_normals = scores[(scores["split"] == "val") & (scores["label"] == 0)]
     assert (val_normals["stage1_loss"] > printed["value"]).mean() <= 0.3
@@ -174,7 +174,9 @@ def test_calibrating_one_stage_keeps_the_other_and_updates_the_cascade(tiny_run,
     assert main(["-q", "calibrate", str(run_dir), "--stage", "2", "--q", "0.5"]) == 0
     after = json.loads((run_dir / "thresholds.json").read_text())
     assert after["stage1"]["value"] == before["stage1"]["value"]  # scores.csv round-trips exactly
-    assert after["stage1"]["method"] == "quantile"
+    assert after["stage1"]["method"] == "conformal"
+    # a lone --q keeps the threshold's own method where it takes q (the default conformal here)
+    assert after["stage2"]["method"] == "conformal"
     assert after["stage2"]["params"] == {"q": 0.5} and after["stage2"]["value"] < before["stage2"]["value"]
     # a plain calibrate re-picks each threshold with its own current method
     assert main(["-q", "calibrate", str(run_dir)]) == 0
@@ -244,8 +246,8 @@ def test_recalibrate_example_runs_on_a_finished_run(tiny_run, tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "examples" / "recalibrate.py"), str(run_dir)],
                           capture_output=True, text=True, timeout=600)  # room for a CPU several times slower
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("τ₁") == 3
-    assert json.loads((run_dir / "thresholds.json").read_text())["stage1"]["method"] == "quantile"
+    assert proc.stdout.count("τ₁") == 4
+    assert json.loads((run_dir / "thresholds.json").read_text())["stage1"]["method"] == "conformal"
 
 
 def test_run_reports_the_synthetic_validation_score(tiny_run):

@@ -136,6 +136,20 @@ def test_balanced_bce_weighs_defect_and_normal_pixels_equally():
     assert clean == pytest.approx(per_pixel_normal, rel=1e-5)
 
 
+def test_att_balanced_reaches_the_training_loss():
+    """The same seed and batches train to the same loss twice, and to another one on the plain mean BCE."""
+    rng = np.random.default_rng(0)
+    images = np.stack([textured(rng, size=32)[..., None] for _ in range(8)])
+
+    def attention_loss(balanced: bool) -> float:
+        config = Stage1Config(min_steps=0, epochs=1, base_width=4, max_width=8, batch_size=4, att_balanced=balanced)
+        return AttentionStage(config=config, image_size=32, channels=1, device="cpu", seed=0).fit(images, progress=False).history_[-1]["attention"]
+
+    balanced = attention_loss(True)
+    assert attention_loss(True) == balanced
+    assert abs(attention_loss(False) - balanced) > 1e-3
+
+
 @pytest.mark.parametrize("w_adv", [0.0, 0.5])
 def test_adversarial_branch_is_built_and_trained_only_when_weighted(tmp_path, w_adv):
     rng = np.random.default_rng(0)

@@ -1,7 +1,8 @@
 """Threshold calibration from validation scores (never test labels). Higher score = more anomalous.
 
-Normals only: ``quantile`` (the q-quantile of normal scores), ``meanstd`` (mean + k·std),
-``fpr`` (the smallest threshold whose false-positive rate on normals is <= the target).
+Normals only: ``conformal`` (a bound a new normal exceeds with probability at most 1 − q, which
+holds on a handful of normals too), ``quantile`` (the q-quantile of normal scores), ``meanstd``
+(mean + k·std), ``fpr`` (the smallest threshold whose false-positive rate on normals is <= the target).
 With labelled anomalies: ``youden`` (max TPR − FPR), ``f1`` (max F1), ``recall`` (the largest
 threshold that still flags at least the target share of anomalies — a screen should rarely let an
 anomaly through). Without labels: ``synthetic_recall``, the same target on the scores of validation
@@ -11,17 +12,22 @@ the threshold.
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy import stats as scipy_stats
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from twostage_ad.config import CALIBRATION_METHODS, CalibrationConfig
 
-__all__ = ["CalibrationError", "Threshold", "calibrate", "NORMAL_ONLY_METHODS", "SYNTHETIC_METHODS"]
+__all__ = ["CalibrationError", "Threshold", "calibrate", "conformal_threshold", "NORMAL_ONLY_METHODS", "SYNTHETIC_METHODS"]
 
-NORMAL_ONLY_METHODS = ("quantile", "meanstd", "fpr")
+log = logging.getLogger(__name__)
+
+NORMAL_ONLY_METHODS = ("conformal", "quantile", "meanstd", "fpr")
 SYNTHETIC_METHODS = ("synthetic_recall",)  # need the scores of validation normals with synthetic defects
 
 
@@ -65,6 +71,31 @@ def _fpr_threshold(normal: np.ndarray, target: float) -> float:
     return float(ordered[n - 1 - allowed]) if allowed < n else float(ordered[0])
 
 
+def conformal_threshold(normal: np.ndarray, q: float) -> tuple[float, dict[str, Any]]:
+    """A threshold a new normal's score exceeds with probability at most ``1 − q``, and how it was set.
+
+    With ``n`` exchangeable normal scores, a new one lies above the ``k``-th smallest with
+    probability ``1 − k/(n + 1)``, so the ``⌈(n + 1)·q⌉``-th smallest is the bound when ``n`` is
+    large enough (split-conformal prediction; ``n ≥ q/(1 − q)``, 9 normals at q = 0.9). The plain
+    q-quantile of ``n`` normals (``quantile``) lies below that order statistic and is exceeded more
+    often: by 0.24 of new normals with 4 validation normals at q = 0.9, 0.11 with 95 (Gaussian scores). Below that size no order statistic is a bound, and the
+    Gaussian prediction bound ``mean + t_{q, n−1}·s·√(1 + 1/n)`` is used instead (exact for normally
+    distributed scores), never below the largest normal. One normal: its score, with a warning.
+    """
+    ordered = np.sort(np.asarray(normal, dtype=np.float64))
+    n = len(ordered)
+    rank = math.ceil((n + 1) * q - 1e-9)
+    if rank <= n:
+        return float(ordered[rank - 1]), {"bound": "order_statistic", "rank": rank}
+    if n == 1:
+        log.warning("calibration 'conformal' on a single validation normal: the threshold is its score, which about "
+                    "half of new normals exceed; add validation normals")
+        return float(ordered[0]), {"bound": "single_normal"}
+    t = float(scipy_stats.t.ppf(q, df=n - 1))
+    bound = float(np.mean(ordered) + t * np.std(ordered, ddof=1) * math.sqrt(1.0 + 1.0 / n))
+    return max(bound, float(ordered[-1])), {"bound": "gaussian_prediction", "t": t}
+
+
 def _just_below(score: float) -> float:
     """A threshold that still flags ``score`` (flagged = score > threshold) whether the comparison
     runs in float64 or in float32: one float32 step below the score's float32 value. Screening
@@ -100,7 +131,11 @@ def calibrate(scores: np.ndarray, labels: np.ndarray, config: CalibrationConfig,
         raise CalibrationError("no normal validation scores: calibration needs held-out normal images")
     stats = _normal_stats(normal)
     stats["n_anomalous"] = int(len(anomalous))
-    if method == "quantile":
+    if method == "conformal":
+        params = {"q": config.q}
+        value, how = conformal_threshold(normal, config.q)
+        stats.update(how)
+    elif method == "quantile":
         params = {"q": config.q}
         value = float(np.quantile(normal, config.q))
     elif method == "meanstd":

@@ -38,7 +38,7 @@ SOURCE_ALIASES = {"seed": "folders"}  # the folders layout's first name, still a
 PRECISIONS = ("auto", "float32", "bf16")
 DEMO_CONFIG = "configs/digits.yaml"  # inside the package: what `run` does with no --config
 DEFECT_KINDS = ("cutout", "cutpaste", "blob", "crack")
-CALIBRATION_METHODS = ("quantile", "meanstd", "fpr", "youden", "f1", "recall", "synthetic_recall")
+CALIBRATION_METHODS = ("conformal", "quantile", "meanstd", "fpr", "youden", "f1", "recall", "synthetic_recall")
 SCORE_REDUCTIONS = ("max", "topk")
 GUIDANCE_MODES = ("none", "attention")
 PATCH_SCORES = ("latent", "head")
@@ -189,6 +189,9 @@ class Stage1Config:
     w_con: float = 0.0
     w_enc: float = 0.0
     w_att: float = 1.0
+    # the attention BCE's defect and normal pixels weigh half each (False: a plain mean over pixels, which
+    # a defect covering 1 % of the image barely moves; docs/experiments.md, stage-1 objective)
+    att_balanced: bool = True
     w_adv: float = 0.0
     w_rep: float = 0.0
     w_repair_l2: float = 1.0
@@ -369,7 +372,7 @@ class CalibrationConfig:
     :mod:`twostage_ad.calibration`.
     """
 
-    method: str = "quantile"
+    method: str = "conformal"
     q: float = 0.9
     k: float = 3.0
     fpr: float = 0.1

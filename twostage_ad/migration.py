@@ -18,7 +18,7 @@ __all__ = ["FORMER_DEFAULTS", "MOVED_FIELDS", "REMOVED_FIELDS", "RENAMED_FIELDS"
 
 # section -> {field: (the one value that remains, whether it changes scores)}
 REMOVED_FIELDS: dict[str, dict[str, tuple[Any, bool]]] = {
-    "stage1": {"lr_schedule": ("constant", False), "att_balanced": (True, False)},
+    "stage1": {"lr_schedule": ("constant", False)},
     "stage2": {"guidance_floor": (0.25, True)},
 }
 # section -> {field: its new name in the same section}

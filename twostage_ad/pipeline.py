@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="which threshold to re-pick (default both); the other keeps its current method")
     cal.add_argument("--method", choices=CALIBRATION_METHODS,
                      help="default: implied by the parameter given, else the run's current method")
-    cal.add_argument("--q", type=float, help="quantile for --method quantile")
+    cal.add_argument("--q", type=float, help="q for --method conformal (a new normal exceeds τ with probability <= 1 − q) or quantile")
     cal.add_argument("--k", type=float, help="k for --method meanstd (mean + k·std)")
     cal.add_argument("--fpr", type=float, help="target false-positive rate for --method fpr")
     cal.add_argument("--recall", type=float, help="target recall for --method recall (labelled val anomalies) or synthetic_recall (synthetic defects)")
@@ -72,18 +72,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_PARAM_METHOD = {"q": "quantile", "k": "meanstd", "fpr": "fpr", "recall": "recall"}
+_PARAM_METHODS = {"q": ("conformal", "quantile"), "k": ("meanstd",), "fpr": ("fpr",),
+                  "recall": ("recall", "synthetic_recall")}
 
 
 def _calibration_from_args(current: CalibrationConfig, args: argparse.Namespace) -> CalibrationConfig:
-    """Apply ``--method`` and its parameter; a lone parameter implies its method (``--fpr`` -> fpr)."""
-    given = {k: getattr(args, k) for k in _PARAM_METHOD if getattr(args, k) is not None}
+    """Apply ``--method`` and its parameter; a lone parameter implies its method (``--fpr`` -> fpr,
+    ``--q`` -> conformal), or keeps the current one where it takes that parameter (``--q`` on a
+    ``quantile`` threshold stays ``quantile``)."""
+    given = {k: getattr(args, k) for k in _PARAM_METHODS if getattr(args, k) is not None}
     method = args.method
     if method is None and given:
-        implied = {_PARAM_METHOD[k] for k in given}
+        implied = {_PARAM_METHODS[k] for k in given}
         if len(implied) > 1:
             raise ConfigError(f"parameters {sorted(given)} belong to different methods; pass --method")
-        method = implied.pop()
+        methods = implied.pop()
+        method = current.method if current.method in methods else methods[0]
     return replace(current, **given, **({"method": method} if method else {}))
 
 
@@ -116,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({"run_dir": str(result.run_dir), **{k: result.metrics[k] for k in keys}}, indent=2))
         elif args.command == "calibrate":
             stages = {"1": ("stage1",), "2": ("stage2",), "both": ("stage1", "stage2")}[args.stage]
-            chosen = args.method is not None or any(getattr(args, k) is not None for k in _PARAM_METHOD)
+            chosen = args.method is not None or any(getattr(args, k) is not None for k in _PARAM_METHODS)
             # no method and no parameter: each threshold is re-picked with its own current method
             calibration = _calibration_from_args(workflow.current_calibration(args.run_dir, stages[0]), args) if chosen else None
             cascade = workflow.calibrate_run(args.run_dir, calibration, stages=stages)

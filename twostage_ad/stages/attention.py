@@ -7,7 +7,7 @@ mask. Losses (:mod:`twostage_ad.stages.losses`, all mean-reduced, weights in
 
 - ``w_con · L1(x̂, x)`` on clean rows, ``w_rep · L1(x̂_aug, x)`` on defect rows (repair),
 - ``w_enc · L2(z, ẑ)``,
-- ``w_att · [BCE(A(x), 1) + BCE(A(x_aug), M)]`` with logits, class-balanced,
+- ``w_att · [BCE(A(x), 1) + BCE(A(x_aug), M)]`` with logits, class-balanced (``att_balanced``),
 - ``w_adv ·`` feature matching against a discriminator on image ⊕ attention map, which sees
   (clean image, true mask) as real and (x̂, A) as fake,
 - with ``repair`` (reconstruct-then-attend): ``w_repair_l2 · L2(x̃, x) + w_repair_ssim · (1 − SSIM(x̃, x))``
@@ -313,10 +313,10 @@ class AttentionStage(TrainableStage):
         logits = out.attention_logits.float()
         members = 1
         if out.member_attention_logits is None:
-            bce = attention_bce(logits, mask)
+            bce = attention_bce(logits, mask, balanced=c.att_balanced)
         else:  # the sum of the members' own losses: each member's gradient is the one it would get alone
             members = out.member_attention_logits.shape[0]
-            bce = sum(attention_bce(m, mask) for m in out.member_attention_logits.float())
+            bce = sum(attention_bce(m, mask, balanced=c.att_balanced) for m in out.member_attention_logits.float())
         scale = context.world_size  # DDP divides the summed gradients by the world size
         if reconstruct:
             recon_err = (out.reconstruction.float() - x_clean).abs().mean(dim=(1, 2, 3))
