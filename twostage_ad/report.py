@@ -284,7 +284,7 @@ PLOT_CAPTIONS = {
     "stage2_overlays_flagged.png": "Stage-2 map on flagged test images, in σ of validation-normal cells; cyan contour at the decision level.",
     "operating_points.png": ("What moving τ₁ does: recall of the screen and of the cascade, the cascade's AUROC, the "
                              "share of test normals flagged and the throughput, against the share of validation normals "
-                             "flagged (calibrate --q moves it; table in operating_points.csv)."),
+                             "flagged (calibrate --stage 1 --method quantile --q Q sets τ₁ at a row; table in operating_points.csv)."),
     "stage1_training.png": "Stage-1 training losses per epoch.",
     "stage2_training.png": "Stage-2 training losses per epoch.",
 }
