@@ -45,6 +45,12 @@ def test_an_old_config_loads_with_a_warning_naming_each_new_field(tmp_path):
     assert config.augment.blob_opacity_min == 0.25
 
 
+def test_att_balanced_is_a_field_again_read_without_a_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert config_from_dict({"stage1": {"att_balanced": False}}).stage1.att_balanced is False
+
+
 def test_score_bf16_false_reads_as_float32():
     with pytest.warns(FutureWarning):
         assert config_from_dict({"stage1": {"score_bf16": False}}).run.precision == "float32"
@@ -84,10 +90,11 @@ def test_a_checkpoint_scores_whatever_training_only_fields_it_stored(tmp_path):
     stage = AttentionStage(config=config, image_size=32, channels=1, device="cpu").fit(images, progress=False)
     stage.save(tmp_path / "s1.pt")
     payload = load_checkpoint(tmp_path / "s1.pt")
-    payload["config"].update(lr_schedule="cosine", score_bf16=False, amp=False, score_batch_size=7)
+    payload["config"].update(lr_schedule="cosine", att_balanced=False, score_bf16=False, amp=False, score_batch_size=7)
     payload["augment"]["opacity_min"] = 0.5
     save_checkpoint(tmp_path / "old.pt", payload)
     loaded = AttentionStage.load(tmp_path / "old.pt", device="cpu")
+    assert loaded.config.att_balanced is False  # a field again: kept as stored
     np.testing.assert_array_equal(loaded.score(images, progress=False).loss, stage.score(images, progress=False).loss)
     # resuming it would train differently from what it stored: refused
     with pytest.raises(ValueError, match="its config differs"):

@@ -161,6 +161,8 @@ def test_synthetic_recall_calibrates_on_the_saved_synthetic_defects(tiny_run, tm
     assert tau1["method"] == "synthetic_recall"
     recall = (synthetic["stage1_loss"] > tau1["value"]).mean()
     assert recall >= 0.9 and tau1["stats"]["recall_synthetic"] == pytest.approx(recall)
+    assert main(["-q", "calibrate", str(run_dir), "--stage", "1", "--recall", "0.8"]) == 0  # a lone --recall keeps it
+    assert json.loads((run_dir / "thresholds.json").read_text())["stage1"]["method"] == "synthetic_recall"
     # a run folder without the file (an older run) is refused with the reason, not silently re-picked
     (run_dir / "synthetic_scores.csv").unlink()
     assert main(["-q", "calibrate", str(run_dir), "--method", "synthetic_recall"]) == 2
@@ -183,6 +185,12 @@ def test_calibrating_one_stage_keeps_the_other_and_updates_the_cascade(tiny_run,
     again = json.loads((run_dir / "thresholds.json").read_text())
     assert again["stage2"]["params"] == {"q": 0.5} and again["stage2"]["value"] == pytest.approx(after["stage2"]["value"])
     assert "cascade_false_positive_rate_val" in again["stage2"]["stats"]
+    # a lone --q keeps a quantile threshold a quantile (an old run folder's), and refuses to guess for both
+    assert main(["-q", "calibrate", str(run_dir), "--stage", "2", "--method", "quantile", "--q", "0.8"]) == 0
+    assert main(["-q", "calibrate", str(run_dir), "--stage", "2", "--q", "0.7"]) == 0
+    kept = json.loads((run_dir / "thresholds.json").read_text())["stage2"]
+    assert kept["method"] == "quantile" and kept["params"] == {"q": 0.7}
+    assert main(["-q", "calibrate", str(run_dir), "--q", "0.9"]) == 2  # τ₁ conformal, τ₂ quantile
     # a lower τ₁ flags more images and changes the cascade's AUROC, recomputed from saved scores
     assert main(["-q", "calibrate", str(run_dir), "--stage", "1", "--q", "0.05"]) == 0
     scores = pd.read_csv(run_dir / "scores.csv")

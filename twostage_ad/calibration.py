@@ -1,8 +1,9 @@
 """Threshold calibration from validation scores (never test labels). Higher score = more anomalous.
 
-Normals only: ``conformal`` (a bound a new normal exceeds with probability at most 1 − q, which
-holds on a handful of normals too), ``quantile`` (the q-quantile of normal scores), ``meanstd``
-(mean + k·std), ``fpr`` (the smallest threshold whose false-positive rate on normals is <= the target).
+Normals only: ``conformal`` (a bound a new normal exceeds with probability at most 1 − q: free of
+any assumption from q/(1 − q) normals on, a Gaussian bound below), ``quantile`` (the q-quantile of
+normal scores), ``meanstd`` (mean + k·std), ``fpr`` (the smallest threshold whose false-positive
+rate on normals is <= the target).
 With labelled anomalies: ``youden`` (max TPR − FPR), ``f1`` (max F1), ``recall`` (the largest
 threshold that still flags at least the target share of anomalies — a screen should rarely let an
 anomaly through). Without labels: ``synthetic_recall``, the same target on the scores of validation
@@ -75,22 +76,32 @@ def conformal_threshold(normal: np.ndarray, q: float) -> tuple[float, dict[str, 
     """A threshold a new normal's score exceeds with probability at most ``1 − q``, and how it was set.
 
     With ``n`` exchangeable normal scores, a new one lies above the ``k``-th smallest with
-    probability ``1 − k/(n + 1)``, so the ``⌈(n + 1)·q⌉``-th smallest is the bound when ``n`` is
-    large enough (split-conformal prediction; ``n ≥ q/(1 − q)``, 9 normals at q = 0.9). The plain
-    q-quantile of ``n`` normals (``quantile``) lies below that order statistic and is exceeded more
-    often: by 0.24 of new normals with 4 validation normals at q = 0.9, 0.11 with 95 (Gaussian scores). Below that size no order statistic is a bound, and the
-    Gaussian prediction bound ``mean + t_{q, n−1}·s·√(1 + 1/n)`` is used instead (exact for normally
-    distributed scores), never below the largest normal. One normal: its score, with a warning.
+    probability at most ``1 − k/(n + 1)`` (exactly, without ties), so the ``⌈(n + 1)·q⌉``-th
+    smallest is a distribution-free bound once ``n ≥ q/(1 − q)`` (9 normals at q = 0.9;
+    split-conformal prediction). The probability is over the draw of the validation set: one
+    small set can still land high or low. The plain q-quantile (``quantile``) lies below that order
+    statistic and is exceeded more often: by 0.24 of new normals with 4 validation normals at
+    q = 0.9, 0.11 with 95 (Gaussian scores). Below ``q/(1 − q)`` normals no order statistic is a
+    bound, and the Gaussian prediction bound ``mean + t_{q, n−1}·s·√(1 + 1/n)`` is used instead,
+    never below the largest normal (exact for Gaussian scores where the largest normal does not
+    decide; heavier tails exceed it more often), with a warning. One normal: its score, with a
+    warning.
     """
     ordered = np.sort(np.asarray(normal, dtype=np.float64))
     n = len(ordered)
-    rank = math.ceil((n + 1) * q - 1e-9)
+    if n == 0 or not 0.0 < q < 1.0:
+        raise ValueError(f"conformal_threshold needs at least one score and q in (0, 1), got {n} scores and q={q!r}")
+    rank = max(1, math.ceil((n + 1) * q - 1e-9))  # the tolerance: (n + 1)·q may come out a hair above an integer
     if rank <= n:
         return float(ordered[rank - 1]), {"bound": "order_statistic", "rank": rank}
+    needed = math.ceil(q / (1.0 - q) - 1e-9)
     if n == 1:
         log.warning("calibration 'conformal' on a single validation normal: the threshold is its score, which about "
-                    "half of new normals exceed; add validation normals")
+                    "half of new normals exceed; %d validation normals give a distribution-free bound at q=%g", needed, q)
         return float(ordered[0]), {"bound": "single_normal"}
+    log.warning("calibration 'conformal' on %d validation normals: the threshold is a Gaussian prediction bound, "
+                "which heavy-tailed scores exceed more often than 1 − q; %d give a distribution-free one at q=%g",
+                n, needed, q)
     t = float(scipy_stats.t.ppf(q, df=n - 1))
     bound = float(np.mean(ordered) + t * np.std(ordered, ddof=1) * math.sqrt(1.0 + 1.0 / n))
     return max(bound, float(ordered[-1])), {"bound": "gaussian_prediction", "t": t}

@@ -122,7 +122,13 @@ def main(argv: list[str] | None = None) -> int:
             stages = {"1": ("stage1",), "2": ("stage2",), "both": ("stage1", "stage2")}[args.stage]
             chosen = args.method is not None or any(getattr(args, k) is not None for k in _PARAM_METHODS)
             # no method and no parameter: each threshold is re-picked with its own current method
-            calibration = _calibration_from_args(workflow.current_calibration(args.run_dir, stages[0]), args) if chosen else None
+            calibration = None
+            if chosen:
+                current = [workflow.current_calibration(args.run_dir, stage) for stage in stages]
+                if args.method is None and len({c.method for c in current}) > 1:
+                    raise ConfigError(f"τ₁ and τ₂ use different methods ({current[0].method}, {current[1].method}): pass "
+                                      f"--method, or --stage 1 or 2")
+                calibration = _calibration_from_args(current[0], args)
             cascade = workflow.calibrate_run(args.run_dir, calibration, stages=stages)
             print(json.dumps({"stage1": cascade.stage1.to_dict(), "stage2": cascade.stage2.to_dict()}, indent=2))
         elif args.command == "report":
