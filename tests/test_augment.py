@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from twostage_ad.config import AugmentConfig
-from twostage_ad.data.augment import apply_defect, build_defect_augmentation, perlin_noise
+from twostage_ad.data.augment import BlobDefect, apply_defect, build_defect_augmentation, perlin_noise, synthetic_defects
 
 from conftest import textured
 
@@ -71,3 +71,40 @@ def test_blob_opacity_floor_sets_how_faint_a_blob_may_be(rng):
     assert fainter >= 10
     with pytest.raises(ValueError, match="blob_opacity_min"):
         AugmentConfig(blob_opacity_min=0.0).validate()
+
+
+def _blob_areas(draws: int = 200, **kwargs) -> np.ndarray:
+    """Share of a 64×64 image each blob's region covers."""
+    blob = BlobDefect(**kwargs)
+    blob.set_random_seed(0)
+    image = np.zeros((64, 64, 1), np.uint8)
+    return np.array([(blob.make_defect(image, None)[1] > 0).mean() for _ in range(draws)])
+
+
+def test_blob_area_draw_spreads_blobs_between_the_floor_and_max_area():
+    """Log-uniform from 0.1 %: half the blobs below √(0.001·0.25) ≈ 1.6 %; uniform from 0.5 %: half
+    above (0.005 + 0.25) / 2 ≈ 13 %; both stay inside [floor, max_area] up to a pixel of rounding."""
+    log_uniform = _blob_areas()
+    uniform = _blob_areas(area_min=0.005, area_draw="uniform")
+    pixel = 1 / 64**2
+    assert log_uniform.min() >= 0.001 - 2 * pixel and uniform.min() >= 0.005 - 2 * pixel
+    assert max(log_uniform.max(), uniform.max()) <= 0.25 + 2 * pixel
+    assert np.median(log_uniform) < 0.03 and np.median(uniform) > 0.09
+    with pytest.raises(ValueError, match="area_draw must be one of"):
+        BlobDefect(area_draw="normal")
+    with pytest.raises(ValueError, match="blob_area_draw"):
+        AugmentConfig(blob_area_draw="normal").validate()
+    with pytest.raises(ValueError, match="blob_area_min"):
+        AugmentConfig(blob_area_min=0.0).validate()
+
+
+def test_synthetic_validation_ignores_training_blob_settings(rng):
+    """The validation defects are a fixed yardstick: changing how training draws blobs (area, opacity)
+    leaves them byte for byte the same, while another max_area changes them."""
+    images = np.stack([textured(rng, size=48, channels=3) for _ in range(12)])
+    reference = synthetic_defects(images, AugmentConfig(), seed=1)
+    changed = synthetic_defects(images, AugmentConfig(blob_area_min=0.05, blob_area_draw="uniform", blob_opacity_min=1.0), seed=1)
+    assert reference[2] == changed[2]
+    np.testing.assert_array_equal(reference[0], changed[0])
+    np.testing.assert_array_equal(reference[1], changed[1])
+    assert not np.array_equal(reference[0], synthetic_defects(images, AugmentConfig(max_area=0.6), seed=1)[0])

@@ -38,6 +38,7 @@ SOURCE_ALIASES = {"seed": "folders"}  # the folders layout's first name, still a
 PRECISIONS = ("auto", "float32", "bf16")
 DEMO_CONFIG = "configs/digits.yaml"  # inside the package: what `run` does with no --config
 DEFECT_KINDS = ("cutout", "cutpaste", "blob", "crack")
+BLOB_AREA_DRAWS = ("log_uniform", "uniform")
 CALIBRATION_METHODS = ("conformal", "quantile", "meanstd", "fpr", "youden", "f1", "recall", "synthetic_recall")
 SCORE_REDUCTIONS = ("max", "topk")
 GUIDANCE_MODES = ("none", "attention")
@@ -110,7 +111,10 @@ class AugmentConfig:
     ``kinds`` are drawn uniformly per image: ``cutout`` (albumentations CoarseDropout, random
     fill), ``cutpaste`` (a patch moved, rotated and colour-jittered), ``blob`` (a Perlin-noise
     shaped region filled with a foreign texture at an opacity drawn from U[``blob_opacity_min``, 1], DRAEM style) and ``crack`` (thin
-    random-walk lines, dark or bright).
+    random-walk lines, dark or bright). A blob covers a share of the image drawn between
+    ``blob_area_min`` and ``max_area``, ``log_uniform`` (many small spots, some large stains) or
+    ``uniform``. The synthetic validation defects keep these blob settings at their defaults
+    whatever training uses, so they stay a fixed yardstick.
     """
 
     section: ClassVar[str] = "augment"
@@ -119,6 +123,8 @@ class AugmentConfig:
     probability: float = 0.5  # share of each training batch that gets a synthetic defect
     max_area: float = 0.25  # largest share of the image one defect may cover (cracks, thin lines, ignore it)
     blob_opacity_min: float = 0.25  # DRAEM draws U[0.1, 1]; docs/experiments.md compares the two
+    blob_area_min: float = 0.001  # smallest share of the image a blob covers (capped at max_area)
+    blob_area_draw: str = "log_uniform"  # or "uniform"; docs/experiments.md compares the two
 
     def validate(self, prefix: str = "augment") -> None:
         _check(
@@ -130,6 +136,8 @@ class AugmentConfig:
         _check(0.0 < self.probability < 1.0, f"{prefix}.probability", "in (0, 1)", self.probability)
         _check(0.0 < self.max_area <= 1.0, f"{prefix}.max_area", "in (0, 1]", self.max_area)
         _check(0.0 < self.blob_opacity_min <= 1.0, f"{prefix}.blob_opacity_min", "in (0, 1]", self.blob_opacity_min)
+        _check(0.0 < self.blob_area_min <= 1.0, f"{prefix}.blob_area_min", "in (0, 1]", self.blob_area_min)
+        _check(self.blob_area_draw in BLOB_AREA_DRAWS, f"{prefix}.blob_area_draw", f"one of {BLOB_AREA_DRAWS}", self.blob_area_draw)
 
 
 @dataclass

@@ -28,7 +28,7 @@ import albumentations as A  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from twostage_ad.config import AugmentConfig  # noqa: E402
+from twostage_ad.config import BLOB_AREA_DRAWS, AugmentConfig  # noqa: E402
 
 __all__ = ["HELD_OUT_KINDS", "BlobDefect", "CrackDefect", "CutPasteDefect", "apply_defect", "build_defect_augmentation",
            "held_out_defect", "perlin_noise", "synthetic_defects"]
@@ -136,14 +136,30 @@ class CutPasteDefect(_SyntheticDefect):
 
 
 class BlobDefect(_SyntheticDefect):
-    """A Perlin-noise shaped region filled with a foreign texture at random opacity (DRAEM)."""
+    """A Perlin-noise shaped region filled with a foreign texture at random opacity (DRAEM).
 
-    def __init__(self, max_area: float = 0.25, opacity_min: float = 0.25, p: float = 1.0):
+    Its area, a share of the image, is drawn between ``area_min`` (capped at ``max_area``) and
+    ``max_area``: ``log_uniform`` gives many small spots and some large stains, ``uniform`` mostly
+    large ones.
+    """
+
+    def __init__(self, max_area: float = 0.25, opacity_min: float = 0.25, area_min: float = 0.001,
+                 area_draw: str = "log_uniform", p: float = 1.0):
         super().__init__(max_area=max_area, p=p)
+        if area_draw not in BLOB_AREA_DRAWS:
+            raise ValueError(f"area_draw must be one of {BLOB_AREA_DRAWS}, got {area_draw!r}")
         self.opacity_min = opacity_min
+        self.area_min = area_min
+        self.area_draw = area_draw
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("max_area", "opacity_min")
+        return ("max_area", "opacity_min", "area_min", "area_draw")
+
+    def _area(self) -> float:
+        low = min(self.area_min, self.max_area)
+        if self.area_draw == "uniform":
+            return float(self.random_generator.uniform(low, self.max_area))
+        return float(np.exp(self.random_generator.uniform(np.log(low), np.log(self.max_area))))
 
     def _texture(self, image: np.ndarray, texture: np.ndarray | None) -> np.ndarray:
         rng = self.random_generator
@@ -174,8 +190,7 @@ class BlobDefect(_SyntheticDefect):
         rng = self.random_generator
         height, width = image.shape[:2]
         noise = perlin_noise(height, width, int(2 ** rng.integers(1, 4)), rng)
-        area = np.exp(rng.uniform(np.log(min(0.001, self.max_area)), np.log(self.max_area)))  # log-uniform: many small spots, some large stains
-        region = noise > np.quantile(noise, 1.0 - area)
+        region = noise > np.quantile(noise, 1.0 - self._area())
         opacity = region.astype(np.float32) * rng.uniform(self.opacity_min, 1.0)
         return self._texture(image, texture), opacity
 
@@ -231,7 +246,8 @@ def build_defect_augmentation(config: AugmentConfig, seed: int | None = None) ->
             p=1.0,
         ),
         "cutpaste": lambda: CutPasteDefect(max_area=config.max_area, p=1.0),
-        "blob": lambda: BlobDefect(max_area=config.max_area, opacity_min=config.blob_opacity_min, p=1.0),
+        "blob": lambda: BlobDefect(max_area=config.max_area, opacity_min=config.blob_opacity_min,
+                                   area_min=config.blob_area_min, area_draw=config.blob_area_draw, p=1.0),
         "crack": lambda: CrackDefect(max_area=config.max_area, p=1.0),
     }
     compose = A.Compose([A.OneOf([makers[k]() for k in config.kinds], p=1.0)], seed=seed, strict=True)
@@ -306,6 +322,7 @@ def synthetic_defects(
     if images.ndim != 4 or len(images) < 2:
         raise ValueError(f"expected at least 2 images N×H×W×C, got shape {images.shape}")
     kinds = [*config.kinds, *held_out]
+    # the blob's opacity and area keep their defaults, whatever training set: a fixed yardstick
     augmentations = {k: build_defect_augmentation(AugmentConfig(kinds=[k], probability=config.probability,
                                                                 max_area=config.max_area), seed=seed + VALIDATION_SEED_OFFSET + n)
                      for n, k in enumerate(config.kinds)}
