@@ -54,6 +54,7 @@ REPO = Path(__file__).resolve().parent.parent
 PIPELINES = {"mtd": REPO / "pipelines" / "mtd.yaml", "piped": REPO / "pipelines" / "piped.yaml"}
 PEERS = ("ganomaly", "draem")
 KEY = ["dataset", "class", "seed"]
+STAMPS = ["commit", "calibration"]  # what each of our rows was made with
 OURS = ["image_auroc_stage1", "image_auroc_stage2", "image_auroc_cascade", "pixel_auroc_stage1", "pixel_auroc_fused",
         "pro_stage1", "pro_fused", "flagged_fraction", "train_seconds", "images_per_s_cascade"]
 PEER_COLUMNS = {
@@ -83,17 +84,28 @@ def classes_of(dataset: str) -> list[str | None]:
     return sorted(pd.read_csv(config.data.path)["category"].dropna().unique())
 
 
+def calibration_of(folder: Path) -> str:
+    """``"<τ₁ method>/<τ₂ method>"`` from the run's ``thresholds.json`` (``"unknown"`` without one): the
+    flagged share and cascade recall depend on it, image AUROC does not."""
+    path = folder / "thresholds.json"
+    if not path.is_file():
+        return "unknown"
+    thresholds = read_json(path)
+    return "/".join(str(thresholds.get(stage, {}).get("method", "unknown")) for stage in ("stage1", "stage2"))
+
+
 def run_ours(dataset: str, category: str | None, seed: int, folder: Path, rerun: bool) -> dict[str, Any]:
     metrics_path, stamp = folder / "metrics.json", folder / "benchmark.json"
     if metrics_path.is_file() and not rerun:
-        return {**read_json(metrics_path), "commit": read_json(stamp)["commit"] if stamp.is_file() else "unknown"}
+        return {**read_json(metrics_path), "commit": read_json(stamp)["commit"] if stamp.is_file() else "unknown",
+                "calibration": calibration_of(folder)}
     overrides = [f"run.seed={seed}"] + ([f"data.category={category}"] if category else [])
     config = load_config(PIPELINES[dataset], overrides)
     log.info("ours: %s %s seed %d -> %s", dataset, category or "", seed, folder)
     metrics = run_pipeline(config, folder, overwrite=True, progress=False).metrics
     commit = git_commit()
     write_text_atomic(stamp, json.dumps({"commit": commit, "overrides": overrides}) + "\n")
-    return {**metrics, "commit": commit}
+    return {**metrics, "commit": commit, "calibration": calibration_of(folder)}
 
 
 def peer_command(peer: str, dataset: str, category: str | None, seed: int, our_seconds: float,
@@ -146,6 +158,7 @@ def row_of(dataset: str, category: str | None, seed: int, ours: dict[str, Any],
         "class": category or "all",
         "seed": seed,
         "commit": ours["commit"],
+        "calibration": ours["calibration"],
         "image_auroc_stage1": ours["image_auroc"]["stage1"],
         "image_auroc_stage2": ours["image_auroc"]["stage2"],
         "image_auroc_cascade": ours["image_auroc"]["cascade"],
@@ -170,13 +183,13 @@ def earlier_rows(path: Path) -> pd.DataFrame:
 def earlier_rows_from(table: pd.DataFrame) -> pd.DataFrame:
     """``table`` in this script's columns (``peer_*`` columns of older tables are GANomaly's)."""
     table = table.rename(columns=lambda c: c.replace("peer_", "ganomaly_", 1) if c.startswith("peer_") else c)
-    return table.reindex(columns=KEY + ["commit"] + METRICS)
+    return table.reindex(columns=KEY + STAMPS + METRICS)
 
 
 def merge_rows(earlier: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     """New rows replace earlier ones of the same key; a peer's empty columns in a new row take the
     earlier row's values. Earlier rows of other keys are kept."""
-    new = new.reindex(columns=KEY + ["commit"] + METRICS)
+    new = new.reindex(columns=KEY + STAMPS + METRICS)
     if len(earlier):
         previous = earlier.set_index(KEY)
         for columns in PEER_COLUMNS.values():
@@ -264,12 +277,15 @@ def markdown(summary: pd.DataFrame, runs: pd.DataFrame, args: argparse.Namespace
                                                       s["draem_images_per_s_mean"])],
     })
     commits = runs["commit"].value_counts()
+    calibrations = runs["calibration"].fillna("unrecorded").value_counts().sort_index()
     factors = sorted(runs["draem_factor"].dropna().unique().tolist())
     header = (
         "# Accuracy benchmark (written by benchmarks/accuracy.py; do not edit)\n\n"
         f"{time.strftime('%Y-%m-%d %H:%M')}, last command: `python benchmarks/accuracy.py {' '.join(sys.argv[1:])}`; "
         f"our rows at commit{'s' if len(commits) > 1 else ''} "
         + ", ".join(f"{c} ({n} rows)" for c, n in commits.items())
+        + "; thresholds τ₁/τ₂ by " + ", ".join(f"{c} ({n} rows)" for c, n in calibrations.items())
+        + " (the flagged share and images/s depend on them, AUROC and PRO do not)"
         + f"; seeds {sorted(runs['seed'].unique().tolist())}. Peers (anomalib, from scratch): GANomaly "
         f"{args.peer_epochs} epochs, batch {args.peer_batch_size}, raw latent scores; DRAEM for "
         + (" / ".join(f"{f:g}" for f in factors) if factors else "n/a")

@@ -3,6 +3,7 @@ their earlier values, and the per-data-set mean counts a peer only where it ran 
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import numpy as np
@@ -44,3 +45,17 @@ def test_class_mean_counts_a_peer_only_on_seeds_where_it_ran_on_every_class() ->
     assert mean["image_auroc_stage1_mean"] == pytest.approx((0.9 + 0.8) / 2)  # seed means 0.9 and 0.8
     assert mean["draem_image_auroc_mean"] == pytest.approx(0.7) and mean["draem_seeds"] == 1
     assert summary.loc["A", "draem_seeds"] == 2
+
+
+def test_rows_record_how_their_thresholds_were_calibrated(tmp_path) -> None:
+    """The flagged share depends on the calibration method, so each row and the table's header say it;
+    rows of older tables (no column) count as unrecorded."""
+    (tmp_path / "thresholds.json").write_text('{"stage1": {"method": "conformal"}, "stage2": {"method": "quantile"}}')
+    assert accuracy.calibration_of(tmp_path) == "conformal/quantile"
+    assert accuracy.calibration_of(tmp_path / "missing") == "unknown"
+    earlier = accuracy.earlier_rows_from(pd.DataFrame([_row("A", 0, "old", 0.7)]))  # no calibration column
+    new = pd.DataFrame([_row("B", 0, "new", 0.8) | {"calibration": "conformal/quantile"}])
+    runs = accuracy.merge_rows(earlier, new)
+    args = argparse.Namespace(peer_epochs=15, peer_batch_size=16, draem_batch_size=8)
+    header = accuracy.markdown(accuracy.summarise(runs), runs, args).split("\n\n")[1]
+    assert "thresholds τ₁/τ₂ by conformal/quantile (1 rows), unrecorded (1 rows)" in header
