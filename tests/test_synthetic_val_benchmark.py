@@ -60,3 +60,16 @@ def test_a_stage2_scoring_variant_is_rescored_and_a_training_field_is_refused(ti
     assert guided["synthetic_pixel_auroc_stage2"] != unguided["synthetic_pixel_auroc_stage2"]
     with pytest.raises(SystemExit, match="scoring fields"):
         synthetic_val.row_for(tiny_run, None, ["stage2.epochs=3"])
+
+
+def test_a_run_with_a_larger_stage2_is_reproduced_at_its_own_decode(tmp_path):
+    """``run`` decodes at the larger stage's size and draws the synthetic defects there; the benchmark
+    must decode the same way, or stage 2 reads upsampled pixels and the scores differ."""
+    config = load_config(None, ["stage1.epochs=1", "stage1.base_width=8", "stage1.max_width=16", "run.overlays=0",
+                                "stage2.epochs=1", "stage2.width_divisor=16", "data.image_size=32", "stage2.image_size=64",
+                                "stage2.tile_size=32"])
+    run_dir = run_pipeline(config, tmp_path / "digits64", progress=False).run_dir
+    row = synthetic_val.row_for(run_dir, None)
+    written = json.loads((run_dir / "metrics.json").read_text())["synthetic_val"]
+    assert row["synthetic_image_auroc_stage1"] == pytest.approx(written["image_auroc"]["stage1"], abs=1e-6)
+    assert row["synthetic_image_auroc_stage2"] == pytest.approx(written["image_auroc"]["stage2"], abs=1e-6)
