@@ -85,8 +85,9 @@ def classes_of(dataset: str) -> list[str | None]:
 
 
 def calibration_of(folder: Path) -> str:
-    """``"<τ₁ method>/<τ₂ method>"`` from the run's ``thresholds.json`` (``"unknown"`` without one): the
-    flagged share and cascade recall depend on it, image AUROC does not."""
+    """``"<τ₁ method>/<τ₂ method>"`` from the run's current ``thresholds.json`` (``"unknown"`` without one):
+    the flagged share, the cascade's recall, AUROC and images/s depend on it; each stage's AUROC and
+    PRO do not."""
     path = folder / "thresholds.json"
     if not path.is_file():
         return "unknown"
@@ -285,7 +286,7 @@ def markdown(summary: pd.DataFrame, runs: pd.DataFrame, args: argparse.Namespace
         f"our rows at commit{'s' if len(commits) > 1 else ''} "
         + ", ".join(f"{c} ({n} rows)" for c, n in commits.items())
         + "; thresholds τ₁/τ₂ by " + ", ".join(f"{c} ({n} rows)" for c, n in calibrations.items())
-        + " (the flagged share and images/s depend on them, AUROC and PRO do not)"
+        + " (the flagged share, the cascade's AUROC and images/s depend on them; each stage's AUROC and PRO do not)"
         + f"; seeds {sorted(runs['seed'].unique().tolist())}. Peers (anomalib, from scratch): GANomaly "
         f"{args.peer_epochs} epochs, batch {args.peer_batch_size}, raw latent scores; DRAEM for "
         + (" / ".join(f"{f:g}" for f in factors) if factors else "n/a")

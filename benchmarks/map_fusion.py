@@ -70,9 +70,10 @@ def fused_variants(map1: np.ndarray, map2: np.ndarray, fusion: MapFusion, map_me
 def rows_for(run_dir: Path, weights: list[float], blurs: list[float]) -> list[dict]:
     config = load_run_config(run_dir)
     splits = split_records(load_records(config.data, seed=config.run.seed))
-    decoded = {name: decode_records(splits[name], config.data.image_size, config.data.channels, config.data.invert_masks,
-                                    progress=False) for name in ("val", "test")}
     detector = TwoStageDetector.from_run(run_dir, device="cpu")
+    # at the detector's size (the larger stage's), as run decodes: the synthetic defects land on the same pixels
+    decoded = {name: decode_records(splits[name], detector.image_size, config.data.channels, config.data.invert_masks,
+                                    progress=False) for name in ("val", "test")}
     val, test = decoded["val"], decoded["test"]
     normals = val.images[val.labels == 0]
     on_normals = detector.score(normals, all_stages=True, progress=False)

@@ -98,6 +98,36 @@ def test_blob_area_draw_spreads_blobs_between_the_floor_and_max_area():
         AugmentConfig(blob_area_min=0.0).validate()
 
 
+def test_default_blob_area_is_the_log_uniform_draw_from_a_tenth_of_a_percent():
+    """The defaults reproduce the draw every recorded run used, number for number: the same
+    generator state gives exp(U(log 0.001, log max_area))."""
+    blob = BlobDefect(max_area=0.25)
+    blob.set_random_seed(7)
+    reference = np.random.Generator(type(blob.random_generator.bit_generator)())
+    reference.bit_generator.state = blob.random_generator.bit_generator.state  # the same stream, copied
+    for _ in range(5):
+        assert blob._area() == float(np.exp(reference.uniform(np.log(0.001), np.log(0.25))))
+    capped = BlobDefect(max_area=0.0005)
+    capped.set_random_seed(0)
+    assert capped._area() == pytest.approx(0.0005)  # the floor is capped at max_area: every blob that size
+    with pytest.raises(ValueError, match="area_min must be > 0"):
+        BlobDefect(area_min=0.0)
+
+
+def test_blob_area_settings_reach_the_training_augmentation():
+    """augment.blob_area_* set what build_defect_augmentation draws: uniform from 5 % gives far larger
+    defects than the default log-uniform from 0.1 % (a black image, an opaque white texture)."""
+    image, texture = np.zeros((64, 64, 1), np.uint8), np.full((64, 64, 1), 255, np.uint8)
+
+    def mean_area(config: AugmentConfig) -> float:
+        augmentation = build_defect_augmentation(config, seed=0)
+        return float(np.mean([(apply_defect(augmentation, image, texture=texture)[1] == 0).mean() for _ in range(60)]))
+
+    default = mean_area(AugmentConfig(kinds=["blob"], blob_opacity_min=1.0))
+    large = mean_area(AugmentConfig(kinds=["blob"], blob_opacity_min=1.0, blob_area_min=0.05, blob_area_draw="uniform"))
+    assert large > 2 * default
+
+
 def test_synthetic_validation_ignores_training_blob_settings(rng):
     """The validation defects are a fixed yardstick: changing how training draws blobs (area, opacity)
     leaves them byte for byte the same, while another max_area changes them."""

@@ -73,3 +73,5 @@ def test_a_run_with_a_larger_stage2_is_reproduced_at_its_own_decode(tmp_path):
     written = json.loads((run_dir / "metrics.json").read_text())["synthetic_val"]
     assert row["synthetic_image_auroc_stage1"] == pytest.approx(written["image_auroc"]["stage1"], abs=1e-6)
     assert row["synthetic_image_auroc_stage2"] == pytest.approx(written["image_auroc"]["stage2"], abs=1e-6)
+    assert row["synthetic_pixel_auroc_stage2"] == pytest.approx(written["pixel_auroc"]["stage2"], abs=1e-6)
+    assert synthetic_val.TwoStageDetector.from_run(run_dir).image_size == 64

@@ -113,8 +113,9 @@ class AugmentConfig:
     shaped region filled with a foreign texture at an opacity drawn from U[``blob_opacity_min``, 1], DRAEM style) and ``crack`` (thin
     random-walk lines, dark or bright). A blob covers a share of the image drawn between
     ``blob_area_min`` and ``max_area``, ``log_uniform`` (many small spots, some large stains) or
-    ``uniform``. The synthetic validation defects keep these blob settings at their defaults
-    whatever training uses, so they stay a fixed yardstick.
+    ``uniform``. The synthetic validation defects keep ``blob_opacity_min``, ``blob_area_min`` and
+    ``blob_area_draw`` at their defaults whatever training uses (a fixed yardstick for them); they
+    share ``kinds`` and ``max_area`` with training.
     """
 
     section: ClassVar[str] = "augment"

@@ -148,6 +148,8 @@ class BlobDefect(_SyntheticDefect):
         super().__init__(max_area=max_area, p=p)
         if area_draw not in BLOB_AREA_DRAWS:
             raise ValueError(f"area_draw must be one of {BLOB_AREA_DRAWS}, got {area_draw!r}")
+        if not area_min > 0:
+            raise ValueError(f"area_min must be > 0, got {area_min!r}")
         self.opacity_min = opacity_min
         self.area_min = area_min
         self.area_draw = area_draw
@@ -322,7 +324,8 @@ def synthetic_defects(
     if images.ndim != 4 or len(images) < 2:
         raise ValueError(f"expected at least 2 images N×H×W×C, got shape {images.shape}")
     kinds = [*config.kinds, *held_out]
-    # the blob's opacity and area keep their defaults, whatever training set: a fixed yardstick
+    # the blob's opacity floor and area draw keep their defaults whatever training sets (a fixed yardstick);
+    # the kinds and max_area are training's
     augmentations = {k: build_defect_augmentation(AugmentConfig(kinds=[k], probability=config.probability,
                                                                 max_area=config.max_area), seed=seed + VALIDATION_SEED_OFFSET + n)
                      for n, k in enumerate(config.kinds)}
