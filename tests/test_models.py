@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from twostage_ad.models.attention_net import AttentionNet, AttentionNetEnsemble, ImageMapDiscriminator, kv_pool_for
-from twostage_ad.models.blocks import CBAM, SelfAttention2d, SingleChannelConv2d, UpBlock
+from twostage_ad.models.blocks import CBAM, AffineInstanceNorm2d, SelfAttention2d, SingleChannelConv2d, UpBlock
 from twostage_ad.models.ganomaly2d import GANomaly2D, PatchDiscriminator, patch_widths
 from twostage_ad.models.patch_head import HEAD_CELL, DefectHead, GANomaly2DWithHead
 from twostage_ad.models.repair_net import RepairNet, RepairThenAttend
@@ -231,6 +231,34 @@ def test_single_channel_conv_keeps_float64_and_rounds_bf16_once():
         got, expected = fast.float()(x.float()), plain.float()(x.float())
     assert got.dtype == expected.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_affine_instance_norm_is_instance_norm_with_the_same_parameters(channels_last):
+    """Same maths as ``nn.InstanceNorm2d(c, affine=True)`` in either layout, the same state-dict keys
+    both ways (old checkpoints load strictly), per image (a batch-mate changes nothing)."""
+    torch.manual_seed(0)
+    ours = AffineInstanceNorm2d(6).double()
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.uniform_(-0.5, 0.5)
+    plain = torch.nn.InstanceNorm2d(6, affine=True).double()
+    plain.load_state_dict(ours.state_dict(), strict=True)
+    ours.load_state_dict(plain.state_dict(), strict=True)
+    x = torch.randn(3, 6, 9, 7, dtype=torch.float64) * 4 + 2
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ours(x), plain(x), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ours(x[:1]), ours(x)[:1], rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="num_features must be an integer >= 1, got 0"):
+        AffineInstanceNorm2d(0)
+
+
+def test_networks_use_the_affine_instance_norm_only():
+    for net in (AttentionNet(1, 32), GANomaly2D(1), PatchDiscriminator(1)):
+        kinds = {type(m) for m in net.modules()}
+        assert torch.nn.InstanceNorm2d not in kinds
+    assert any(isinstance(m, AffineInstanceNorm2d) for m in AttentionNet(1, 32).modules())
 
 
 def test_single_channel_conv_refuses_what_its_depthwise_form_cannot_compute():

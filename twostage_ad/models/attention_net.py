@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from twostage_ad.models.blocks import CBAM, DownBlock, SelfAttention2d, UpBlock
+from twostage_ad.models.blocks import CBAM, AffineInstanceNorm2d, DownBlock, SelfAttention2d, UpBlock
 
 __all__ = ["kv_pool_for", "AttentionOutput", "Encoder", "AttentionDecoder", "BottleneckDecoder", "AttentionNet",
            "AttentionNetEnsemble", "ImageMapDiscriminator", "widths_for"]
@@ -129,7 +129,7 @@ class AttentionDecoder(nn.Module):
         self.final_up = UpBlock(previous, widths[0], conv_first=final_up == "conv_upsample")
         self.fuse = nn.Sequential(
             nn.Conv2d(widths[0] + in_channels, widths[0], kernel_size=3, padding=1, bias=False),
-            nn.InstanceNorm2d(widths[0], affine=True),
+            AffineInstanceNorm2d(widths[0]),
             nn.ReLU(inplace=True),
         )
         self.out_channels = widths[0]

@@ -16,7 +16,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SingleChannelConv2d", "DownBlock", "UpBlock", "ChannelAttention", "SpatialAttention", "CBAM", "SelfAttention2d"]
+__all__ = ["AffineInstanceNorm2d", "SingleChannelConv2d", "DownBlock", "UpBlock", "ChannelAttention", "SpatialAttention", "CBAM", "SelfAttention2d"]
+
+
+class AffineInstanceNorm2d(nn.GroupNorm):
+    """Instance normalisation with a per-channel affine, ``nn.InstanceNorm2d(c, affine=True)``,
+    computed as ``nn.GroupNorm`` with one channel per group (Wu & He, "Group Normalization", ECCV
+    2018: GroupNorm with one channel a group is InstanceNorm).
+
+    The same maths and the same parameters and state-dict keys (``weight``, ``bias``), so
+    checkpoints of either load into the other; values equal up to float reassociation. On CPUs
+    with channels-last activations ``InstanceNorm2d`` runs as a ``1×(B·C)×H×W`` batch norm, which
+    copies each activation into and out of the contiguous layout; ``GroupNorm`` has a channels-last
+    kernel (``benchmarks/norm_layers.py`` measures both).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        if not (isinstance(num_features, int) and num_features >= 1):
+            raise ValueError(f"num_features must be an integer >= 1, got {num_features!r}")
+        super().__init__(num_features, num_features, eps=eps, affine=True)
 
 
 class SingleChannelConv2d(nn.Conv2d):
@@ -54,7 +72,7 @@ class DownBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, *, norm: bool = True, slope: float = 0.2):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=4, stride=2, padding=1, bias=not norm)
-        self.norm = nn.InstanceNorm2d(out_channels, affine=True) if norm else nn.Identity()
+        self.norm = AffineInstanceNorm2d(out_channels) if norm else nn.Identity()
         self.act = nn.LeakyReLU(slope, inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,7 +94,7 @@ class UpBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, *, conv_first: bool = False):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False)
-        self.norm = nn.InstanceNorm2d(out_channels, affine=True)
+        self.norm = AffineInstanceNorm2d(out_channels)
         self.act = nn.ReLU(inplace=True)
         self.conv_first = conv_first
 

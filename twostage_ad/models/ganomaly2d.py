@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from twostage_ad.models.blocks import SingleChannelConv2d
+from twostage_ad.models.blocks import AffineInstanceNorm2d, SingleChannelConv2d
 
 __all__ = ["GANomaly2DOutput", "PatchEncoder", "PatchDecoder", "PatchDiscriminator", "GANomaly2D", "patch_widths"]
 
@@ -98,7 +98,7 @@ class PatchDiscriminator(nn.Module):
     def _block(w_in: int, w_out: int, *, stride: int) -> list[nn.Module]:
         return [
             nn.Conv2d(w_in, w_out, kernel_size=4, stride=stride, padding=1, bias=False),
-            nn.InstanceNorm2d(w_out, affine=True),
+            AffineInstanceNorm2d(w_out),
             nn.LeakyReLU(0.2, inplace=True),
         ]
 
