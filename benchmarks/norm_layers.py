@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import time
 from pathlib import Path
@@ -103,7 +104,7 @@ def measure(run_dir: Path, repeats: int) -> list[dict]:
         x = x.contiguous(memory_format=torch.channels_last)
         target = (torch.rand(16, 1, *x.shape[-2:], generator=torch.Generator().manual_seed(0)) > 0.9).float()
         _training_step(model1, x, target)  # warm-up
-        _, seconds = timed_median(lambda: _training_step(model1, x, target), repeats)
+        _, seconds = timed_median(functools.partial(_training_step, model1, x, target), repeats)
         rows.append({"what": "stage-1 training step, batch 16, float32", "norm": name, "images_per_s": 16 / seconds})
         model1.eval()
     stage1.model_, stage1.precision = native, precision

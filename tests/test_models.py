@@ -250,6 +250,10 @@ def test_affine_instance_norm_is_instance_norm_with_the_same_parameters(channels
         x = x.contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(ours(x), plain(x), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(ours(x[:1]), ours(x)[:1], rtol=1e-10, atol=1e-10)
+    half = x.float().bfloat16()  # bf16 activations (autocast) take the instance-norm kernel
+    got, expected = ours.float()(half), plain.float()(half)
+    assert got.dtype == expected.dtype
+    torch.testing.assert_close(got.float(), expected.float(), rtol=0, atol=0)
     with pytest.raises(ValueError, match="num_features must be an integer >= 1, got 0"):
         AffineInstanceNorm2d(0)
 
