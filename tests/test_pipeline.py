@@ -33,7 +33,9 @@ def test_run_writes_the_contract_files(tiny_run):
                  "plots/stage2_overlays_flagged.png", "plots/roc.png", "maps/test_maps.npz", "history.json",
                  "operating_points.csv", "plots/operating_points.png"):
         assert (run_dir / name).is_file(), name
-    scores = pd.read_csv(run_dir / "scores.csv")
+    # round_trip, as the package reads it: a conformal τ₁ equals one validation loss, and the C
+    # parser's default conversion can land that loss an ulp above it
+    scores = pd.read_csv(run_dir / "scores.csv", float_precision="round_trip")
     for column in ("image", "label", "split", "category", "stage1_loss", "stage1_recon", "stage1_latent",
                    "stage1_att_topk", "flagged", "stage2_score", "cascade_score", "decision"):
         assert column in scores.columns, column
@@ -133,7 +135,7 @@ def test_calibrate_changes_the_threshold_and_keeps_history(tiny_run, tmp_path, c
     assert thresholds["stage2"]["method"] == "fpr"
     assert thresholds["stage1"]["value"] == printed["value"]
     assert [(h["stage"], h["method"]) for h in thresholds["history"]] == [("stage1", "conformal"), ("stage2", "conformal")]
-    scores = pd.read_csv(run_dir / "scores.csv")
+    scores = pd.read_csv(run_dir / "scores.csv", float_precision="round_trip")
     val_normals = scores[(scores["split"] == "val") & (scores["label"] == 0)]
     assert (val_normals["stage1_loss"] > printed["value"]).mean() <= 0.3
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -152,8 +154,8 @@ def test_calibrate_changes_the_threshold_and_keeps_history(tiny_run, tmp_path, c
 def test_synthetic_recall_calibrates_on_the_saved_synthetic_defects(tiny_run, tmp_path, caplog):
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run.run_dir, run_dir)
-    synthetic = pd.read_csv(run_dir / "synthetic_scores.csv")
-    val_normals = (pd.read_csv(run_dir / "scores.csv").query("split == 'val' and label == 0"))
+    synthetic = pd.read_csv(run_dir / "synthetic_scores.csv", float_precision="round_trip")
+    val_normals = (pd.read_csv(run_dir / "scores.csv", float_precision="round_trip").query("split == 'val' and label == 0"))
     assert len(synthetic) == len(val_normals) and set(synthetic.columns) == {"kind", "defect_pixels", "stage1_loss", "stage2_score"}
     assert (synthetic["defect_pixels"] > 0).all()
     assert main(["-q", "calibrate", str(run_dir), "--stage", "1", "--method", "synthetic_recall", "--recall", "0.9"]) == 0
@@ -193,7 +195,7 @@ def test_calibrating_one_stage_keeps_the_other_and_updates_the_cascade(tiny_run,
     assert main(["-q", "calibrate", str(run_dir), "--q", "0.9"]) == 2  # τ₁ conformal, τ₂ quantile
     # a lower τ₁ flags more images and changes the cascade's AUROC, recomputed from saved scores
     assert main(["-q", "calibrate", str(run_dir), "--stage", "1", "--q", "0.05"]) == 0
-    scores = pd.read_csv(run_dir / "scores.csv")
+    scores = pd.read_csv(run_dir / "scores.csv", float_precision="round_trip")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     test = scores[scores["split"] == "test"]
     from sklearn.metrics import roc_auc_score
@@ -210,7 +212,7 @@ def test_a_run_can_set_the_screen_for_a_recall_on_synthetic_defects(tiny_run, tm
     result = run_pipeline(config, tmp_path / "recall", progress=False,
                           stage1_checkpoint=checkpoints / "stage1.pt", stage2_checkpoint=checkpoints / "stage2.pt")
     thresholds = json.loads((result.run_dir / "thresholds.json").read_text())
-    synthetic = pd.read_csv(result.run_dir / "synthetic_scores.csv")
+    synthetic = pd.read_csv(result.run_dir / "synthetic_scores.csv", float_precision="round_trip")
     assert thresholds["stage1"]["method"] == thresholds["stage2"]["method"] == "synthetic_recall"
     assert (synthetic["stage1_loss"] > thresholds["stage1"]["value"]).mean() >= 0.9
     assert result.metrics["synthetic_val"]["stage1_recall_at_threshold"] >= 0.9
