@@ -258,6 +258,22 @@ def test_affine_instance_norm_is_instance_norm_with_the_same_parameters(channels
         AffineInstanceNorm2d(0)
 
 
+def test_affine_instance_norm_takes_the_instance_norm_kernel_under_bf16_autocast(monkeypatch):
+    """After a conv, float32 activations go through the group-norm kernel; under bf16 autocast the
+    conv's bf16 output goes through the instance-norm kernel (the faster one there)."""
+    calls = []
+    group_norm, instance_norm = F.group_norm, F.instance_norm
+    monkeypatch.setattr(F, "group_norm", lambda *a, **k: calls.append("group") or group_norm(*a, **k))
+    monkeypatch.setattr(F, "instance_norm", lambda *a, **k: calls.append("instance") or instance_norm(*a, **k))
+    block = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), AffineInstanceNorm2d(4))
+    x = torch.randn(2, 2, 8, 8)
+    assert block(x).dtype == torch.float32 and calls == ["group"]
+    calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert block(x).dtype == torch.bfloat16
+    assert calls == ["instance"]
+
+
 def test_networks_use_the_affine_instance_norm_only():
     for net in (AttentionNet(1, 32), GANomaly2D(1), PatchDiscriminator(1)):
         kinds = {type(m) for m in net.modules()}
