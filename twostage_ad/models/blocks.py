@@ -28,7 +28,7 @@ class AffineInstanceNorm2d(nn.GroupNorm):
     checkpoints of either load into the other; values equal up to float reassociation. On CPUs
     with channels-last activations ``InstanceNorm2d`` runs as a ``1×(B·C)×H×W`` batch norm, which
     copies each activation into and out of the contiguous layout; ``GroupNorm``'s kernel takes
-    the layout as it is: float32 stage-1 scoring 1.25–1.30× and a stage-1 training step 1.06–1.11×
+    the layout as it is: float32 stage-1 scoring 1.17–1.30× and a stage-1 training step 1.06–1.12×
     as fast on 2 cores. In bf16 (autocast) the group-norm kernel was the slower one (0.94×), so
     half-precision inputs take the instance-norm path (``benchmarks/norm_layers.py`` measures both).
     """
