@@ -12,10 +12,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from twostage_ad.data.images import DecodedImages, decode_records
+from twostage_ad.data.records import load_records, split_records
 from twostage_ad.runs import write_atomic, write_text_atomic
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+
+
+def decode_run_split(config: Any, split: str, size: int) -> DecodedImages:
+    """A run's ``split`` (``train``, ``val``, ``test``) decoded at ``size``: pass the detector's
+    ``image_size`` (the larger stage's), as ``run`` decodes, so that synthetic defects are drawn on
+    the pixels the run drew them on and a larger stage 2 reads its own resolution."""
+    records = split_records(load_records(config.data, seed=config.run.seed))[split]
+    return decode_records(records, size, config.data.channels, config.data.invert_masks, progress=False)
 
 
 def git_commit() -> str:

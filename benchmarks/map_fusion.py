@@ -33,14 +33,12 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from twostage_ad.cascade import MapFusion
-from twostage_ad.data.images import decode_records
-from twostage_ad.data.records import load_records, split_records
 from twostage_ad.detector import TwoStageDetector
 from twostage_ad.evaluate import PRO_MAX_FPR
 from twostage_ad.metrics import pixel_auroc, pro_score
 from twostage_ad.runs import load_run_config
 
-from _results import git_commit, record_rows
+from _results import decode_run_split, git_commit, record_rows
 
 TITLE = "The cascade's map: stage 1's plus w × stage 2's, against the former geometric mean and blurred maps (benchmarks/map_fusion.py)"
 
@@ -69,11 +67,8 @@ def fused_variants(map1: np.ndarray, map2: np.ndarray, fusion: MapFusion, map_me
 
 def rows_for(run_dir: Path, weights: list[float], blurs: list[float]) -> list[dict]:
     config = load_run_config(run_dir)
-    splits = split_records(load_records(config.data, seed=config.run.seed))
     detector = TwoStageDetector.from_run(run_dir, device="cpu")
-    # at the detector's size (the larger stage's), as run decodes: the synthetic defects land on the same pixels
-    decoded = {name: decode_records(splits[name], detector.image_size, config.data.channels, config.data.invert_masks,
-                                    progress=False) for name in ("val", "test")}
+    decoded = {name: decode_run_split(config, name, detector.image_size) for name in ("val", "test")}
     val, test = decoded["val"], decoded["test"]
     normals = val.images[val.labels == 0]
     on_normals = detector.score(normals, all_stages=True, progress=False)

@@ -33,15 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from twostage_ad.allocator import tune_malloc
-from twostage_ad.data.images import decode_records
-from twostage_ad.data.records import load_records, split_records
 from twostage_ad.detector import TwoStageDetector
 from twostage_ad.device import has_fast_bf16
 from twostage_ad.models.blocks import AffineInstanceNorm2d
 from twostage_ad.stages.screening import uses_reconstruction
 from twostage_ad.workflow import load_run_config
 
-from _results import append_row, git_commit
+from _results import append_row, decode_run_split, git_commit
 
 IMAGES = 512
 
@@ -65,9 +63,7 @@ def with_instance_norm(module: nn.Module) -> nn.Module:
 
 def _images(run_dir: Path, size: int) -> np.ndarray:
     config = load_run_config(run_dir)
-    splits = split_records(load_records(config.data, seed=config.run.seed))
-    records = splits["val"] + splits["test"]
-    images = decode_records(records, size, config.data.channels, config.data.invert_masks, progress=False).images
+    images = np.concatenate([decode_run_split(config, split, size).images for split in ("val", "test")])
     return np.resize(images, (IMAGES, *images.shape[1:]))  # repeated when the splits hold fewer
 
 

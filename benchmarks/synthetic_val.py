@@ -36,14 +36,12 @@ from scipy.stats import spearmanr
 
 from twostage_ad.cascade import MapFusion, fit_cascade
 from twostage_ad.config_io import apply_overrides
-from twostage_ad.data.images import decode_records
-from twostage_ad.data.records import load_records, split_records
 from twostage_ad.detector import TwoStageDetector
 from twostage_ad.evaluate import synthetic_validation_metrics
 from twostage_ad.metrics import image_auroc
 from twostage_ad.runs import RUN_FILES, load_run_config, read_json
 
-from _results import append_row, git_commit
+from _results import append_row, decode_run_split, git_commit
 
 
 def apply_variant(detector: TwoStageDetector, variant: list[str]) -> None:
@@ -74,21 +72,14 @@ def copy_order(n: int, copies: int, seed: int) -> np.ndarray:
     return np.concatenate(order)
 
 
-def _decode(config, split: str, size: int):
-    """``split`` decoded at ``size``: the detector's (the larger stage's), as ``run`` decodes, so that
-    synthetic defects are drawn on the same pixels the run drew them on."""
-    records = split_records(load_records(config.data, seed=config.run.seed))[split]
-    return decode_records(records, size, config.data.channels, config.data.invert_masks, progress=False)
-
-
 def row_for(run_dir: Path, seed: int | None, variant: list[str] | None = None, copies: int = 1) -> dict:
     config = load_run_config(run_dir)
     seed = config.run.seed if seed is None else seed
     detector = TwoStageDetector.from_run(run_dir, device="cpu")
-    val = _decode(config, "val", detector.image_size)
+    val = decode_run_split(config, "val", detector.image_size)
     if variant:
         apply_variant(detector, variant)
-        if detector.stage1.fit_missing_statistics(_decode(config, "train", detector.image_size).images):  # e.g. a feature bank of another size
+        if detector.stage1.fit_missing_statistics(decode_run_split(config, "train", detector.image_size).images):  # e.g. a feature bank of another size
             logging.getLogger("twostage_ad").info("%s: fitted stage 1's statistics for the variant on the training images", run_dir)
         if any(v.startswith("stage2.") for v in variant):  # the changed maps' statistics, as run fits them
             detector.fit_stage2_statistics(val.images, val.labels)
@@ -104,7 +95,7 @@ def row_for(run_dir: Path, seed: int | None, variant: list[str] | None = None, c
     score = synthetic_validation_metrics(validation, val.labels, *synthetic, detector.cascade, fusion)
     test = read_json(run_dir / RUN_FILES["metrics"])
     if variant:
-        test_split = _decode(config, "test", detector.image_size)
+        test_split = decode_run_split(config, "test", detector.image_size)
         scored = detector.score(test_split.images, all_stages=True, progress=False)
         first, second = scored.stage1.loss, scored.stage2.scores
         cascade = detector.cascade.apply(first, second).cascade_score
