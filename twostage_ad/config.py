@@ -67,6 +67,12 @@ def _check_step_bounds(min_steps: Any, max_steps: Any, prefix: str) -> None:
     _check(max_steps == 0 or max_steps >= min_steps, f"{prefix}.max_steps", f"0 or >= min_steps ({min_steps})", max_steps)
 
 
+def _check_time_budget(max_seconds: Any, prefix: str) -> None:
+    """A stage's ``max_seconds``: a finite number >= 0 (0: no bound)."""
+    _check(isinstance(max_seconds, (int, float)) and not isinstance(max_seconds, bool) and math.isfinite(max_seconds)
+           and max_seconds >= 0, f"{prefix}.max_seconds", "a finite number of seconds >= 0 (0: no bound)", max_seconds)
+
+
 @dataclass
 class DataConfig:
     """Where the images come from and how they are decoded.
@@ -192,6 +198,10 @@ class Stage1Config:
     epochs: int = 40
     min_steps: int = 160
     max_steps: int = 1400
+    # wall-clock budget: training stops after the step that spends it (0: no bound), so both stages train in
+    # at most 15 minutes on a CPU slower than the one the steps were sized on; it does not bind where the
+    # steps fit (MTD on 2 AVX-512 cores: 440-477 s), and where it binds the result depends on the machine
+    max_seconds: float = 600.0
     batch_size: int = 16
     lr: float = 5e-4
     weight_decay: float = 0.0
@@ -232,6 +242,7 @@ class Stage1Config:
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, f"{prefix}.{name}", "an integer >= 1", value)
         _check_step_bounds(self.min_steps, self.max_steps, prefix)
+        _check_time_budget(self.max_seconds, prefix)
         _check(self.max_width >= self.base_width, f"{prefix}.max_width", f">= base_width ({self.base_width})", self.max_width)
         _check(
             isinstance(self.bottleneck_size, int) and _is_power_of_two(self.bottleneck_size) and self.bottleneck_size <= 16,
@@ -304,6 +315,7 @@ class Stage2Config:
     epochs: int = 15
     min_steps: int = 160
     max_steps: int = 600
+    max_seconds: float = 300.0  # as stage 1's (MTD on 2 AVX-512 cores: 246-257 s)
     batch_size: int = 16
     lr: float = 2e-4
     w_adv: float = 1.0
@@ -331,6 +343,7 @@ class Stage2Config:
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, f"{prefix}.{name}", "an integer >= 1", value)
         _check_step_bounds(self.min_steps, self.max_steps, prefix)
+        _check_time_budget(self.max_seconds, prefix)
         _check(self.lr > 0, f"{prefix}.lr", "> 0", self.lr)
         for name in ("w_adv", "w_con", "w_enc"):
             value = getattr(self, name)

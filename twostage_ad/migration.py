@@ -37,8 +37,8 @@ MOVED_FIELDS: dict[str, dict[str, str]] = {
 FORMER_DEFAULTS: dict[str, dict[str, Any]] = {
     "stage1": {"attention_kv_max_tokens": None, "final_up": "upsample_conv", "epochs": 10, "w_con": 1.0, "w_enc": 1.0,
                "w_adv": 0.1, "w_rep": 1.0, "screen_con": 1.0, "screen_enc": 1.0,
-               "position_normality": "none", "screen_feature": 0.0, "min_steps": 0, "max_steps": 0},
-    "stage2": {"score": "latent", "min_steps": 0, "max_steps": 0},
+               "position_normality": "none", "screen_feature": 0.0, "min_steps": 0, "max_steps": 0, "max_seconds": 0.0},
+    "stage2": {"score": "latent", "min_steps": 0, "max_steps": 0, "max_seconds": 0.0},
 }
 
 

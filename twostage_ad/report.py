@@ -167,7 +167,7 @@ def plot_training_curves(history: list[dict[str, float]], path: Path, *, title: 
     if frame.empty:
         return path
     x = "steps" if "steps" in frame else "epoch"  # optimiser steps at each epoch's end (a capped last epoch is short)
-    columns = [c for c in frame.columns if c not in ("epoch", "steps", "seconds")]
+    columns = [c for c in frame.columns if c not in ("epoch", "steps", "seconds", "out_of_time")]
     long = frame.melt(id_vars=x, value_vars=columns, var_name="loss", value_name="value")
     fig, axes = _subplots()
     ax = axes[0, 0]

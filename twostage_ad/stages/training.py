@@ -45,6 +45,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 COLLAPSE_LOSS = 1e-5  # a discriminator loss below this = D has won outright and teaches nothing
+CLOCK_KEY = "_seconds"  # the training clock, averaged over ranks with a step's losses
 MAX_BATCH_VALUES = 1 << 24  # an inference batch holds at most this many input values (64 MB float32), fewer images when large
 
 
@@ -171,7 +172,9 @@ class TrainableStage:
     ``score_batch_size``: images per scoring batch. Fitted attributes: ``model_``,
     ``discriminator_`` (or None), ``device_``, ``history_`` (per-epoch losses), ``train_seconds_``,
     ``steps_`` and ``epochs_`` (the optimiser steps and epochs the training has: ``config.epochs``
-    passes, bounded by ``config.min_steps`` and ``config.max_steps``, :func:`planned_steps`).
+    passes, bounded by ``config.min_steps`` and ``config.max_steps``, :func:`planned_steps`; fewer
+    when ``config.max_seconds`` ran out first, ``out_of_time_`` then True, and the last history
+    record has ``out_of_time: 1.0``).
     """
 
     config_name: ClassVar[str] = "stage"  # the config section its settings live in ("stage1")
@@ -291,6 +294,10 @@ class TrainableStage:
         if resume and checkpoint_path is not None and Path(checkpoint_path).is_file():
             first_epoch = self._restore(Path(checkpoint_path), g_opt, d_opt, generator, data_id)
             earlier_seconds = self.history_[-1]["seconds"] if self.history_ else 0.0
+        self.out_of_time_ = bool(self.history_ and self.history_[-1].get("out_of_time"))
+        if self.out_of_time_:  # resumed after its time budget ran out: that training is complete
+            first_epoch = self.epochs_ + 1
+            self.steps_, self.epochs_ = int(self.history_[-1]["steps"]), int(self.history_[-1]["epoch"])
         # under DDP each rank takes its slice of every global batch
         sampler = GlobalBatchSampler(len(dataset), batch_size, generator, context, with_epoch=with_epoch, start_epoch=first_epoch)
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
@@ -303,9 +310,13 @@ class TrainableStage:
                           disable=not progress, initial=first_epoch - 1, total=self.epochs_)
             for epoch in epochs:
                 planned = min(steps_per_epoch, self.steps_ - (epoch - 1) * steps_per_epoch)  # the last may be partial
-                means, steps = self._train_epoch(epoch, loader, model, discriminator, g_opt, d_opt, context, progress, planned)
+                means, steps = self._train_epoch(epoch, loader, model, discriminator, g_opt, d_opt, context, progress,
+                                                 planned, start)
                 record = {"epoch": epoch, "steps": (epoch - 1) * steps_per_epoch + steps,
                           "seconds": time.perf_counter() - start, **means}
+                self.out_of_time_ = self.out_of_time_ and record["steps"] < self.steps_  # spent on the last step: complete
+                if self.out_of_time_:
+                    record["out_of_time"] = 1.0
                 self._finish_epoch(record, epochs)
                 if checkpoint_path is not None and context.is_main:
                     state = {"g_opt": g_opt.state_dict(), "d_opt": None if d_opt is None else d_opt.state_dict(),
@@ -313,6 +324,9 @@ class TrainableStage:
                              "data": data_id, "device": str(self.device_),
                              "compute": {"amp": self.amp, "channels_last": self.channels_last}}
                     self.save(checkpoint_path, epoch=epoch, training_state=state)
+                if self.out_of_time_:
+                    self._stop_for_time(record, planned_steps=self.steps_)
+                    break
         finally:
             self._end_training()
         self.train_seconds_ = time.perf_counter() - start
@@ -325,9 +339,14 @@ class TrainableStage:
 
     def _train_epoch(self, epoch: int, loader: DataLoader, model: torch.nn.Module, discriminator: torch.nn.Module | None,
                      g_opt: torch.optim.Optimizer, d_opt: torch.optim.Optimizer | None, context: DistributedContext,
-                     progress: bool, steps: int) -> tuple[dict[str, float], int]:
+                     progress: bool, steps: int, start: float) -> tuple[dict[str, float], int]:
         """The loader's first ``steps`` batches (a whole pass, or part of the last one): the mean of
-        each loss over the steps run (and the discriminator resets), and how many ran."""
+        each loss over the steps run (and the discriminator resets), and how many ran.
+
+        Stops after the step that spends ``config.max_seconds`` since ``start`` (a ``perf_counter``
+        value), setting ``out_of_time_``; under ``torchrun`` the ranks' mean clock decides, so every
+        rank stops at the same step."""
+        budget = float(getattr(self.config, "max_seconds", 0.0) or 0.0)
         self.model_.train()
         if self.discriminator_ is not None:
             self.discriminator_.train()
@@ -336,7 +355,9 @@ class TrainableStage:
         batches = itertools.islice(loader, steps)
         for step, batch in enumerate(tqdm(batches, desc=f"epoch {epoch}", unit="batch", disable=not progress, leave=False,
                                           total=steps)):
-            losses = context.mean_of(self._train_step(batch, model, discriminator, g_opt, d_opt, context))
+            losses = self._train_step(batch, model, discriminator, g_opt, d_opt, context)
+            losses = context.mean_of({**losses, CLOCK_KEY: time.perf_counter() - start})  # one collective for both
+            elapsed = losses.pop(CLOCK_KEY)
             done += 1
             if d_opt is not None and losses["discriminator"] < COLLAPSE_LOSS:  # the same decision on every rank
                 reinitialise_discriminator(self.discriminator_, d_opt)
@@ -346,8 +367,18 @@ class TrainableStage:
                             self.stage_name, epoch, step, losses["discriminator"], COLLAPSE_LOSS)
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + value
+            if budget and elapsed >= budget:
+                self.out_of_time_ = True
+                break
         means = {k: v / done for k, v in sums.items()}
         return ({**means, "discriminator_resets": resets} if d_opt is not None else means), done
+
+    def _stop_for_time(self, record: dict[str, float], *, planned_steps: int) -> None:
+        """Training ran out of ``config.max_seconds``: the steps and epochs it has are those it took."""
+        self.steps_, self.epochs_ = int(record["steps"]), int(record["epoch"])
+        log.warning("%s stopped after %d of %d optimiser steps: its time budget %s.max_seconds=%g s ran out "
+                    "(%s.max_seconds=0 trains every step)", self.stage_name, self.steps_, planned_steps,
+                    self.config_name, self.config.max_seconds, self.config_name)
 
     def _finish_epoch(self, record: dict[str, float], epochs: tqdm) -> None:
         """The NaN check, the history, the progress bar and the log line of a finished epoch."""
