@@ -72,8 +72,9 @@ def train_with_snapshots(run_dir: Path, stage: str, epochs: list[int], root: Pat
     base = ["-q", "run", "--config", str(run_dir / "config.yaml"),  # the run's own config: its recipe and seed
             f"--{other}-from", str(run_dir / "checkpoints" / f"{other}.pt")]
     with keep_snapshots(stage, epochs, root):
-        # unbounded steps: the epoch-N snapshot is then exactly the N-epoch training, whatever the cap
+        # unbounded steps and time: the epoch-N snapshot is then exactly the N-epoch training, whatever the caps
         pipeline([*base, "--set", f"{stage}.epochs={max(epochs)}", "--set", f"{stage}.min_steps=0", "--set", f"{stage}.max_steps=0",
+                  "--set", f"{stage}.max_seconds=0",
                   "--output", str(root / f"e{max(epochs)}")])
     for n in sorted(epochs)[:-1]:
         pipeline([*base, f"--{stage}-from", str(root / f"{stage}-e{n}.pt"), "--output", str(root / f"e{n}")])

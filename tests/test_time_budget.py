@@ -5,6 +5,7 @@ import types
 
 import numpy as np
 import pytest
+from test_resume import _train_until_interrupted
 
 import twostage_ad.stages.training as training
 from twostage_ad.config import Config, ConfigError
@@ -89,17 +90,36 @@ def test_a_training_stopped_by_its_budget_resumes_as_complete(tmp_path, one_seco
         assert (tensor == resumed.model_.state_dict()[name]).all(), name
 
 
-def test_a_run_reports_a_stage_that_ran_out_of_time(tmp_path):
+def test_an_interrupted_training_resumes_with_the_seconds_it_had_spent(tmp_path, monkeypatch, one_second_a_step):
+    images = _images(12)
+    settings = ("stage1.epochs=3", "stage1.max_steps=0", "stage1.max_seconds=4.5")
+    uninterrupted = _stage1(*settings).fit(images, progress=False)
+    _train_until_interrupted(monkeypatch, _stage1(*settings), images, tmp_path / "s1.pt", after_epoch=1)
+    one_second_a_step[0] = 0
+    resumed = _stage1(*settings).fit(images, checkpoint_path=tmp_path / "s1.pt", progress=False, resume=True)
+    assert one_second_a_step[0] == 2  # 3 s spent before the interruption, 2 more steps spend the rest
+    assert resumed.out_of_time_ and [h["steps"] for h in resumed.history_] == [3, 5]
+    for name, tensor in uninterrupted.model_.state_dict().items():
+        assert (tensor == resumed.model_.state_dict()[name]).all(), name
+
+
+def test_a_run_reports_a_stage_that_ran_out_of_time_and_resumes_as_complete(tmp_path):
     settings = ["stage1.epochs=2", "stage1.base_width=8", "stage1.max_width=16", "stage1.min_steps=0",
-                "stage1.max_seconds=0.000001", "stage2.epochs=2", "stage2.width_divisor=16", "stage2.min_steps=0",
+                "stage2.epochs=2", "stage2.width_divisor=16", "stage2.min_steps=0", "stage2.max_seconds=0.000001",
                 "run.overlays=0"]
     result = run_pipeline(load_config(None, settings), tmp_path / "run", progress=False)
     metrics = result.metrics
-    assert metrics["out_of_time"] == {"stage1": True, "stage2": False}
-    assert metrics["steps"]["stage1"] == 1
-    assert metrics["steps"]["stage2"] > 1
-    assert "stage1.max_seconds" in metrics["notes"]["stage1.out_of_time"]
-    assert "stage2.out_of_time" not in metrics["notes"]
+    assert metrics["out_of_time"] == {"stage1": False, "stage2": True}
+    assert metrics["steps"]["stage2"] == 1
+    assert metrics["steps"]["stage1"] > 1
+    assert "stage2.max_seconds=0" in metrics["notes"]["stage2.out_of_time"]
+    assert "stage1.out_of_time" not in metrics["notes"]
+    # stage 2's final checkpoint (with its map statistics) holds no training state: resuming must not need one
+    resumed = run_pipeline(None, tmp_path / "run", resume=True, progress=False)
+    assert resumed.metrics["steps"] == metrics["steps"]
+    assert resumed.metrics["image_auroc"] == metrics["image_auroc"]
+    assert AttentionStage.load(tmp_path / "run" / "checkpoints" / "stage1.pt").out_of_time_ is False
+    assert PatchScorerStage.load(tmp_path / "run" / "checkpoints" / "stage2.pt").out_of_time_ is True
 
 
 def test_the_recipe_budgets_both_stages_to_15_minutes():

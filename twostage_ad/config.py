@@ -199,8 +199,8 @@ class Stage1Config:
     min_steps: int = 160
     max_steps: int = 1400
     # wall-clock budget: training stops after the step that spends it (0: no bound), so both stages train in
-    # at most 15 minutes on a CPU slower than the one the steps were sized on; it does not bind where the
-    # steps fit (MTD on 2 AVX-512 cores: 440-477 s), and where it binds the result depends on the machine
+    # about 15 minutes on a CPU slower than the one the steps were sized on; it does not bind where the steps
+    # fit (MTD on 2 idle AVX-512 cores: 440-477 s), and where it binds the result depends on the machine
     max_seconds: float = 600.0
     batch_size: int = 16
     lr: float = 5e-4

@@ -350,8 +350,8 @@ def _run_metrics(
         if _out_of_time(stage):
             notes[f"{name}.out_of_time"] = (
                 f"{name} stopped after {_steps_trained(stage)} optimiser steps, when its time budget {name}.max_seconds "
-                f"ran out: fewer than planned, so a faster machine trains another model ({name}.max_seconds=0 trains "
-                "every step)")
+                f"ran out: fewer than planned, so a faster machine trains another model (a new run with "
+                f"{name}.max_seconds=0 trains every step)")
     failed = [item for d in decoded.values() for item in d.failed]
     metrics: dict[str, Any] = {
         **images,

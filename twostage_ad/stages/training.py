@@ -72,6 +72,11 @@ def planned_steps(epochs: int, steps_per_epoch: int, *, min_steps: int = 0, max_
     return min(steps, max_steps) if max_steps else steps
 
 
+def _out_of_time(history: list[dict[str, float]]) -> bool:
+    """Whether a training history ends where ``max_seconds`` stopped it."""
+    return bool(history and history[-1].get("out_of_time"))
+
+
 def training_fingerprint(images: np.ndarray) -> str:
     """Identity of a training set: shape and SHA-1 of the decoded pixels (a resume must see the same)."""
     return f"{images.shape}:{hashlib.sha1(np.ascontiguousarray(images).tobytes()).hexdigest()}"
@@ -126,7 +131,9 @@ def load_for_resume(
         stored = _same_as_stored(payload.get(key), getattr(estimator, key, None))
         if stored != value:
             raise ValueError(f"cannot resume from {str(path)!r}: its {key} differs from this run's ({payload.get(key)!r} vs {value!r})")
-    finished = int(payload["epoch"]) >= epochs
+    history = payload.get("history") or []
+    # a training its time budget stopped is complete too (the final checkpoint may hold no training state)
+    finished = int(payload["epoch"]) >= epochs or bool(history and history[-1].get("out_of_time"))
     state = payload.get("training_state")
     if not finished:
         if state is None:
@@ -269,7 +276,9 @@ class TrainableStage:
         """Train on uint8 ``N×H×W×C`` normal images; checkpoint each epoch when a path is given.
 
         ``resume``: continue from the last complete epoch in ``checkpoint_path`` (weights,
-        optimisers and random states), so the result equals an uninterrupted run.
+        optimisers and random states), so the result equals an uninterrupted run (unless
+        ``config.max_seconds`` binds: the clock counts the checkpointed seconds, not the time lost
+        to the interruption).
         ``context``: under ``torchrun``, every rank calls ``fit`` with the same images; each
         trains on its slice of every global batch in ``DistributedDataParallel`` and rank 0
         alone writes checkpoints.
@@ -294,10 +303,10 @@ class TrainableStage:
         if resume and checkpoint_path is not None and Path(checkpoint_path).is_file():
             first_epoch = self._restore(Path(checkpoint_path), g_opt, d_opt, generator, data_id)
             earlier_seconds = self.history_[-1]["seconds"] if self.history_ else 0.0
-        self.out_of_time_ = bool(self.history_ and self.history_[-1].get("out_of_time"))
+        self.out_of_time_ = _out_of_time(self.history_)
         if self.out_of_time_:  # resumed after its time budget ran out: that training is complete
-            first_epoch = self.epochs_ + 1
             self.steps_, self.epochs_ = int(self.history_[-1]["steps"]), int(self.history_[-1]["epoch"])
+            first_epoch = self.epochs_ + 1
         # under DDP each rank takes its slice of every global batch
         sampler = GlobalBatchSampler(len(dataset), batch_size, generator, context, with_epoch=with_epoch, start_epoch=first_epoch)
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
@@ -325,7 +334,8 @@ class TrainableStage:
                              "compute": {"amp": self.amp, "channels_last": self.channels_last}}
                     self.save(checkpoint_path, epoch=epoch, training_state=state)
                 if self.out_of_time_:
-                    self._stop_for_time(record, planned_steps=self.steps_)
+                    epochs.close()
+                    self._stop_for_time(record, planned_steps=self.steps_, is_main=context.is_main)
                     break
         finally:
             self._end_training()
@@ -373,12 +383,13 @@ class TrainableStage:
         means = {k: v / done for k, v in sums.items()}
         return ({**means, "discriminator_resets": resets} if d_opt is not None else means), done
 
-    def _stop_for_time(self, record: dict[str, float], *, planned_steps: int) -> None:
+    def _stop_for_time(self, record: dict[str, float], *, planned_steps: int, is_main: bool) -> None:
         """Training ran out of ``config.max_seconds``: the steps and epochs it has are those it took."""
         self.steps_, self.epochs_ = int(record["steps"]), int(record["epoch"])
-        log.warning("%s stopped after %d of %d optimiser steps: its time budget %s.max_seconds=%g s ran out "
-                    "(%s.max_seconds=0 trains every step)", self.stage_name, self.steps_, planned_steps,
-                    self.config_name, self.config.max_seconds, self.config_name)
+        if is_main:
+            log.warning("%s stopped after %d of %d optimiser steps: its time budget %s.max_seconds=%g s ran out "
+                        "(a new run with %s.max_seconds=0 trains every step)", self.stage_name, self.steps_,
+                        planned_steps, self.config_name, self.config.max_seconds, self.config_name)
 
     def _finish_epoch(self, record: dict[str, float], epochs: tqdm) -> None:
         """The NaN check, the history, the progress bar and the log line of a finished epoch."""
@@ -442,6 +453,7 @@ class TrainableStage:
         if stage.discriminator_ is not None and "discriminator" in payload:
             stage.discriminator_.load_state_dict(payload["discriminator"])
         stage.history_ = list(payload.get("history", []))
+        stage.out_of_time_ = _out_of_time(stage.history_)
         stage._load_extra(payload)
         stage.model_.eval()
         return stage
