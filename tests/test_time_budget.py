@@ -148,3 +148,15 @@ def test_a_config_built_in_python_refuses_a_bad_budget(value):
 def test_checkpoints_and_runs_from_before_the_budget_read_as_unbounded():
     assert stored_section("stage1", {"epochs": 40})["max_seconds"] == 0
     assert stored_section("stage2", {"epochs": 15})["max_seconds"] == 0
+
+
+def test_the_first_epoch_warns_when_the_budget_will_stop_training(caplog, one_second_a_step):
+    with caplog.at_level("WARNING", logger="twostage_ad.stages.training"):
+        _stage1("stage1.epochs=3", "stage1.max_steps=0", "stage1.max_seconds=4.5").fit(_images(12), progress=False)
+    early = [r.getMessage() for r in caplog.records if "takes" in r.getMessage()]
+    assert early == ["stage 1 takes 1.00 s a step here: its 9 steps need about 9 s, so its time budget stage1.max_seconds=4.5 s "
+                     "will stop it near step 5 (a new run with stage1.max_seconds=0 trains every step)"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="twostage_ad.stages.training"):
+        _stage1("stage1.epochs=3", "stage1.max_steps=0", "stage1.max_seconds=9").fit(_images(12), progress=False)
+    assert not [r for r in caplog.records if "takes" in r.getMessage()]  # 9 s for 9 steps: it fits

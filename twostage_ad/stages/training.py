@@ -327,6 +327,8 @@ class TrainableStage:
                 if self.out_of_time_:
                     record["out_of_time"] = 1.0
                 self._finish_epoch(record, epochs)
+                if epoch == first_epoch and not self.out_of_time_ and context.is_main:
+                    self._warn_if_budget_short(record, earlier_seconds, earlier_steps=(first_epoch - 1) * steps_per_epoch)
                 if checkpoint_path is not None and context.is_main:
                     state = {"g_opt": g_opt.state_dict(), "d_opt": None if d_opt is None else d_opt.state_dict(),
                              "loader_generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
@@ -382,6 +384,21 @@ class TrainableStage:
                 break
         means = {k: v / done for k, v in sums.items()}
         return ({**means, "discriminator_resets": resets} if d_opt is not None else means), done
+
+    def _warn_if_budget_short(self, record: dict[str, float], earlier_seconds: float, *, earlier_steps: int) -> None:
+        """After the first epoch a ``fit`` call trains: say early when, at that epoch's pace,
+        ``config.max_seconds`` will stop training before its planned steps."""
+        budget = float(self.config.max_seconds or 0.0)
+        steps = record["steps"] - earlier_steps
+        if not budget or steps <= 0:
+            return
+        per_step = (record["seconds"] - earlier_seconds) / steps
+        needed = record["seconds"] + per_step * (self.steps_ - record["steps"])
+        if needed > budget:
+            log.warning("%s takes %.2f s a step here: its %d steps need about %.0f s, so its time budget %s.max_seconds=%g s "
+                        "will stop it near step %d (a new run with %s.max_seconds=0 trains every step)",
+                        self.stage_name, per_step, self.steps_, needed, self.config_name, self.config.max_seconds,
+                        min(self.steps_, int(record["steps"] + (budget - record["seconds"]) / per_step) + 1), self.config_name)
 
     def _stop_for_time(self, record: dict[str, float], *, planned_steps: int, is_main: bool) -> None:
         """Training ran out of ``config.max_seconds``: the steps and epochs it has are those it took."""
