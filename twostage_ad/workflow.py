@@ -207,16 +207,6 @@ def _error_rows(decoded: dict[str, DecodedImages], splits: dict[str, list[Record
     return pd.DataFrame(rows, columns=[*SCORE_KEYS, "error"])
 
 
-def _steps_trained(stage: Any) -> int | None:
-    """Optimiser steps a stage's training took (None for a checkpoint written before steps were recorded)."""
-    return stage.history_[-1].get("steps") if stage.history_ else None
-
-
-def _out_of_time(stage: Any) -> bool:
-    """Whether a stage's training stopped early because its ``max_seconds`` ran out."""
-    return bool(stage.history_ and stage.history_[-1].get("out_of_time"))
-
-
 def _table(decoded: DecodedImages, scored: CascadeScores) -> pd.DataFrame:
     return score_table(decoded.records, scored.stage1.loss, scored.stage1.components, scored.stage2.scores)
 
@@ -347,11 +337,9 @@ def _run_metrics(
         if checkpoint is not None:
             notes[f"{name}.reused"] = f"{name} was not trained in this run: loaded from {checkpoint}"
     for name, stage in (("stage1", stage1), ("stage2", stage2)):
-        if _out_of_time(stage):
-            notes[f"{name}.out_of_time"] = (
-                f"{name} stopped after {_steps_trained(stage)} optimiser steps, when its time budget {name}.max_seconds "
-                f"ran out: fewer than planned, so a faster machine trains another model (a new run with "
-                f"{name}.max_seconds=0 trains every step)")
+        if stage.out_of_time_:  # a faster machine trains another model
+            notes[f"{name}.out_of_time"] = (f"{name} stopped after {stage.trained_steps} optimiser steps, when {name}.max_seconds "
+                                            f"ran out (a new run with {name}.max_seconds=0 trains every step)")
     failed = [item for d in decoded.values() for item in d.failed]
     metrics: dict[str, Any] = {
         **images,
@@ -380,8 +368,8 @@ def _run_metrics(
         },
         "unreadable_images": [{"image": name, "reason": reason} for name, reason in failed],
         "epochs": {"stage1": len(stage1.history_), "stage2": len(stage2.history_)},
-        "steps": {"stage1": _steps_trained(stage1), "stage2": _steps_trained(stage2)},
-        "out_of_time": {"stage1": _out_of_time(stage1), "stage2": _out_of_time(stage2)},
+        "steps": {"stage1": stage1.trained_steps, "stage2": stage2.trained_steps},
+        "out_of_time": {"stage1": stage1.out_of_time_, "stage2": stage2.out_of_time_},
         "stage2_discriminator_resets": int(sum(h.get("discriminator_resets", 0) for h in stage2.history_)),
         "stage1_discriminator_resets": int(sum(h.get("discriminator_resets", 0) for h in stage1.history_)),
         "device": str(device),

@@ -199,6 +199,12 @@ class TrainableStage:
     score_batch_size: int = 64
 
     @property
+    def trained_steps(self) -> int | None:
+        """Optimiser steps the fitted or loaded stage trained (None for a checkpoint written before
+        steps were recorded)."""
+        return self.history_[-1].get("steps") if getattr(self, "history_", None) else None
+
+    @property
     def stage_name(self) -> str:
         """``stage 1`` / ``stage 2``, in messages and progress bars."""
         return self.config_name.replace("stage", "stage ")
