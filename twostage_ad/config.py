@@ -200,7 +200,7 @@ class Stage1Config:
     max_steps: int = 1400
     # wall-clock budget: training stops after the step that spends it (0: no bound), so both stages train in
     # about 15 minutes on a CPU slower than the one the steps were sized on; it does not bind where the steps
-    # fit (MTD on 2 idle AVX-512 cores: 440-477 s), and where it binds the result depends on the machine
+    # fit (MTD on 2 idle AVX-512 cores: 440-498 s), and where it binds the result depends on the machine
     max_seconds: float = 600.0
     batch_size: int = 16
     lr: float = 5e-4
@@ -315,7 +315,7 @@ class Stage2Config:
     epochs: int = 15
     min_steps: int = 160
     max_steps: int = 600
-    max_seconds: float = 300.0  # as stage 1's (MTD on 2 AVX-512 cores: 246-257 s)
+    max_seconds: float = 300.0  # as stage 1's (MTD on 2 idle AVX-512 cores: 244-279 s)
     batch_size: int = 16
     lr: float = 2e-4
     w_adv: float = 1.0

@@ -131,9 +131,8 @@ def load_for_resume(
         stored = _same_as_stored(payload.get(key), getattr(estimator, key, None))
         if stored != value:
             raise ValueError(f"cannot resume from {str(path)!r}: its {key} differs from this run's ({payload.get(key)!r} vs {value!r})")
-    history = payload.get("history") or []
     # a training its time budget stopped is complete too (the final checkpoint may hold no training state)
-    finished = int(payload["epoch"]) >= epochs or bool(history and history[-1].get("out_of_time"))
+    finished = int(payload["epoch"]) >= epochs or _out_of_time(payload.get("history") or [])
     state = payload.get("training_state")
     if not finished:
         if state is None:
@@ -364,7 +363,7 @@ class TrainableStage:
         Stops after the step that spends ``config.max_seconds`` since ``start`` (a ``perf_counter``
         value), setting ``out_of_time_``; under ``torchrun`` the ranks' mean clock decides, so every
         rank stops at the same step."""
-        budget = float(getattr(self.config, "max_seconds", 0.0) or 0.0)
+        budget = float(self.config.max_seconds)
         self.model_.train()
         if self.discriminator_ is not None:
             self.discriminator_.train()
@@ -394,7 +393,7 @@ class TrainableStage:
     def _warn_if_budget_short(self, record: dict[str, float], earlier_seconds: float, *, earlier_steps: int) -> None:
         """After the first epoch a ``fit`` call trains: say early when, at that epoch's pace,
         ``config.max_seconds`` will stop training before its planned steps."""
-        budget = float(self.config.max_seconds or 0.0)
+        budget = float(self.config.max_seconds)
         steps = record["steps"] - earlier_steps
         if not budget or steps <= 0:
             return
