@@ -6,13 +6,14 @@ import re
 import subprocess
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from twostage_ad.data.images import DecodedImages, decode_records
+from twostage_ad.data.images import DecodedImages, decode_records, resize_images, resize_maps
 from twostage_ad.data.records import load_records, split_records
 from twostage_ad.runs import write_atomic, write_text_atomic
 
@@ -26,6 +27,19 @@ def decode_run_split(config: Any, split: str, size: int) -> DecodedImages:
     the pixels the run drew them on and a larger stage 2 reads its own resolution."""
     records = split_records(load_records(config.data, seed=config.run.seed))[split]
     return decode_records(records, size, config.data.channels, config.data.invert_masks, progress=False)
+
+
+def run_image_size(config: Any) -> int:
+    """The size ``run`` decoded a run's images at: the larger stage's (``TwoStageDetector.image_size``)."""
+    return max(config.data.image_size, config.stage2.image_size or config.data.image_size)
+
+
+def score_stage1_as_run(stage1: Any, images: np.ndarray, **options: Any) -> Any:
+    """Stage 1's :class:`ScreeningResult` on images decoded at :func:`run_image_size`, as the
+    detector scores them: resized to stage 1's input, the maps brought back to the images' size."""
+    result = stage1.score(resize_images(images, stage1.image_size), **options)
+    maps = resize_maps(result.anomaly_maps, images.shape[1])
+    return result if maps is result.anomaly_maps else replace(result, anomaly_maps=maps)
 
 
 def git_commit() -> str:

@@ -28,22 +28,20 @@ from pathlib import Path
 import numpy as np
 
 from twostage_ad.data.augment import synthetic_defects
-from twostage_ad.data.images import decode_records
-from twostage_ad.data.records import load_records, split_records
+from twostage_ad.data.images import resize_images
 from twostage_ad.detector import TwoStageDetector
 from twostage_ad.metrics import image_auroc, pixel_auroc
 from twostage_ad.runs import load_run_config
 
-from _results import git_commit, record_rows
+from _results import decode_run_split, git_commit, record_rows, run_image_size, score_stage1_as_run
 
 TITLE = "Stage 1's feature normality: the cells of the screening and of the map, and the map blend (benchmarks/feature_maps.py)"
 
 
 def rows_for(run_dir: Path, variants: list[tuple[int, int, float]]) -> list[dict]:
     config = load_run_config(run_dir)
-    splits = split_records(load_records(config.data, seed=config.run.seed))
-    decoded = {name: decode_records(splits[name], config.data.image_size, config.data.channels, config.data.invert_masks,
-                                    progress=False) for name in ("train", "val", "test")}
+    size = run_image_size(config)  # as run decoded them: synthetic defects land on the run's pixels
+    decoded = {name: decode_run_split(config, name, size) for name in ("train", "val", "test")}
     stage = TwoStageDetector.from_run(run_dir, device="cpu").stage1
     if stage.config.screen_feature == 0:
         stage.config = replace(stage.config, screen_feature=1.0)
@@ -56,9 +54,9 @@ def rows_for(run_dir: Path, variants: list[tuple[int, int, float]]) -> list[dict
     rows = []
     for stride, map_stride, weight in variants:
         stage.config = replace(stage.config, feature_stride=stride, feature_map_stride=map_stride, feature_map_weight=weight)
-        stage.fit_missing_statistics(decoded["train"].images)
-        synthetic = [stage.score(normals, progress=False), stage.score(defective, progress=False)]
-        on_test = stage.score(test.images, progress=False)
+        stage.fit_missing_statistics(resize_images(decoded["train"].images, stage.image_size))
+        synthetic = [score_stage1_as_run(stage, normals, progress=False), score_stage1_as_run(stage, defective, progress=False)]
+        on_test = score_stage1_as_run(stage, test.images, progress=False)
         rows.append({
             "date": time.strftime("%Y-%m-%d %H:%M"), "commit": git_commit(), "run": str(run_dir), "dataset": dataset,
             "feature_stride": stride, "feature_map_stride": map_stride, "feature_map_weight": weight,

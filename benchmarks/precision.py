@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -26,25 +27,23 @@ import torch
 from scipy.stats import spearmanr
 
 from twostage_ad.allocator import tune_malloc
-from twostage_ad.data.images import decode_records
-from twostage_ad.data.records import load_records, split_records
+from twostage_ad.data.images import resize_images, resize_maps
 from twostage_ad.device import has_fast_bf16
 from twostage_ad.metrics import image_auroc, pixel_auroc
 from twostage_ad.stages.attention import AttentionStage
 from twostage_ad.stages.patch_scorer import PatchScorerStage
 from twostage_ad.workflow import load_run_config
 
-from _results import append_row, git_commit, timed_median
+from _results import append_row, decode_run_split, git_commit, run_image_size, score_stage1_as_run, timed_median
 
 
 def compare(run_dir: Path, repeats: int) -> dict:
     config = load_run_config(run_dir)
-    splits = split_records(load_records(config.data, seed=config.run.seed))
-    size, channels = config.data.image_size, config.data.channels
-    val = decode_records(splits["val"], size, channels, config.data.invert_masks, progress=False)
-    test = decode_records(splits["test"], size, channels, config.data.invert_masks, progress=False)
-    labels = np.array([r.label for r in test.records])
+    size = run_image_size(config)  # as run decoded them; each stage reads its own size of them
+    val, test = decode_run_split(config, "val", size), decode_run_split(config, "test", size)
+    labels = test.labels
     stage1 = AttentionStage.load(run_dir / "checkpoints" / "stage1.pt", device="cpu")
+    test_view = resize_images(test.images, stage1.image_size)  # timed without the resizing
     if stage1.config.screen_enc != 0:
         raise SystemExit(f"{run_dir}: stage 1 screens with the latent term, which bf16 scoring refuses (stage1.screen_enc)")
     stage2 = PatchScorerStage.load(run_dir / "checkpoints" / "stage2.pt", device="cpu")
@@ -52,9 +51,9 @@ def compare(run_dir: Path, repeats: int) -> dict:
     results = {}
     for precision, bf16 in (("fp32", False), ("bf16", True)):
         stage1.precision = "bf16" if bf16 else "float32"
-        stage1.score(test.images[:8], progress=False)  # warm-up
-        first, seconds = timed_median(lambda: stage1.score(test.images, progress=False), repeats)
-        results[precision] = (first, len(labels) / seconds)
+        stage1.score(test_view[:8], progress=False)  # warm-up
+        first, seconds = timed_median(lambda: stage1.score(test_view, progress=False), repeats)
+        results[precision] = (replace(first, anomaly_maps=resize_maps(first.anomaly_maps, size)), len(labels) / seconds)
     (s32, ips32), (s16, ips16) = results["fp32"], results["bf16"]
     row = {
         "run": str(run_dir),
@@ -72,13 +71,15 @@ def compare(run_dir: Path, repeats: int) -> dict:
     # stage 2, diagnostic: its network under bf16 autocast (normalisation fixed in float32, with
     # float32 stage-1 guidance maps for validation and test alike)
     stage1.precision = "float32"
-    val_maps = stage1.score(val.images, progress=False).anomaly_maps if guided else None
-    stage2.fit_normalisation(val.images, stage1_maps=val_maps)
+    normals = val.labels == 0
+    val_maps = score_stage1_as_run(stage1, val.images[normals], progress=False).anomaly_maps if guided else None
+    stage2.fit_normalisation(resize_images(val.images[normals], stage2.image_size), stage1_maps=val_maps)
     maps = s32.anomaly_maps if guided else None
+    test_view = resize_images(test.images, stage2.image_size)
     scores = {}
     for precision, bf16 in (("fp32", False), ("bf16", True)):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            scores[precision] = stage2.score(test.images, stage1_maps=maps, progress=False).scores
+            scores[precision] = stage2.score(test_view, stage1_maps=maps, progress=False).scores
     row["stage2_image_auroc_fp32"] = image_auroc(labels, scores["fp32"]).value
     row["stage2_image_auroc_bf16"] = image_auroc(labels, scores["bf16"]).value
     row["stage2_spearman"] = float(spearmanr(scores["fp32"], scores["bf16"]).statistic)

@@ -196,19 +196,24 @@ def _topk_of_bce(bce: np.ndarray, share: float) -> np.ndarray:
 
 
 def positions_row(run_dir: Path) -> dict:
-    from twostage_ad.data.images import decode_records
-    from twostage_ad.data.records import load_records, split_records
+    from twostage_ad.data.images import resize_images
     from twostage_ad.stages.attention import AttentionStage
+
+    from _results import decode_run_split, run_image_size
 
     config = load_run_config(run_dir)
     if config.stage1.screen_con or config.stage1.screen_enc:
         raise SystemExit(f"{run_dir}: positions needs attention-only screening (screen_con = screen_enc = 0)")
-    splits = split_records(load_records(config.data, seed=config.run.seed))
+    if config.stage1.position_normality != "none" or config.stage1.feature_map_weight != 0:
+        raise SystemExit(f"{run_dir}: positions re-derives the pixel BCE from the map 1 − A, so it needs a run scored "
+                         "with neither position statistics nor the feature map (stage1.position_normality: none, "
+                         f"stage1.feature_map_weight: 0; this run: {config.stage1.position_normality!r}, "
+                         f"{config.stage1.feature_map_weight})")
     stage = AttentionStage.load(run_dir / "checkpoints" / "stage1.pt", device="cpu")
     bce, labels = {}, {}
     for name in ("train", "val", "test"):
-        decoded = decode_records(splits[name], config.data.image_size, config.data.channels, progress=False)
-        maps = stage.score(decoded.images, progress=False).anomaly_maps  # 1 − A
+        decoded = decode_run_split(config, name, run_image_size(config))  # as run decoded them, then stage 1's view
+        maps = stage.score(resize_images(decoded.images, stage.image_size), progress=False).anomaly_maps  # 1 − A
         bce[name] = -np.log(np.clip(1.0 - maps, 1e-7, 1.0)).astype(np.float32)  # softplus(−logit)
         labels[name] = decoded.labels
     y, share = labels["test"], config.stage1.screen_topk
