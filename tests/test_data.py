@@ -166,3 +166,20 @@ def test_thin_mask_lines_survive_downscaling(tmp_path):
     mask[:, 200] = 255  # a 1-px crack
     Image.fromarray(mask).save(tmp_path / "m.png")
     assert read_mask(tmp_path / "m.png", 128).sum() >= 128
+
+
+@pytest.mark.parametrize(("sides", "warned"), [((600, 520, 700), True), ((300, 359, 618), False)])
+def test_decoding_warns_when_images_are_much_larger_than_the_decode(tmp_path, caplog, sides, warned):
+    records = []
+    for index, side in enumerate(sides):
+        path = write_image(tmp_path / f"{index}.png", np.full((side // 2, side), 128, np.uint8))  # W = side
+        records.append(Record(name=path.name, label=0, split="train", image=path))
+    with caplog.at_level("WARNING", logger="twostage_ad.data.images"):
+        decoded = decode_records(records, 128, 1, progress=False)
+    assert decoded.images.shape == (3, 128, 128, 1)
+    messages = [r.getMessage() for r in caplog.records if "larger than the decode size" in r.getMessage()]
+    if warned:  # median longest side 600 px: reduced 4.7×, named with the largest image
+        assert len(messages) == 1 and "about 5× larger than the decode size 128" in messages[0]
+        assert "2.png: 700×350" in messages[0] and "data.image_size" in messages[0]
+    else:  # MTD's spread of sizes (median 359 px, 2.8×) stays quiet
+        assert messages == []

@@ -181,6 +181,7 @@ def decode_records(
     """Decode every record once (the in-memory cache). Unreadable images are skipped and listed."""
     kept, images, masks, has_mask, failed = [], [], [], [], []
     small: list[tuple[str, tuple[int, int]]] = []
+    native: list[tuple[str, tuple[int, int]]] = []  # every file's (W, H), for the reduction warning
     for record in tqdm(records, desc=desc, unit="img", disable=not progress, leave=False):
         try:
             if record.array is not None:
@@ -188,6 +189,7 @@ def decode_records(
                 original_size = None
             else:
                 image, original_size = read_image_with_size(record.image, size, channels)
+                native.append((record.name, original_size))
                 if max(original_size) < size:  # upsampled in every direction (not merely a narrow side)
                     small.append((record.name, original_size))
             if record.mask is not None:
@@ -215,6 +217,7 @@ def decode_records(
             "work at their own resolution",
             len(small), size, name, width, height, fits,
         )
+    _warn_if_much_reduced(native, size)
     shape = (0, size, size, channels)
     return DecodedImages(
         records=kept,
@@ -222,6 +225,30 @@ def decode_records(
         masks=np.stack(masks) if masks else np.zeros(shape[:3], dtype=np.uint8),
         has_mask=np.array(has_mask, dtype=bool),
         failed=failed,
+    )
+
+
+# The median reduction (native longest side / decode size) from which decoding warns that small defects may vanish.
+WARN_REDUCTION = 4.0
+
+
+def _warn_if_much_reduced(native: list[tuple[str, tuple[int, int]]], size: int) -> None:
+    """Warn when the images are typically ``WARN_REDUCTION`` times or more larger than the decode
+    ``size``: a defect narrower than the reduction factor then spans less than one decoded pixel."""
+    if not native:
+        return
+    longest = np.array([max(shape) for _, shape in native], dtype=np.float64)
+    reduction = float(np.median(longest)) / size
+    if reduction < WARN_REDUCTION:
+        return
+    name, (width, height) = native[int(np.argmax(longest))]
+    log.warning(
+        "the images are about %.0f× larger than the decode size %d (median longest side %d px; largest %s: %d×%d): a "
+        "defect narrower than about %.0f px spans less than one decoded pixel and may vanish. For small defects in large "
+        "images raise data.image_size (at most 512; each step then costs about (size/128)² as much, so raise "
+        "stage1.max_seconds with it) and give stage 2 more pixels with stage2.image_size and stage2.tile_size "
+        "(README: Large images, small defects)",
+        reduction, size, int(np.median(longest)), name, width, height, reduction,
     )
 
 
