@@ -13,9 +13,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from twostage_ad.config import Config
 from twostage_ad.data.images import DecodedImages, decode_records, resize_images, resize_maps
 from twostage_ad.data.records import load_records, split_records
 from twostage_ad.runs import write_atomic, write_text_atomic
+from twostage_ad.stages.attention import AttentionStage
+from twostage_ad.stages.screening import ScreeningResult
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -29,12 +32,12 @@ def decode_run_split(config: Any, split: str, size: int) -> DecodedImages:
     return decode_records(records, size, config.data.channels, config.data.invert_masks, progress=False)
 
 
-def run_image_size(config: Any) -> int:
+def run_image_size(config: Config) -> int:
     """The size ``run`` decoded a run's images at: the larger stage's (``TwoStageDetector.image_size``)."""
     return max(config.data.image_size, config.stage2.image_size or config.data.image_size)
 
 
-def score_stage1_as_run(stage1: Any, images: np.ndarray, **options: Any) -> Any:
+def score_stage1_as_run(stage1: AttentionStage, images: np.ndarray, **options: Any) -> ScreeningResult:
     """Stage 1's :class:`ScreeningResult` on images decoded at :func:`run_image_size`, as the
     detector scores them: resized to stage 1's input, the maps brought back to the images' size."""
     result = stage1.score(resize_images(images, stage1.image_size), **options)

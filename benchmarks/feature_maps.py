@@ -45,6 +45,7 @@ def rows_for(run_dir: Path, variants: list[tuple[int, int, float]]) -> list[dict
     stage = TwoStageDetector.from_run(run_dir, device="cpu").stage1
     if stage.config.screen_feature == 0:
         stage.config = replace(stage.config, screen_feature=1.0)
+    train = resize_images(decoded["train"].images, stage.image_size)  # the view stage 1 fitted its statistics on
     normals = decoded["val"].images[decoded["val"].labels == 0]
     defective, masks, _ = synthetic_defects(normals, config.augment, seed=config.run.seed)
     labels = np.r_[np.zeros(len(normals), int), np.ones(len(defective), int)]
@@ -54,7 +55,7 @@ def rows_for(run_dir: Path, variants: list[tuple[int, int, float]]) -> list[dict
     rows = []
     for stride, map_stride, weight in variants:
         stage.config = replace(stage.config, feature_stride=stride, feature_map_stride=map_stride, feature_map_weight=weight)
-        stage.fit_missing_statistics(resize_images(decoded["train"].images, stage.image_size))
+        stage.fit_missing_statistics(train)
         synthetic = [score_stage1_as_run(stage, normals, progress=False), score_stage1_as_run(stage, defective, progress=False)]
         on_test = score_stage1_as_run(stage, test.images, progress=False)
         rows.append({

@@ -90,8 +90,8 @@ def measure(run_dir: Path, repeats: int) -> list[dict]:
     detector = TwoStageDetector.from_run(run_dir, device="cpu")
     stage1, stage2 = detector.stage1, detector.stage2
     images = _images(run_dir, detector.image_size)
-    if stage1.image_size != images.shape[1]:
-        raise SystemExit(f"{run_dir}: stage 1 works at {stage1.image_size} px, the decode at {images.shape[1]}; "
+    if stage1.image_size != images.shape[1] or stage2.image_size != images.shape[1]:
+        raise SystemExit(f"{run_dir}: the stages work at {stage1.image_size} and {stage2.image_size} px, the decode at {images.shape[1]}; "
                          "run it on a run whose stages share one size")
     native = {"model1": stage1.model_, "model2": stage2.model_, "precision": stage1.precision}
     forms = {"InstanceNorm2d": (with_instance_norm(stage1.model_), with_instance_norm(stage2.model_)),

@@ -43,7 +43,7 @@ def compare(run_dir: Path, repeats: int) -> dict:
     val, test = decode_run_split(config, "val", size), decode_run_split(config, "test", size)
     labels = test.labels
     stage1 = AttentionStage.load(run_dir / "checkpoints" / "stage1.pt", device="cpu")
-    test_view = resize_images(test.images, stage1.image_size)  # timed without the resizing
+    stage1_view = resize_images(test.images, stage1.image_size)  # timed without the resizing
     if stage1.config.screen_enc != 0:
         raise SystemExit(f"{run_dir}: stage 1 screens with the latent term, which bf16 scoring refuses (stage1.screen_enc)")
     stage2 = PatchScorerStage.load(run_dir / "checkpoints" / "stage2.pt", device="cpu")
@@ -51,8 +51,8 @@ def compare(run_dir: Path, repeats: int) -> dict:
     results = {}
     for precision, bf16 in (("fp32", False), ("bf16", True)):
         stage1.precision = "bf16" if bf16 else "float32"
-        stage1.score(test_view[:8], progress=False)  # warm-up
-        first, seconds = timed_median(lambda: stage1.score(test_view, progress=False), repeats)
+        stage1.score(stage1_view[:8], progress=False)  # warm-up
+        first, seconds = timed_median(lambda: stage1.score(stage1_view, progress=False), repeats)
         results[precision] = (replace(first, anomaly_maps=resize_maps(first.anomaly_maps, size)), len(labels) / seconds)
     (s32, ips32), (s16, ips16) = results["fp32"], results["bf16"]
     row = {
@@ -75,11 +75,11 @@ def compare(run_dir: Path, repeats: int) -> dict:
     val_maps = score_stage1_as_run(stage1, val.images[normals], progress=False).anomaly_maps if guided else None
     stage2.fit_normalisation(resize_images(val.images[normals], stage2.image_size), stage1_maps=val_maps)
     maps = s32.anomaly_maps if guided else None
-    test_view = resize_images(test.images, stage2.image_size)
+    stage2_view = resize_images(test.images, stage2.image_size)
     scores = {}
     for precision, bf16 in (("fp32", False), ("bf16", True)):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            scores[precision] = stage2.score(test_view, stage1_maps=maps, progress=False).scores
+            scores[precision] = stage2.score(stage2_view, stage1_maps=maps, progress=False).scores
     row["stage2_image_auroc_fp32"] = image_auroc(labels, scores["fp32"]).value
     row["stage2_image_auroc_bf16"] = image_auroc(labels, scores["bf16"]).value
     row["stage2_spearman"] = float(spearmanr(scores["fp32"], scores["bf16"]).statistic)

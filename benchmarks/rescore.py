@@ -40,6 +40,9 @@ score (the run's own recomputed; the mode stops if it does not match the run's `
 ``map − mean``, and of ``(map − mean) / (std + 0.1)`` (0.1 keeps positions whose normal maps
 hardly vary from dominating; typical normal-pixel BCE is 0.02–0.3). The BCE is recomputed from the
 float32 map ``1 − A`` as ``−log(A)``, exact to float32 rounding up to about 16 (logits above −16).
+It needs a run scored with ``stage1.position_normality: none`` and no feature map
+(``stage1.feature_map_weight: 0``); the mode says how to re-score a recipe run's weights so.
+``maps`` reads the saved maps as stage-1 pixels, so it refuses a run whose stage 2 decoded larger.
 
 Appends to ``benchmarks/results/rescore_{fusion,ensemble,maps,flips,positions}.{csv,md}``; never edit those
 by hand.
@@ -60,7 +63,7 @@ from twostage_ad.metrics import image_auroc, pixel_auroc, pixel_auroc_by_categor
 from twostage_ad.runs import read_synthetic_scores
 from twostage_ad.workflow import load_run_config
 
-from _results import append_row, git_commit
+from _results import append_row, decode_run_split, git_commit, run_image_size
 
 WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0)
 
@@ -146,6 +149,10 @@ def maps_row(run_dir: Path) -> dict:
     import torch.nn.functional as F
     from scipy.ndimage import gaussian_filter
 
+    config = load_run_config(run_dir)
+    if run_image_size(config) != config.data.image_size:
+        raise SystemExit(f"{run_dir}: maps reads the saved maps as stage-1 pixels, but this run saved them at stage 2's "
+                         f"{run_image_size(config)} px (stage 1 works at {config.data.image_size})")
     saved, test = _test_maps(run_dir)
     labels, categories = test["label"].to_numpy(), test["category"].fillna("").astype(str).to_numpy()
     maps = saved["stage1"].astype(np.float32) / 255
@@ -172,11 +179,12 @@ def maps_row(run_dir: Path) -> dict:
 
 
 def flips_row(run_dir: Path) -> dict:
+    from twostage_ad.data.images import resize_images
     from twostage_ad.stages.attention import AttentionStage
 
     saved, test = _test_maps(run_dir)
-    labels, images = test["label"].to_numpy(), saved["images"]
     stage = AttentionStage.load(run_dir / "checkpoints" / "stage1.pt", device="cpu")
+    labels, images = test["label"].to_numpy(), resize_images(saved["images"], stage.image_size)  # saved at the decode size
     views = {"as_saved": images, "left_right": images[:, :, ::-1], "upside_down": images[:, ::-1], "both": images[:, ::-1, ::-1]}
     losses = {name: stage.score(np.ascontiguousarray(view), progress=False).loss for name, view in views.items()}
     row: dict = {"data": load_run_config(run_dir).run.name, "run": str(run_dir)}
@@ -199,16 +207,19 @@ def positions_row(run_dir: Path) -> dict:
     from twostage_ad.data.images import resize_images
     from twostage_ad.stages.attention import AttentionStage
 
-    from _results import decode_run_split, run_image_size
-
     config = load_run_config(run_dir)
     if config.stage1.screen_con or config.stage1.screen_enc:
         raise SystemExit(f"{run_dir}: positions needs attention-only screening (screen_con = screen_enc = 0)")
-    if config.stage1.position_normality != "none" or config.stage1.feature_map_weight != 0:
-        raise SystemExit(f"{run_dir}: positions re-derives the pixel BCE from the map 1 − A, so it needs a run scored "
-                         "with neither position statistics nor the feature map (stage1.position_normality: none, "
-                         f"stage1.feature_map_weight: 0; this run: {config.stage1.position_normality!r}, "
-                         f"{config.stage1.feature_map_weight})")
+    feature_map = config.stage1.screen_feature > 0 and config.stage1.feature_map_weight > 0
+    if config.stage1.position_normality != "none" or feature_map:
+        raise SystemExit(
+            f"{run_dir}: positions re-derives the per-pixel BCE from the map 1 − A and compares its top-k with the "
+            "run's own attention term, so it needs a run scored without position statistics (they are in that term) "
+            f"and without the feature map (it changes the map); this run: stage1.position_normality "
+            f"{config.stage1.position_normality!r}, stage1.feature_map_weight {config.stage1.feature_map_weight}. Re-score "
+            "its weights first: run --config RUN/config.yaml --stage1-from RUN/checkpoints/stage1.pt --stage2-from "
+            "RUN/checkpoints/stage2.pt --set stage1.position_normality=none --set stage1.feature_map_weight=0"
+        )
     stage = AttentionStage.load(run_dir / "checkpoints" / "stage1.pt", device="cpu")
     bce, labels = {}, {}
     for name in ("train", "val", "test"):

@@ -36,6 +36,7 @@ from scipy.stats import spearmanr
 
 from twostage_ad.cascade import MapFusion, fit_cascade
 from twostage_ad.config_io import apply_overrides
+from twostage_ad.data.images import resize_images
 from twostage_ad.detector import TwoStageDetector
 from twostage_ad.evaluate import synthetic_validation_metrics
 from twostage_ad.metrics import image_auroc
@@ -79,7 +80,8 @@ def row_for(run_dir: Path, seed: int | None, variant: list[str] | None = None, c
     val = decode_run_split(config, "val", detector.image_size)
     if variant:
         apply_variant(detector, variant)
-        if detector.stage1.fit_missing_statistics(decode_run_split(config, "train", detector.image_size).images):  # e.g. a feature bank of another size
+        train = resize_images(decode_run_split(config, "train", detector.image_size).images, detector.stage1.image_size)
+        if detector.stage1.fit_missing_statistics(train):  # e.g. a feature bank of another size
             logging.getLogger("twostage_ad").info("%s: fitted stage 1's statistics for the variant on the training images", run_dir)
         if any(v.startswith("stage2.") for v in variant):  # the changed maps' statistics, as run fits them
             detector.fit_stage2_statistics(val.images, val.labels)

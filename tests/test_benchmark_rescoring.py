@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from twostage_ad.config_io import load_config
@@ -15,6 +17,8 @@ from twostage_ad.workflow import run_pipeline
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
+from _results import decode_run_split, run_image_size, score_stage1_as_run  # noqa: E402
+
 feature_maps = pytest.importorskip("feature_maps")
 precision = pytest.importorskip("precision")
 rescore = pytest.importorskip("rescore")
@@ -26,9 +30,26 @@ def two_scale_run(tmp_path_factory):
     scripts accept), in float32, with stage 2 at 64 px beside stage 1's 32."""
     config = load_config(None, ["stage1.epochs=2", "stage1.base_width=8", "stage1.max_width=32", "stage2.epochs=2",
                                 "stage2.width_divisor=16", "run.overlays=0", "run.precision=float32",
-                                "stage1.screen_con=0", "stage1.screen_enc=0", "stage2.image_size=64"])
+                                "stage1.screen_con=0", "stage1.screen_enc=0", "stage1.position_normality=mean",
+                                "stage1.feature_map_weight=0.25", "stage2.image_size=64"])
     run = run_pipeline(config, tmp_path_factory.mktemp("runs") / "two-scale", progress=False)
     return run.run_dir, json.loads((run.run_dir / "metrics.json").read_text())
+
+
+def test_stage_one_is_rescored_on_the_pixels_the_run_scored(two_scale_run):
+    from twostage_ad.stages.attention import AttentionStage
+
+    run_dir, _ = two_scale_run
+    config = load_config(run_dir / "config.yaml")
+    assert run_image_size(config) == 64 and config.data.image_size == 32
+    test = decode_run_split(config, "test", run_image_size(config))
+    stage1 = AttentionStage.load(run_dir / "checkpoints" / "stage1.pt", device="cpu")
+    result = score_stage1_as_run(stage1, test.images, progress=False)
+    saved = pd.read_csv(run_dir / "scores.csv")
+    saved = saved[saved["split"] == "test"]
+    assert saved["image"].tolist() == [r.name for r in test.records]
+    np.testing.assert_allclose(result.loss, saved["stage1_loss"], rtol=1e-5, atol=1e-6)  # each image, not a rank
+    assert result.anomaly_maps.shape == (len(test), 64, 64)  # back at the decode size, beside the masks
 
 
 def test_precision_benchmark_reproduces_both_stages(two_scale_run):
@@ -47,7 +68,7 @@ def test_feature_maps_benchmark_reproduces_stage_one(two_scale_run):
 
 def test_positions_rescoring_reproduces_the_attention_term(two_scale_run, tmp_path):
     run_dir, _ = two_scale_run
-    with pytest.raises(SystemExit, match="this run: 'mean', 0.25"):
+    with pytest.raises(SystemExit, match="position_normality 'mean', stage1.feature_map_weight 0.25. Re-score"):
         rescore.positions_row(run_dir)  # the recipe's scores subtract the normals' mean map; its map blends in features
     plain = tmp_path / "plain"  # the same weights, scored without either
     config = load_config(run_dir / "config.yaml", ["stage1.position_normality=none", "stage1.feature_map_weight=0"])

@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from twostage_ad.config import DataConfig
-from twostage_ad.data.images import decode_records, infer_channels, read_image, read_mask, to_tensor
+from twostage_ad.data.images import decode_records, infer_channels, read_image, read_mask, to_tensor, warn_if_much_reduced
 from twostage_ad.data.records import (
     DataError,
     Record,
@@ -169,17 +169,20 @@ def test_thin_mask_lines_survive_downscaling(tmp_path):
 
 
 @pytest.mark.parametrize(("sides", "warned"), [((600, 520, 700), True), ((300, 359, 618), False)])
-def test_decoding_warns_when_images_are_much_larger_than_the_decode(tmp_path, caplog, sides, warned):
+def test_a_run_is_warned_when_images_are_much_larger_than_the_screen(tmp_path, caplog, sides, warned):
     records = []
     for index, side in enumerate(sides):
         path = write_image(tmp_path / f"{index}.png", np.full((side // 2, side), 128, np.uint8))  # W = side
         records.append(Record(name=path.name, label=0, split="train", image=path))
+    records.append(Record(name="gone.png", label=0, split="train", image=tmp_path / "gone.png"))  # skipped: not counted
+    decoded = decode_records(records, 256, 1, progress=False)  # a larger stage 2's decode: not what is judged
+    assert decoded.native_sizes.tolist() == [[side, side // 2] for side in sides]
     with caplog.at_level("WARNING", logger="twostage_ad.data.images"):
-        decoded = decode_records(records, 128, 1, progress=False)
-    assert decoded.images.shape == (3, 128, 128, 1)
-    messages = [r.getMessage() for r in caplog.records if "larger than the decode size" in r.getMessage()]
-    if warned:  # median longest side 600 px: reduced 4.7×, named with the largest image
-        assert len(messages) == 1 and "about 5× larger than the decode size 128" in messages[0]
+        assert warn_if_much_reduced(decoded, 128) is warned
+    messages = [r.getMessage() for r in caplog.records if "larger than stage 1's input" in r.getMessage()]
+    if warned:  # median longest side 600 px: reduced 4.7× at the 128-px screen, named with the largest image
+        assert len(messages) == 1 and "about 5× larger than stage 1's input of 128 px" in messages[0]
         assert "2.png: 700×350" in messages[0] and "data.image_size" in messages[0]
     else:  # MTD's spread of sizes (median 359 px, 2.8×) stays quiet
         assert messages == []
+    assert warn_if_much_reduced(decode_records(records[:1], 128, 1, progress=False), 160) is False  # 3.75×

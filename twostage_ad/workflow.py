@@ -27,7 +27,7 @@ from twostage_ad.calibration import NORMAL_ONLY_METHODS, SYNTHETIC_METHODS, Cali
 from twostage_ad.cascade import Cascade, MapFusion, fit_cascade
 from twostage_ad.config import CalibrationConfig, Config, ConfigError
 from twostage_ad.config_io import config_to_dict, save_config
-from twostage_ad.data.images import DecodedImages, decode_records, infer_channels
+from twostage_ad.data.images import DecodedImages, decode_records, infer_channels, warn_if_much_reduced
 from twostage_ad.data.records import DataError, Record, load_records, split_records
 from twostage_ad.detector import CascadeScores, TwoStageDetector, expand_image_paths
 from twostage_ad.device import resolve_device
@@ -159,7 +159,6 @@ def _resume_config(run_dir: Path, config: Config | None, reused: dict[str, Any])
     return saved
 
 
-
 # --------------------------------------------------------------------------------------------
 # the pipeline
 
@@ -184,6 +183,7 @@ def _decode_splits(config: Config, splits: dict[str, list[Record]], size: int, p
     failed = sum(len(d.failed) for d in decoded.values())
     log.info("images: %d train, %d val, %d test (%d unreadable), %d×%d, %d channel(s)",
              len(decoded["train"]), len(decoded["val"]), len(decoded["test"]), failed, size, size, channels)
+    warn_if_much_reduced(decoded["train"], config.data.image_size)  # once, against the screen's size
     return decoded
 
 

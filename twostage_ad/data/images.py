@@ -22,11 +22,13 @@ from tqdm.auto import tqdm
 from twostage_ad.data.records import DataError, Record
 
 __all__ = ["DecodedImages", "decode_native", "decode_records", "infer_channels", "read_image", "read_mask", "resize_images",
-           "resize_maps", "to_tensor"]
+           "resize_maps", "to_tensor", "warn_if_much_reduced"]
 
 log = logging.getLogger(__name__)
 
 _GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+# The median reduction (native longest side / stage 1's input) from which a run warns that small defects may vanish.
+WARN_REDUCTION = 4.0
 
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -152,7 +154,7 @@ class DecodedImages:
     """Records with their decoded pixels (``N×H×W×C`` uint8) and defect masks (``N×H×W`` uint8).
 
     ``has_mask[i]`` says whether record i has a ground-truth mask (normals count as all-zero
-    masks). ``failed`` lists ``(name, reason)`` for images that could not be read; they are left
+    masks); ``native_sizes[i]`` is its file's ``(W, H)`` before resizing (zeros for in-memory pixels). ``failed`` lists ``(name, reason)`` for images that could not be read; they are left
     out of ``records``.
     """
 
@@ -161,6 +163,7 @@ class DecodedImages:
     masks: np.ndarray
     has_mask: np.ndarray
     failed: list[tuple[str, str]] = field(default_factory=list)
+    native_sizes: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))  # N×2 (W, H); 0 for arrays
 
     def __len__(self) -> int:
         return len(self.records)
@@ -181,7 +184,7 @@ def decode_records(
     """Decode every record once (the in-memory cache). Unreadable images are skipped and listed."""
     kept, images, masks, has_mask, failed = [], [], [], [], []
     small: list[tuple[str, tuple[int, int]]] = []
-    native: list[tuple[str, tuple[int, int]]] = []  # every file's (W, H), for the reduction warning
+    native: list[tuple[int, int]] = []  # (W, H) of each kept file, (0, 0) for in-memory pixels
     for record in tqdm(records, desc=desc, unit="img", disable=not progress, leave=False):
         try:
             if record.array is not None:
@@ -189,7 +192,6 @@ def decode_records(
                 original_size = None
             else:
                 image, original_size = read_image_with_size(record.image, size, channels)
-                native.append((record.name, original_size))
                 if max(original_size) < size:  # upsampled in every direction (not merely a narrow side)
                     small.append((record.name, original_size))
             if record.mask is not None:
@@ -205,6 +207,7 @@ def decode_records(
             log.warning("skipped %s: %s", record.name, exc)
             continue
         kept.append(record)
+        native.append(original_size or (0, 0))
         images.append(image)
         masks.append(mask)
         has_mask.append(present)
@@ -217,7 +220,6 @@ def decode_records(
             "work at their own resolution",
             len(small), size, name, width, height, fits,
         )
-    _warn_if_much_reduced(native, size)
     shape = (0, size, size, channels)
     return DecodedImages(
         records=kept,
@@ -225,31 +227,31 @@ def decode_records(
         masks=np.stack(masks) if masks else np.zeros(shape[:3], dtype=np.uint8),
         has_mask=np.array(has_mask, dtype=bool),
         failed=failed,
+        native_sizes=np.array(native, dtype=np.int64).reshape(-1, 2),
     )
 
 
-# The median reduction (native longest side / decode size) from which decoding warns that small defects may vanish.
-WARN_REDUCTION = 4.0
-
-
-def _warn_if_much_reduced(native: list[tuple[str, tuple[int, int]]], size: int) -> None:
-    """Warn when the images are typically ``WARN_REDUCTION`` times or more larger than the decode
-    ``size``: a defect narrower than the reduction factor then spans less than one decoded pixel."""
-    if not native:
-        return
-    longest = np.array([max(shape) for _, shape in native], dtype=np.float64)
-    reduction = float(np.median(longest)) / size
-    if reduction < WARN_REDUCTION:
-        return
-    name, (width, height) = native[int(np.argmax(longest))]
+def warn_if_much_reduced(decoded: DecodedImages, screen_size: int) -> bool:
+    """Warn (and return True) when the decoded files' median longest side is
+    :data:`WARN_REDUCTION` times stage 1's input ``screen_size`` (``data.image_size``) or more: a
+    defect narrower than that factor then spans less than one pixel of the screen, which decides
+    what stage 2 looks at, however many pixels stage 2 has."""
+    longest = decoded.native_sizes.max(axis=1) if len(decoded) else np.zeros(0, np.int64)
+    longest = longest[longest > 0]  # files only; in-memory pixels have no native size
+    if not len(longest) or np.median(longest) < WARN_REDUCTION * screen_size:
+        return False
+    largest = int(np.argmax(decoded.native_sizes.max(axis=1)))
+    width, height = decoded.native_sizes[largest]
+    reduction = float(np.median(longest)) / screen_size
     log.warning(
-        "the images are about %.0f× larger than the decode size %d (median longest side %d px; largest %s: %d×%d): a "
-        "defect narrower than about %.0f px spans less than one decoded pixel and may vanish. For small defects in large "
-        "images raise data.image_size (at most 512; each step then costs about (size/128)² as much, so raise "
-        "stage1.max_seconds with it) and give stage 2 more pixels with stage2.image_size and stage2.tile_size "
-        "(README: Large images, small defects)",
-        reduction, size, int(np.median(longest)), name, width, height, reduction,
+        "the images are about %.0f× larger than stage 1's input of %d px (median longest side %d px; largest %s: %d×%d): "
+        "a defect narrower than about %.0f px spans less than one pixel of the screen and may never reach stage 2. For "
+        "small defects in large images raise data.image_size (a power of two, at most 512; a step then costs about "
+        "(size/128)² as much, so raise stage1.max_seconds and stage2.max_seconds with it) and see README: Large images, "
+        "small defects",
+        reduction, screen_size, int(np.median(longest)), decoded.records[largest].name, width, height, reduction,
     )
+    return True
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
