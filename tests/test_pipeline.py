@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -14,7 +15,7 @@ from twostage_ad.pipeline import main
 from twostage_ad.runs import RunExistsError, load_checkpoint
 from twostage_ad.workflow import calibrate_run, run_pipeline
 
-from conftest import REPO
+from conftest import REPO, textured, write_image
 
 
 @pytest.fixture(scope="module")
@@ -273,3 +274,18 @@ def test_run_reports_the_synthetic_validation_score(tiny_run):
         assert 0.0 <= synthetic["pixel_auroc"][key] <= 1.0 and 0.0 <= synthetic["pro"][key] <= 1.0
     fusion = json.loads((tiny_run.run_dir / "metrics.json").read_text())["map_fusion"]
     assert fusion["stage2_weight"] == 0.1 and 0.0 <= fusion["stage1_mean"] <= 1.0 and fusion["stage1_std"] > 0
+
+
+@pytest.mark.filterwarnings("ignore:data.source 'folders' without a config file")  # tiny settings are given here
+def test_a_run_on_large_images_warns_once_that_small_defects_may_vanish(tmp_path, caplog):
+    rng = np.random.default_rng(0)
+    for split, folder, count in (("train", "0.normal", 8), ("test", "0.normal", 2), ("test", "1.abnormal", 2)):
+        for index in range(count):
+            write_image(tmp_path / "d" / split / folder / f"{index}.png", textured(rng, size=160))
+    config = load_config(None, ["data.source=seed", f"data.path={tmp_path / 'd'}", "data.image_size=32", "run.overlays=0",
+                                "stage1.epochs=1", "stage1.base_width=8", "stage1.max_width=16", "stage1.min_steps=0",
+                                "stage2.epochs=1", "stage2.width_divisor=16", "stage2.min_steps=0"])
+    with caplog.at_level("WARNING", logger="twostage_ad"):
+        run_pipeline(config, tmp_path / "run", progress=False)
+    warned = [r.getMessage() for r in caplog.records if "larger than stage 1's input" in r.getMessage()]
+    assert len(warned) == 1 and "about 5× larger than stage 1's input of 32 px" in warned[0]  # 160 / 32; not per split
