@@ -3,7 +3,15 @@ import pytest
 from PIL import Image
 
 from twostage_ad.config import DataConfig
-from twostage_ad.data.images import decode_records, infer_channels, read_image, read_mask, to_tensor, warn_if_much_reduced
+from twostage_ad.data.images import (
+    decode_records,
+    infer_channels,
+    read_image,
+    read_image_with_size,
+    read_mask,
+    to_tensor,
+    warn_if_much_reduced,
+)
 from twostage_ad.data.records import (
     DataError,
     Record,
@@ -46,6 +54,15 @@ def test_manifest_paths_are_relative_to_the_csv_and_category_filters(tmp_path, r
     assert records[1].mask == tmp_path / "imgs" / "b_mask.png" and records[0].mask is None
     with pytest.raises(DataError, match="no rows of category 'z'"):
         read_manifest(tmp_path / "split.csv", category="z")
+
+
+def test_manifest_written_on_windows_reads_the_same_files(tmp_path, rng):
+    write_image(tmp_path / "imgs" / "sub" / "b.png", textured(rng))
+    write_image(tmp_path / "imgs" / "sub" / "b_mask.png", np.zeros((40, 40), np.uint8))
+    (tmp_path / "split.csv").write_text("image,label,split,mask,category\r\nimgs\\sub\\b.png,1,test,imgs\\sub\\b_mask.png,x\r\n")
+    [record] = read_manifest(tmp_path / "split.csv")
+    assert record.image == tmp_path / "imgs" / "sub" / "b.png" and record.image.is_file()
+    assert record.mask == tmp_path / "imgs" / "sub" / "b_mask.png"
 
 
 @pytest.mark.parametrize(
@@ -125,10 +142,83 @@ def test_masks_binarise_and_invert(tmp_path):
     assert np.array_equal(inverted, 1 - plain)
 
 
-def test_mask_of_a_different_size_is_a_clear_error(tmp_path):
-    Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "m.png")
-    with pytest.raises(DataError, match="is 10×10 but its image is 40×40"):
+def test_mask_of_another_aspect_ratio_is_a_clear_error_and_a_smaller_one_is_resized(tmp_path):
+    Image.fromarray(np.zeros((20, 10), np.uint8)).save(tmp_path / "m.png")
+    with pytest.raises(DataError, match="is 10×20 but its image is 40×40"):
         read_mask(tmp_path / "m.png", 32, expect_shape=(40, 40))
+    half = np.zeros((20, 20), np.uint8)
+    half[:, 10:] = 255  # a half-resolution mask: the right half is defect
+    Image.fromarray(half).save(tmp_path / "half.png")
+    mask = read_mask(tmp_path / "half.png", 32, expect_shape=(40, 40))
+    assert mask[:, 16:].all() and not mask[:, :16].any()
+
+
+@pytest.mark.parametrize(("encoding", "defect", "mode"), [
+    ("label 0/1", 1, "L"), ("label 0/2 (a class index)", 2, "L"), ("0/255", 255, "L"), ("16-bit 0/255", 255, "I;16"),
+    ("16-bit 0/65535", 65535, "I;16"), ("red on black", (255, 0, 0), "RGB"), ("dark red on black", (128, 0, 0), "RGB"),
+])
+def test_masks_of_every_common_encoding_mark_the_defect(tmp_path, encoding, defect, mode):
+    shape = (40, 40, 3) if mode == "RGB" else (40, 40)
+    values = np.zeros(shape, np.uint16 if mode == "I;16" else np.uint8)
+    values[10:20, 10:30] = defect
+    Image.fromarray(values).save(tmp_path / "m.png")
+    mask = read_mask(tmp_path / "m.png", 40)
+    assert mask.sum() == 200 and mask[10:20, 10:30].all(), encoding
+
+
+def test_jpeg_mask_noise_is_not_a_defect(tmp_path):
+    values = np.zeros((64, 64), np.uint8)
+    values[20:40, 20:40] = 255
+    Image.fromarray(values).save(tmp_path / "m.jpg", quality=60)  # ringing puts small values around the square
+    mask = read_mask(tmp_path / "m.jpg", 64)
+    assert mask[22:38, 22:38].all() and not mask[:16].any() and abs(int(mask.sum()) - 400) <= 40
+
+
+def test_decoding_keeps_anomalies_whose_masks_are_unusable_and_says_why(tmp_path, caplog):
+    image = write_image(tmp_path / "a.png", textured(np.random.default_rng(0)))
+    empty = write_image(tmp_path / "empty.png", np.zeros((40, 40), np.uint8))
+    records = [Record(name="lost", label=1, split="test", image=image, mask=tmp_path / "nowhere.png"),
+               Record(name="empty", label=1, split="test", image=image, mask=empty)]
+    with caplog.at_level("WARNING", logger="twostage_ad.data.images"):
+        decoded = decode_records(records, 32, 1, progress=False)
+    assert [r.name for r in decoded.records] == ["lost", "empty"] and decoded.failed == []
+    assert decoded.has_mask.tolist() == [False, True]
+    assert "1 anomaly mask(s) could not be used" in caplog.text and "nowhere.png" in caplog.text
+    assert "1 anomaly mask(s) mark no defect pixel (e.g. empty)" in caplog.text
+
+
+def test_masks_covering_most_of_their_images_suggest_inverting(tmp_path, caplog):
+    image = write_image(tmp_path / "a.png", textured(np.random.default_rng(0)))
+    black_defect = np.full((40, 40), 255, np.uint8)
+    black_defect[5:10, 5:10] = 0  # PIPED's convention: the defect is black
+    mask = write_image(tmp_path / "m.png", black_defect)
+    with caplog.at_level("WARNING", logger="twostage_ad.data.images"):
+        decode_records([Record(name="a", label=1, split="test", image=image, mask=mask)], 32, 1, progress=False)
+    assert "mark 98 % of their images as defect" in caplog.text and "data.invert_masks: true" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="twostage_ad.data.images"):
+        decoded = decode_records([Record(name="a", label=1, split="test", image=image, mask=mask)], 40, 1, True, progress=False)
+    assert "invert_masks" not in caplog.text and decoded.masks[0].sum() == 25
+
+
+def test_jpeg_orientation_is_applied_to_images_and_masks(tmp_path):
+    stored = np.zeros((20, 40), np.uint8)  # stored 40 wide, 20 high; the tag says: turn it to 20×40
+    stored[:, :10] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to view
+    Image.fromarray(stored).save(tmp_path / "a.jpg", exif=exif, quality=95)
+    image, native = read_image_with_size(tmp_path / "a.jpg", 40, 1)
+    assert native == (20, 40)  # as viewers show it
+    assert image[:10, :, 0].mean() > 200 and image[-10:, :, 0].mean() < 50  # the bright left band is now on top
+    Image.fromarray(np.zeros((40, 20), np.uint8)).save(tmp_path / "m.png")  # a mask drawn on the shown image
+    assert read_mask(tmp_path / "m.png", 32, expect_shape=native).shape == (32, 32)
+
+
+def test_an_image_past_pillows_pixel_limit_is_skipped_not_fatal(tmp_path, monkeypatch):
+    path = write_image(tmp_path / "huge.png", np.zeros((200, 200), np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40 000 px is past twice the limit
+    decoded = decode_records([Record(name="huge", label=0, split="train", image=path)], 32, 1, progress=False)
+    assert len(decoded) == 0 and decoded.failed[0][0] == "huge" and "decompression bomb" in decoded.failed[0][1]
 
 
 def test_decode_skips_and_lists_unreadable_images(seed_layout):

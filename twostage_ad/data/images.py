@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from twostage_ad.data.records import DataError, Record
@@ -50,14 +50,25 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8))
 
 
-def _open_converted(path: str | Path, mode: str, what: str) -> Image.Image:
-    """Open and fully decode ``path`` as Pillow ``mode`` (``L`` or ``RGB``); ``DataError`` if unreadable."""
+# What Pillow raises for a file it cannot decode; DecompressionBombError (an image past Pillow's
+# pixel limit, about 179 Mpx) is not an OSError.
+_UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def _open_upright(path: str | Path, what: str) -> Image.Image:
+    """``path`` fully decoded in its own Pillow mode and turned as its EXIF orientation says (as
+    viewers show it, so that a mask drawn on the shown image fits); ``DataError`` if unreadable."""
     try:
         with Image.open(path) as opened:
             opened.load()
-            return _to_8bit(opened).convert(mode)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            return ImageOps.exif_transpose(opened)
+    except _UNREADABLE as exc:
         raise DataError(f"cannot read {what} {str(path)!r}: {exc}") from exc
+
+
+def _open_converted(path: str | Path, mode: str, what: str) -> Image.Image:
+    """Open and fully decode ``path`` as Pillow ``mode`` (``L`` or ``RGB``); ``DataError`` if unreadable."""
+    return _to_8bit(_open_upright(path, what)).convert(mode)
 
 
 def decode_native(path: str | Path, *, mode: str | None = None, what: str = "image") -> Image.Image:
@@ -68,7 +79,7 @@ def decode_native(path: str | Path, *, mode: str | None = None, what: str = "ima
         try:
             with Image.open(path) as opened:
                 mode = "L" if opened.mode in _GREY_MODES else "RGB"
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        except _UNREADABLE as exc:
             raise DataError(f"cannot read {what} {str(path)!r}: {exc}") from exc
     return _open_converted(path, mode, what)
 
@@ -117,20 +128,35 @@ def read_image(path: str | Path, size: int, channels: int) -> np.ndarray:
 def read_mask(path: str | Path, size: int, invert: bool = False, expect_shape: tuple[int, int] | None = None) -> np.ndarray:
     """Decode a ground-truth mask to ``size × size`` uint8 {0, 1}, 1 = defect.
 
-    Binarised at > 127 (after ``invert``), then box-resized and kept where any defect falls in
-    the box, so a 1-px crack in a large mask survives downscaling.
+    Binarised on its own values, whatever the encoding: above half its largest value (0/255,
+    0/65535, red on black, JPEG), or any non-zero value when the largest is below 16 (label masks
+    0/1/2…); colour masks by their brightest channel. Then ``invert``, then box-resized and kept
+    where any defect falls in the box, so a 1-px crack in a large mask survives downscaling. A mask
+    of another size than its image (``expect_shape``, W×H) is accepted with the same aspect ratio.
     """
-    mask = _open_converted(path, "L", "mask")
+    mask = _open_upright(path, "mask")
     if expect_shape is not None and mask.size != expect_shape:
-        raise DataError(
-            f"mask {str(path)!r} is {mask.size[0]}×{mask.size[1]} but its image is "
-            f"{expect_shape[0]}×{expect_shape[1]}; masks must have their image's size"
-        )
-    binary = np.asarray(mask, dtype=np.uint8) > 127
+        (width, height), (image_width, image_height) = mask.size, expect_shape
+        if abs(width * image_height - height * image_width) > 0.02 * image_width * height:
+            raise DataError(
+                f"mask {str(path)!r} is {width}×{height} but its image is {image_width}×{image_height}; a mask must "
+                "have its image's size, or at least its aspect ratio"
+            )
+    values = _mask_values(mask)
+    peak = float(values.max()) if values.size else 0.0
+    binary = values > (0 if peak < 16 else peak / 2)
     if invert:
         binary = ~binary
     resized = Image.fromarray(binary.astype(np.uint8) * 255).resize((size, size), Image.BOX)
     return (np.asarray(resized) > 0).astype(np.uint8)
+
+
+def _mask_values(mask: Image.Image) -> np.ndarray:
+    """A mask's raw ``H×W`` values: single-channel modes as stored (16-bit and float included),
+    colour and palette masks as their brightest channel."""
+    if mask.mode in ("1", "L", "F", *_SIXTEEN_BIT_MODES):
+        return np.asarray(mask.convert("L") if mask.mode == "1" else mask, dtype=np.float64)
+    return np.asarray(mask.convert("RGB"), dtype=np.float64).max(axis=2)
 
 
 def infer_channels(record: Record) -> int:
@@ -140,7 +166,7 @@ def infer_channels(record: Record) -> int:
     try:
         with Image.open(record.image) as image:
             return 1 if image.mode in _GREY_MODES else 3
-    except (UnidentifiedImageError, OSError) as exc:
+    except _UNREADABLE as exc:
         raise DataError(f"cannot read image {str(record.image)!r}: {exc}") from exc
 
 
@@ -185,6 +211,7 @@ def decode_records(
     kept, images, masks, has_mask, failed = [], [], [], [], []
     small: list[tuple[str, tuple[int, int]]] = []
     native: list[tuple[int, int]] = []  # (W, H) of each kept file, (0, 0) for in-memory pixels
+    unusable_masks: list[tuple[str, str]] = []
     for record in tqdm(records, desc=desc, unit="img", disable=not progress, leave=False):
         try:
             if record.array is not None:
@@ -194,18 +221,18 @@ def decode_records(
                 image, original_size = read_image_with_size(record.image, size, channels)
                 if max(original_size) < size:  # upsampled in every direction (not merely a narrow side)
                     small.append((record.name, original_size))
-            if record.mask is not None:
-                if not Path(record.mask).is_file():
-                    raise DataError(f"mask {str(record.mask)!r} of image {record.name!r} does not exist")
-                mask = read_mask(record.mask, size, invert_masks, expect_shape=original_size)
-                present = True
-            else:
-                mask = np.zeros((size, size), dtype=np.uint8)
-                present = record.label == 0
         except DataError as exc:
             failed.append((record.name, str(exc)))
             log.warning("skipped %s: %s", record.name, exc)
             continue
+        mask, present = np.zeros((size, size), dtype=np.uint8), record.label == 0 and record.mask is None
+        if record.mask is not None:
+            try:  # a mask that cannot be used costs the pixel metrics that image, not the image metrics
+                if not Path(record.mask).is_file():
+                    raise DataError(f"mask {str(record.mask)!r} of image {record.name!r} does not exist")
+                mask, present = read_mask(record.mask, size, invert_masks, expect_shape=original_size), True
+            except DataError as exc:
+                unusable_masks.append((record.name, str(exc)))
         kept.append(record)
         native.append(original_size or (0, 0))
         images.append(image)
@@ -221,7 +248,7 @@ def decode_records(
             len(small), size, name, width, height, fits,
         )
     shape = (0, size, size, channels)
-    return DecodedImages(
+    decoded = DecodedImages(
         records=kept,
         images=np.stack(images) if images else np.zeros(shape, dtype=np.uint8),
         masks=np.stack(masks) if masks else np.zeros(shape[:3], dtype=np.uint8),
@@ -229,6 +256,28 @@ def decode_records(
         failed=failed,
         native_sizes=np.array(native, dtype=np.int64).reshape(-1, 2),
     )
+    _warn_about_masks(decoded, unusable_masks, invert_masks)
+    return decoded
+
+
+def _warn_about_masks(decoded: DecodedImages, unusable: list[tuple[str, str]], inverted: bool) -> None:
+    """Say when anomalies' masks could not be used, are empty, or cover most of their images
+    (defects drawn black without ``data.invert_masks``, or white with it)."""
+    if unusable:
+        log.warning("%d anomaly mask(s) could not be used (e.g. %s); those images count in the image metrics and are "
+                    "left out of the pixel metrics", len(unusable), unusable[0][1])
+    anomalous = (decoded.labels == 1) & decoded.has_mask
+    if not anomalous.any():
+        return
+    coverage = decoded.masks[anomalous].reshape(int(anomalous.sum()), -1).mean(axis=1)
+    names = [r.name for r, keep in zip(decoded.records, anomalous) if keep]
+    if (coverage == 0).any():
+        log.warning("%d anomaly mask(s) mark no defect pixel (e.g. %s); the pixel metrics leave those images out",
+                    int((coverage == 0).sum()), names[int(np.argmin(coverage))])
+    if float(np.median(coverage)) > 0.5:
+        log.warning("the anomalies' masks mark %.0f %% of their images as defect (median): are the defects drawn %s? "
+                    "then set data.invert_masks: %s", 100 * float(np.median(coverage)),
+                    "white" if inverted else "black", "false" if inverted else "true")
 
 
 def warn_if_much_reduced(decoded: DecodedImages, screen_size: int) -> bool:

@@ -122,7 +122,7 @@ def read_mvtec_layout(root: str | Path, category: str | None = None) -> list[Rec
 def _inside(base: Path, relative: str, where: str, column: str, allow_outside: bool) -> Path:
     """``base / relative``, refusing absolute paths and ``..`` that leave ``base`` (a manifest from
     elsewhere must not make the tool read arbitrary files) unless ``allow_outside``."""
-    path = Path(relative)
+    path = Path(relative.replace("\\", "/"))  # a manifest written on Windows
     if not allow_outside:
         normal = posixpath.normpath(relative.replace("\\", "/"))
         lexical_escape = path.is_absolute() or normal.startswith("/") or normal == ".." or normal.startswith("../")
