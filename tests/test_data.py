@@ -56,6 +56,29 @@ def test_manifest_paths_are_relative_to_the_csv_and_category_filters(tmp_path, r
         read_manifest(tmp_path / "split.csv", category="z")
 
 
+def test_folders_layout_reads_anomalies_sorted_into_subfolders(seed_layout, rng):
+    write_image(seed_layout / "test" / "1.abnormal" / "scratch" / "s0.png", textured(rng))
+    records = {r.name: r for r in read_seed_layout(seed_layout)}
+    assert records["test/1.abnormal/scratch/s0.png"].label == 1
+    assert records["test/1.abnormal/scratch/s0.png"].category == "scratch"
+    assert records["test/1.abnormal/a0.png"].category == "1.abnormal"
+
+
+def test_mvtec_layout_variants_find_their_masks_and_normals(tmp_path, rng, caplog):
+    root = tmp_path / "visa"
+    write_image(root / "train" / "good" / "0.png", textured(rng))
+    write_image(root / "test" / "Good" / "1.PNG", textured(rng))  # another case
+    for stem, mask_name in (("a", "a.png"), ("b", "B_MASK.bmp"), ("c", None)):
+        write_image(root / "test" / "scratch" / f"{stem}.png", textured(rng))
+        if mask_name:
+            write_image(root / "ground_truth" / "scratch" / mask_name, np.zeros((40, 40), np.uint8))
+    with caplog.at_level("WARNING", logger="twostage_ad.data.records"):
+        records = {r.name: r for r in read_mvtec_layout(root)}
+    assert records["test/Good/1.PNG"].label == 0
+    assert records["test/scratch/a.png"].mask.name == "a.png" and records["test/scratch/b.png"].mask.name == "B_MASK.bmp"
+    assert records["test/scratch/c.png"].mask is None and "1 image(s) in" in caplog.text and "ground_truth/scratch" in caplog.text
+
+
 def test_manifest_written_on_windows_reads_the_same_files(tmp_path, rng):
     write_image(tmp_path / "imgs" / "sub" / "b.png", textured(rng))
     write_image(tmp_path / "imgs" / "sub" / "b_mask.png", np.zeros((40, 40), np.uint8))

@@ -74,7 +74,8 @@ def _require_dir(path: Path, what: str) -> None:
 
 
 def read_folders_layout(root: str | Path) -> list[Record]:
-    """``root/train/0.normal``, optional ``root/val/0.normal``, ``root/test/{0.normal,1.abnormal}``."""
+    """``root/train/0.normal``, optional ``root/val/0.normal``, ``root/test/{0.normal,1.abnormal}``;
+    images in subfolders count too, the subfolder naming their category (e.g. ``1.abnormal/scratch``)."""
     root = Path(root)
     _require_dir(root / "train" / "0.normal", "folders layout needs training normals")
     records: list[Record] = []
@@ -83,10 +84,10 @@ def read_folders_layout(root: str | Path) -> list[Record]:
             folder = root / split / sub
             if not folder.is_dir():
                 continue
-            for path in _image_files(folder):
-                records.append(
-                    Record(name=str(path.relative_to(root)), label=label, split=split, category=sub, image=path)
-                )
+            for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
+                nested = path.parent.relative_to(folder).parts
+                records.append(Record(name=str(path.relative_to(root)), label=label, split=split,
+                                      category=nested[0] if nested else sub, image=path))
     return records
 
 
@@ -107,16 +108,34 @@ def read_mvtec_layout(root: str | Path, category: str | None = None) -> list[Rec
     if test_root.is_dir():
         for defect_dir in sorted(d for d in test_root.iterdir() if d.is_dir()):
             defect = defect_dir.name
-            label = 0 if defect == "good" else 1
+            label = 0 if defect.lower() == "good" else 1
+            masks = _mask_files(root / "ground_truth" / defect) if label else {}
+            unmatched = 0
             for path in _image_files(defect_dir):
-                mask = None
-                if label:
-                    candidate = root / "ground_truth" / defect / f"{path.stem}_mask.png"
-                    mask = candidate if candidate.is_file() else None
+                mask = masks.get(path.stem.lower())
+                unmatched += bool(label and masks and mask is None)
                 records.append(
                     Record(name=str(path.relative_to(root)), label=label, split="test", category=defect, image=path, mask=mask)
                 )
+            if unmatched:
+                log.warning("MVTec layout: %d image(s) in %s have no mask in ground_truth/%s (looked for <name>_mask.<ext> "
+                            "and <name>.<ext>); they count in the image metrics only", unmatched, defect_dir, defect)
     return records
+
+
+def _mask_files(folder: Path) -> dict[str, Path]:
+    """The masks in ``folder`` by their image's lower-case stem: ``<stem>_mask.<ext>`` (MVTec AD)
+    or ``<stem>.<ext>`` (VisA, BTAD), any image extension, any case."""
+    if not folder.is_dir():
+        return {}
+    found: dict[str, Path] = {}
+    for path in _image_files(folder):
+        stem = path.stem.lower()
+        if stem.endswith("_mask"):
+            found[stem.removesuffix("_mask")] = path  # MVTec's own name wins over a same-stem file
+        else:
+            found.setdefault(stem, path)
+    return found
 
 
 def _inside(base: Path, relative: str, where: str, column: str, allow_outside: bool) -> Path:
