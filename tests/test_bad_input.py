@@ -135,7 +135,12 @@ def test_messy_files_are_skipped_listed_and_the_run_completes(tmp_path, rng, cap
     assert "cannot read image" in errors["test/ghost.png"] and "ghost.png" in errors["test/ghost.png"]
     assert "cannot read image" in errors["test/truncated.png"] and "truncated.png" in errors["test/truncated.png"]
     assert {"test/wrong_mask.png", "test/lost_mask.png"} <= set(scores["image"])
-    assert "2 anomaly mask(s) could not be used" in caplog.text and "is 10×20 but its image is 40×40" in caplog.text
+    assert "2 mask(s) could not be used" in caplog.text
+    assert {u["image"]: u["reason"] for u in json.loads((result.run_dir / "metrics.json").read_text())["unusable_masks"]}.keys() \
+        == {"test/wrong_mask.png", "test/lost_mask.png"}
+    assert "Masks not used" in (result.run_dir / "report.html").read_text()
+    notes = json.loads((result.run_dir / "metrics.json").read_text())["notes"]
+    assert notes["pixel_auroc.masks"].startswith("2 of 5 test anomalies have no usable mask")
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     unreadable = {u["image"] for u in metrics["unreadable_images"]}
     assert unreadable == set(errors) | {"train/notes.png"}

@@ -58,7 +58,10 @@ def test_manifest_paths_are_relative_to_the_csv_and_category_filters(tmp_path, r
 
 def test_folders_layout_reads_anomalies_sorted_into_subfolders(seed_layout, rng):
     write_image(seed_layout / "test" / "1.abnormal" / "scratch" / "s0.png", textured(rng))
+    for skipped in ("masks", ".ipynb_checkpoints", "@eaDir", "scratch/deeper"):
+        write_image(seed_layout / "test" / "1.abnormal" / skipped / "x.png", textured(rng))
     records = {r.name: r for r in read_seed_layout(seed_layout)}
+    assert not any("x.png" in name for name in records)
     assert records["test/1.abnormal/scratch/s0.png"].label == 1
     assert records["test/1.abnormal/scratch/s0.png"].category == "scratch"
     assert records["test/1.abnormal/a0.png"].category == "1.abnormal"
@@ -66,16 +69,18 @@ def test_folders_layout_reads_anomalies_sorted_into_subfolders(seed_layout, rng)
 
 def test_mvtec_layout_variants_find_their_masks_and_normals(tmp_path, rng, caplog):
     root = tmp_path / "visa"
-    write_image(root / "train" / "good" / "0.png", textured(rng))
+    write_image(root / "train" / "Good" / "0.png", textured(rng))
     write_image(root / "test" / "Good" / "1.PNG", textured(rng))  # another case
-    for stem, mask_name in (("a", "a.png"), ("b", "B_MASK.bmp"), ("c", None)):
+    for stem, mask_name in (("a", "a.png"), ("b", "B_MASK.bmp"), ("c", None), ("d_mask", "d_mask.png")):
         write_image(root / "test" / "scratch" / f"{stem}.png", textured(rng))
         if mask_name:
-            write_image(root / "ground_truth" / "scratch" / mask_name, np.zeros((40, 40), np.uint8))
+            write_image(root / "ground_truth" / "Scratch" / mask_name, np.zeros((40, 40), np.uint8))
+    write_image(root / "ground_truth" / "Scratch" / "a_mask.png", np.zeros((40, 40), np.uint8))  # MVTec's name wins
     with caplog.at_level("WARNING", logger="twostage_ad.data.records"):
         records = {r.name: r for r in read_mvtec_layout(root)}
     assert records["test/Good/1.PNG"].label == 0
-    assert records["test/scratch/a.png"].mask.name == "a.png" and records["test/scratch/b.png"].mask.name == "B_MASK.bmp"
+    assert records["test/scratch/a.png"].mask.name == "a_mask.png" and records["test/scratch/b.png"].mask.name == "B_MASK.bmp"
+    assert records["test/scratch/d_mask.png"].mask.name == "d_mask.png"
     assert records["test/scratch/c.png"].mask is None and "1 image(s) in" in caplog.text and "ground_truth/scratch" in caplog.text
 
 
@@ -155,8 +160,8 @@ def test_image_modes_decode_to_8bit_of_the_requested_channels(tmp_path, array, m
 
 def test_masks_binarise_and_invert(tmp_path):
     mask = np.zeros((40, 40), np.uint8)
-    mask[:20] = 200  # defect (white) in the top half
-    mask[20:22] = 100  # below 127: not defect
+    mask[:20] = 255  # defect (white) in the top half
+    mask[20:22] = 100  # below half the mask's largest value: not defect
     Image.fromarray(mask).save(tmp_path / "m.png")
     plain = read_mask(tmp_path / "m.png", 32)
     inverted = read_mask(tmp_path / "m.png", 32, invert=True)
@@ -179,12 +184,14 @@ def test_mask_of_another_aspect_ratio_is_a_clear_error_and_a_smaller_one_is_resi
 @pytest.mark.parametrize(("encoding", "defect", "mode"), [
     ("label 0/1", 1, "L"), ("label 0/2 (a class index)", 2, "L"), ("0/255", 255, "L"), ("16-bit 0/255", 255, "I;16"),
     ("16-bit 0/65535", 65535, "I;16"), ("red on black", (255, 0, 0), "RGB"), ("dark red on black", (128, 0, 0), "RGB"),
+    ("1-bit", True, "1"),
 ])
 def test_masks_of_every_common_encoding_mark_the_defect(tmp_path, encoding, defect, mode):
     shape = (40, 40, 3) if mode == "RGB" else (40, 40)
-    values = np.zeros(shape, np.uint16 if mode == "I;16" else np.uint8)
+    values = np.zeros(shape, {"I;16": np.uint16, "1": bool}.get(mode, np.uint8))
     values[10:20, 10:30] = defect
     Image.fromarray(values).save(tmp_path / "m.png")
+    assert Image.open(tmp_path / "m.png").mode == mode
     mask = read_mask(tmp_path / "m.png", 40)
     assert mask.sum() == 200 and mask[10:20, 10:30].all(), encoding
 
@@ -195,18 +202,32 @@ def test_jpeg_mask_noise_is_not_a_defect(tmp_path):
     Image.fromarray(values).save(tmp_path / "m.jpg", quality=60)  # ringing puts small values around the square
     mask = read_mask(tmp_path / "m.jpg", 64)
     assert mask[22:38, 22:38].all() and not mask[:16].any() and abs(int(mask.sum()) - 400) <= 40
+    noise = np.random.default_rng(0).integers(0, 4, (64, 64)).astype(np.uint8)  # a "normal" JPEG mask: noise only
+    Image.fromarray(noise).save(tmp_path / "n.jpg", quality=90)
+    assert read_mask(tmp_path / "n.jpg", 64).sum() == 0
+    Image.fromarray(noise).save(tmp_path / "n.png")  # the same values lossless are labels: every non-zero one counts
+    assert read_mask(tmp_path / "n.png", 64).sum() == (noise > 0).sum()
+
+
+def test_soft_float_masks_cut_at_half_their_peak(tmp_path):
+    soft = np.zeros((40, 40), np.float32)
+    soft[10:20, 10:30], soft[20:25, 10:30] = 1.0, 0.3  # a defect and a faint halo
+    Image.fromarray(soft).save(tmp_path / "m.tif")
+    assert read_mask(tmp_path / "m.tif", 40).sum() == 200
 
 
 def test_decoding_keeps_anomalies_whose_masks_are_unusable_and_says_why(tmp_path, caplog):
     image = write_image(tmp_path / "a.png", textured(np.random.default_rng(0)))
     empty = write_image(tmp_path / "empty.png", np.zeros((40, 40), np.uint8))
     records = [Record(name="lost", label=1, split="test", image=image, mask=tmp_path / "nowhere.png"),
-               Record(name="empty", label=1, split="test", image=image, mask=empty)]
+               Record(name="empty", label=1, split="test", image=image, mask=empty),
+               Record(name="normal", label=0, split="test", image=image, mask=tmp_path / "gone.png")]
     with caplog.at_level("WARNING", logger="twostage_ad.data.images"):
         decoded = decode_records(records, 32, 1, progress=False)
-    assert [r.name for r in decoded.records] == ["lost", "empty"] and decoded.failed == []
-    assert decoded.has_mask.tolist() == [False, True]
-    assert "1 anomaly mask(s) could not be used" in caplog.text and "nowhere.png" in caplog.text
+    assert [r.name for r in decoded.records] == ["lost", "empty", "normal"] and decoded.failed == []
+    assert decoded.has_mask.tolist() == [False, True, True]  # a normal's lost mask could only have said "no defect"
+    assert [name for name, _ in decoded.mask_problems] == ["lost", "normal"]
+    assert "2 mask(s) could not be used" in caplog.text and "nowhere.png" in caplog.text
     assert "1 anomaly mask(s) mark no defect pixel (e.g. empty)" in caplog.text
 
 
@@ -233,8 +254,13 @@ def test_jpeg_orientation_is_applied_to_images_and_masks(tmp_path):
     image, native = read_image_with_size(tmp_path / "a.jpg", 40, 1)
     assert native == (20, 40)  # as viewers show it
     assert image[:10, :, 0].mean() > 200 and image[-10:, :, 0].mean() < 50  # the bright left band is now on top
-    Image.fromarray(np.zeros((40, 20), np.uint8)).save(tmp_path / "m.png")  # a mask drawn on the shown image
-    assert read_mask(tmp_path / "m.png", 32, expect_shape=native).shape == (32, 32)
+    shown = np.zeros((40, 20), np.uint8)
+    shown[:10] = 255  # a mask drawn on the shown image: the band on top
+    Image.fromarray(shown).save(tmp_path / "m.png")
+    assert read_mask(tmp_path / "m.png", 32, expect_shape=native)[:8].all()
+    Image.fromarray(stored).save(tmp_path / "tagged.png", exif=exif)  # a mask carrying the image's tag turns with it
+    tagged = read_mask(tmp_path / "tagged.png", 32, expect_shape=native)
+    assert tagged[:8].all() and not tagged[-8:].any()
 
 
 def test_an_image_past_pillows_pixel_limit_is_skipped_not_fatal(tmp_path, monkeypatch):

@@ -24,6 +24,7 @@ from twostage_ad.metrics import (
     pixel_auroc_by_category,
     pro_score,
     recall_at_threshold,
+    usable_for_pixels,
 )
 from twostage_ad.stages.attention import SCREENING_COMPONENTS
 
@@ -114,14 +115,21 @@ def map_metrics(
     maps = {"stage1": stage1_maps, "stage2": stage2_maps, "fused": fused}
     pixel = {k: pixel_auroc(labels, masks, has_mask, m) for k, m in maps.items()}
     pro = {k: pro_score(labels, masks, has_mask, m, max_fpr=PRO_MAX_FPR) for k, m in maps.items()}
+    anomalous = labels == 1
+    with_mask = int((usable_for_pixels(labels, masks, has_mask) & anomalous).sum())
+    notes = {**_notes("pixel_auroc", pixel), **_notes("pro", pro)}
+    if 0 < with_mask < anomalous.sum():
+        notes["pixel_auroc.masks"] = (f"{int(anomalous.sum()) - with_mask} of {int(anomalous.sum())} test anomalies have no "
+                                      "usable mask (none given, unreadable or empty): the pixel metrics leave them out")
     return {
+        "test_anomalous_with_mask": with_mask,
         "pixel_auroc": {k: m.value for k, m in pixel.items()},
         "pixel_auroc_stage1_by_category": pixel_auroc_by_category(labels, categories, masks, has_mask, stage1_maps),
         "pixel_auroc_fused_by_category": pixel_auroc_by_category(labels, categories, masks, has_mask, fused),
         "pro": {k: m.value for k, m in pro.items()},
         "pro_max_fpr": PRO_MAX_FPR,
         "map_fusion": asdict(fusion),
-        "notes": {**_notes("pixel_auroc", pixel), **_notes("pro", pro)},
+        "notes": notes,
     }
 
 

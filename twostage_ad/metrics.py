@@ -16,7 +16,7 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 __all__ = ["MetricResult", "image_auroc", "image_auroc_by_category", "pixel_auroc", "pixel_auroc_by_category", "pro_score",
-           "recall_at_threshold"]
+           "recall_at_threshold", "usable_for_pixels"]
 
 
 class MetricResult(tuple):
@@ -46,7 +46,7 @@ def image_auroc(labels: np.ndarray, scores: np.ndarray) -> MetricResult:
     return MetricResult(float(roc_auc_score(labels, scores)))
 
 
-def _usable_for_pixels(labels: np.ndarray, masks: np.ndarray, has_mask: np.ndarray) -> np.ndarray:
+def usable_for_pixels(labels: np.ndarray, masks: np.ndarray, has_mask: np.ndarray) -> np.ndarray:
     """Images with a mask, minus anomalies whose mask is empty."""
     labels = np.asarray(labels)
     return np.asarray(has_mask, dtype=bool) & ~((labels == 1) & (masks.reshape(len(masks), -1).sum(axis=1) == 0))
@@ -60,7 +60,7 @@ def pixel_auroc(
     Above ``max_pixels`` the pixels are subsampled with a fixed stride (stated in the reason).
     """
     labels = np.asarray(labels)
-    usable = _usable_for_pixels(labels, masks, has_mask)
+    usable = usable_for_pixels(labels, masks, has_mask)
     if not np.any(usable & (labels == 1)):
         return MetricResult(None, "no test anomaly has a ground-truth mask")
     truth = masks[usable].reshape(-1).astype(np.uint8)
@@ -125,7 +125,7 @@ def pro_score(
     if thresholds < 2:
         raise ValueError(f"thresholds must be >= 2, got {thresholds!r}")
     labels = np.asarray(labels)
-    usable = _usable_for_pixels(labels, masks, has_mask)
+    usable = usable_for_pixels(labels, masks, has_mask)
     if not np.any(usable & (labels == 1)):
         return MetricResult(None, "no test anomaly has a ground-truth mask")
     rows = np.flatnonzero(usable)

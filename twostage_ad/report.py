@@ -353,7 +353,8 @@ def write_html_report(run_dir: Path, metrics: dict[str, Any], title: str) -> Pat
         rows.append(f"<tr><td>seconds {html.escape(key.replace('_', ' '))}</td><td>{_fmt(value)}</td></tr>")
     counts = ", ".join(f"{html.escape(k.replace('_', ' '))} {v}" for k, v in (metrics.get("counts") or {}).items())
     notes = "".join(f"<li>{html.escape(k)}: {html.escape(str(v))}</li>" for k, v in (metrics.get("notes") or {}).items())
-    unreadable = "".join(f"<li>{html.escape(u['image'])}: {html.escape(u['reason'])}</li>" for u in metrics.get("unreadable_images", []))
+    unreadable, masks = ("".join(f"<li>{html.escape(u['image'])}: {html.escape(u['reason'])}</li>" for u in metrics.get(key, []))
+                         for key in ("unreadable_images", "unusable_masks"))
     figures = "".join(
         f'<figure><img src="plots/{html.escape(name)}" alt="{html.escape(name)}">'
         f"<figcaption>{html.escape(PLOT_CAPTIONS.get(name, name))}</figcaption></figure>"
@@ -374,6 +375,7 @@ figcaption{{color:#555;font-size:0.9em}}</style></head>
 <table>{''.join(rows)}</table>
 {f'<h3>Notes</h3><ul>{notes}</ul>' if notes else ''}
 {f'<h3>Unreadable images (skipped)</h3><ul>{unreadable}</ul>' if unreadable else ''}
+{f'<h3>Masks not used (their images kept, without pixel metrics)</h3><ul>{masks}</ul>' if masks else ''}
 <h2>Plots</h2>{figures}
 <p>Per-image scores and decisions: <a href="scores.csv">scores.csv</a>; thresholds and their history:
 <a href="thresholds.json">thresholds.json</a>; all numbers: <a href="metrics.json">metrics.json</a>;

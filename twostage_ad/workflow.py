@@ -167,10 +167,8 @@ def _decode_splits(config: Config, splits: dict[str, list[Record]], size: int, p
     """Every split decoded at ``size`` (the larger stage's scale); refuses too few readable training
     or validation normals."""
     channels = config.data.channels
-    decoded = {
-        name: decode_records(recs, size, channels, config.data.invert_masks, desc=f"decode {name}", progress=progress)
-        for name, recs in splits.items()
-    }
+    decoded = {name: decode_records(recs, size, channels, config.data.invert_masks, desc=f"decode {name}",
+                                    progress=progress) for name, recs in splits.items()}
     if len(decoded["train"]) < 2:
         raise DataError(
             f"only {len(decoded['train'])} readable normal training image(s) in {config.data.path or config.data.source!r}; "
@@ -367,6 +365,7 @@ def _run_metrics(
             "unreadable": len(failed),
         },
         "unreadable_images": [{"image": name, "reason": reason} for name, reason in failed],
+        "unusable_masks": [{"image": name, "reason": reason} for d in decoded.values() for name, reason in d.mask_problems],
         "epochs": {"stage1": len(stage1.history_), "stage2": len(stage2.history_)},
         "steps": {"stage1": stage1.trained_steps, "stage2": stage2.trained_steps},
         "out_of_time": {"stage1": stage1.out_of_time_, "stage2": stage2.out_of_time_},

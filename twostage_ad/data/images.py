@@ -3,7 +3,8 @@
 Grayscale, RGB, RGBA (alpha dropped), palette, 1-bit and 16-bit images are all accepted and
 converted to the configured channel count. Images are resized to ``size × size`` with bilinear
 (antialiased) interpolation; non-square images are stretched, which keeps every pixel of the part
-in view. Masks are binarised at > 127 (optionally inverted) and resized the same way.
+in view. Images and masks are turned upright by their EXIF orientation. Masks are binarised on
+their own values (:func:`read_mask`), optionally inverted, and box-resized so thin defects survive.
 
 Arrays are kept as uint8 (``N×H×W×C``) to stay small; :func:`to_tensor` maps them to [-1, 1].
 """
@@ -61,7 +62,8 @@ def _open_upright(path: str | Path, what: str) -> Image.Image:
     try:
         with Image.open(path) as opened:
             opened.load()
-            return ImageOps.exif_transpose(opened)
+            ImageOps.exif_transpose(opened, in_place=True)  # keeps .format; no copy when there is nothing to turn
+            return opened
     except _UNREADABLE as exc:
         raise DataError(f"cannot read {what} {str(path)!r}: {exc}") from exc
 
@@ -128,23 +130,32 @@ def read_image(path: str | Path, size: int, channels: int) -> np.ndarray:
 def read_mask(path: str | Path, size: int, invert: bool = False, expect_shape: tuple[int, int] | None = None) -> np.ndarray:
     """Decode a ground-truth mask to ``size × size`` uint8 {0, 1}, 1 = defect.
 
-    Binarised on its own values, whatever the encoding: above half its largest value (0/255,
-    0/65535, red on black, JPEG), or any non-zero value when the largest is below 16 (label masks
-    0/1/2…); colour masks by their brightest channel. Then ``invert``, then box-resized and kept
-    where any defect falls in the box, so a 1-px crack in a large mask survives downscaling. A mask
-    of another size than its image (``expect_shape``, W×H) is accepted with the same aspect ratio.
+    Binarised on its own values: above half its largest value (0/255, 0/65535, red on black, JPEG,
+    float), or, for lossless integer masks whose largest value is below 16 (label masks 0/1/2…),
+    any non-zero value; a JPEG whose largest value is below 16 holds only compression noise; colour
+    masks by their brightest channel. Then ``invert``, then box-resized and kept where any defect
+    falls in the box, so a 1-px crack in a large mask survives downscaling. A mask of another size
+    than its image (``expect_shape``, W×H) is accepted with its aspect ratio (±2 %) at an eighth of
+    its width or more.
     """
     mask = _open_upright(path, "mask")
     if expect_shape is not None and mask.size != expect_shape:
         (width, height), (image_width, image_height) = mask.size, expect_shape
-        if abs(width * image_height - height * image_width) > 0.02 * image_width * height:
+        if abs(width * image_height - height * image_width) > 0.02 * image_width * height or 8 * width < image_width:
             raise DataError(
-                f"mask {str(path)!r} is {width}×{height} but its image is {image_width}×{image_height}; a mask must "
-                "have its image's size, or at least its aspect ratio"
+                f"mask {str(path)!r} is {width}×{height} but its image is {image_width}×{image_height} (as shown, after "
+                "its EXIF orientation); a mask must have its image's size, or its aspect ratio (±2 %) at an eighth of "
+                "its width or more"
             )
     values = _mask_values(mask)
     peak = float(values.max()) if values.size else 0.0
-    binary = values > (0 if peak < 16 else peak / 2)
+    if mask.mode == "F":  # soft masks: above half their peak
+        cut = peak / 2
+    elif mask.format == "JPEG":  # lossy: a peak below 16 is compression noise around nothing
+        cut = peak / 2 if peak >= 16 else np.inf
+    else:  # lossless integers: label masks 0/1/2… (peak below 16) by any non-zero value
+        cut = 0 if peak < 16 else peak / 2
+    binary = values > cut
     if invert:
         binary = ~binary
     resized = Image.fromarray(binary.astype(np.uint8) * 255).resize((size, size), Image.BOX)
@@ -180,7 +191,8 @@ class DecodedImages:
     """Records with their decoded pixels (``N×H×W×C`` uint8) and defect masks (``N×H×W`` uint8).
 
     ``has_mask[i]`` says whether record i has a ground-truth mask (normals count as all-zero
-    masks); ``native_sizes[i]`` is its file's ``(W, H)`` before resizing (zeros for in-memory pixels). ``failed`` lists ``(name, reason)`` for images that could not be read; they are left
+    masks); ``native_sizes[i]`` is its file's ``(W, H)`` before resizing (zeros for in-memory pixels).
+    ``mask_problems`` lists ``(name, reason)`` for kept images whose mask could not be used. ``failed`` lists ``(name, reason)`` for images that could not be read; they are left
     out of ``records``.
     """
 
@@ -190,6 +202,7 @@ class DecodedImages:
     has_mask: np.ndarray
     failed: list[tuple[str, str]] = field(default_factory=list)
     native_sizes: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))  # N×2 (W, H); 0 for arrays
+    mask_problems: list[tuple[str, str]] = field(default_factory=list)  # (name, reason): kept images whose mask is unusable
 
     def __len__(self) -> int:
         return len(self.records)
@@ -233,6 +246,7 @@ def decode_records(
                 mask, present = read_mask(record.mask, size, invert_masks, expect_shape=original_size), True
             except DataError as exc:
                 unusable_masks.append((record.name, str(exc)))
+                present = record.label == 0  # a normal's mask can only say "no defect"
         kept.append(record)
         native.append(original_size or (0, 0))
         images.append(image)
@@ -255,17 +269,18 @@ def decode_records(
         has_mask=np.array(has_mask, dtype=bool),
         failed=failed,
         native_sizes=np.array(native, dtype=np.int64).reshape(-1, 2),
+        mask_problems=unusable_masks,
     )
-    _warn_about_masks(decoded, unusable_masks, invert_masks)
+    _warn_about_masks(decoded, invert_masks)
     return decoded
 
 
-def _warn_about_masks(decoded: DecodedImages, unusable: list[tuple[str, str]], inverted: bool) -> None:
-    """Say when anomalies' masks could not be used, are empty, or cover most of their images
-    (defects drawn black without ``data.invert_masks``, or white with it)."""
-    if unusable:
-        log.warning("%d anomaly mask(s) could not be used (e.g. %s); those images count in the image metrics and are "
-                    "left out of the pixel metrics", len(unusable), unusable[0][1])
+def _warn_about_masks(decoded: DecodedImages, inverted: bool) -> None:
+    """Say when masks could not be used, anomalies' masks are empty, or they cover most of their
+    images (defects drawn black without ``data.invert_masks``, or white with it)."""
+    if decoded.mask_problems:
+        log.warning("%d mask(s) could not be used (e.g. %s); their images count in the image metrics, anomalies among "
+                    "them are left out of the pixel metrics", len(decoded.mask_problems), decoded.mask_problems[0][1])
     anomalous = (decoded.labels == 1) & decoded.has_mask
     if not anomalous.any():
         return

@@ -1,8 +1,10 @@
 """Readers that turn each supported data layout into one list of :class:`Record` (docs/design.md §3).
 
 Layouts:
-- seed: ``root/train/0.normal``, ``root/test/0.normal``, ``root/test/1.abnormal``
+- folders (seed): ``root/train/0.normal``, ``root/test/0.normal``, ``root/test/1.abnormal``, and one
+  level of subfolders in each (the subfolder names the category)
 - MVTec AD: ``root/train/good``, ``root/test/<defect>/``, ``root/ground_truth/<defect>/<name>_mask.png``
+  (or ``<name>.<ext>``, any image extension and case: VisA, BTAD)
 - manifest: a CSV with columns ``image,label,split,mask,category`` (paths relative to the CSV)
 - digits: scikit-learn's bundled 8×8 digits (no download), one digit normal, the others anomalous
 
@@ -84,11 +86,22 @@ def read_folders_layout(root: str | Path) -> list[Record]:
             folder = root / split / sub
             if not folder.is_dir():
                 continue
-            for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
-                nested = path.parent.relative_to(folder).parts
-                records.append(Record(name=str(path.relative_to(root)), label=label, split=split,
-                                      category=nested[0] if nested else sub, image=path))
+            for sub_folder in [folder, *_category_folders(folder)]:
+                category = sub if sub_folder == folder else sub_folder.name
+                records.extend(Record(name=str(path.relative_to(root)), label=label, split=split, category=category,
+                                      image=path) for path in _image_files(sub_folder))
     return records
+
+
+# Subfolders the folders layout never reads as a category: masks beside the images, and the
+# hidden, private or system folders tools leave behind (.ipynb_checkpoints, __pycache__, @eaDir).
+_NOT_A_CATEGORY = {"mask", "masks", "ground_truth", "gt"}
+
+
+def _category_folders(folder: Path) -> list[Path]:
+    """``folder``'s subfolders that hold images of one category (one level deep)."""
+    return sorted(d for d in folder.iterdir() if d.is_dir() and d.name[:1] not in ".@_"
+                  and d.name.lower() not in _NOT_A_CATEGORY)
 
 
 read_seed_layout = read_folders_layout  # the folders layout's first name ("seed"), kept for callers
@@ -99,17 +112,18 @@ def read_mvtec_layout(root: str | Path, category: str | None = None) -> list[Rec
     root = Path(root)
     if category and (root / category).is_dir():
         root = root / category
-    _require_dir(root / "train" / "good", "MVTec layout needs training normals")
+    train_good = _child_folder(root / "train", "good")
+    _require_dir(train_good, "MVTec layout needs training normals")
     records = [
         Record(name=str(p.relative_to(root)), label=0, split="train", category="good", image=p)
-        for p in _image_files(root / "train" / "good")
+        for p in _image_files(train_good)
     ]
     test_root = root / "test"
     if test_root.is_dir():
         for defect_dir in sorted(d for d in test_root.iterdir() if d.is_dir()):
             defect = defect_dir.name
             label = 0 if defect.lower() == "good" else 1
-            masks = _mask_files(root / "ground_truth" / defect) if label else {}
+            masks = _mask_files(_child_folder(root / "ground_truth", defect)) if label else {}
             unmatched = 0
             for path in _image_files(defect_dir):
                 mask = masks.get(path.stem.lower())
@@ -123,6 +137,15 @@ def read_mvtec_layout(root: str | Path, category: str | None = None) -> list[Rec
     return records
 
 
+def _child_folder(parent: Path, name: str) -> Path:
+    """``parent / name``, or its subfolder whose name differs only in case."""
+    if not (parent / name).is_dir() and parent.is_dir():
+        for child in parent.iterdir():
+            if child.is_dir() and child.name.lower() == name.lower():
+                return child
+    return parent / name
+
+
 def _mask_files(folder: Path) -> dict[str, Path]:
     """The masks in ``folder`` by their image's lower-case stem: ``<stem>_mask.<ext>`` (MVTec AD)
     or ``<stem>.<ext>`` (VisA, BTAD), any image extension, any case."""
@@ -133,8 +156,7 @@ def _mask_files(folder: Path) -> dict[str, Path]:
         stem = path.stem.lower()
         if stem.endswith("_mask"):
             found[stem.removesuffix("_mask")] = path  # MVTec's own name wins over a same-stem file
-        else:
-            found.setdefault(stem, path)
+        found.setdefault(stem, path)  # also under its full name: an image may itself be called x_mask
     return found
 
 
