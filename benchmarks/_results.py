@@ -29,7 +29,8 @@ def decode_run_split(config: Any, split: str, size: int) -> DecodedImages:
     ``image_size`` (the larger stage's), as ``run`` decodes, so that synthetic defects are drawn on
     the pixels the run drew them on and a larger stage 2 reads its own resolution."""
     records = split_records(load_records(config.data, seed=config.run.seed))[split]
-    return decode_records(records, size, config.data.channels, config.data.invert_masks, progress=False)
+    return decode_records(records, size, config.data.channels, config.data.invert_masks, progress=False,
+                          bit_depth=config.data.bit_depth or 16)
 
 
 def run_image_size(config: Config) -> int:

@@ -103,7 +103,8 @@ def main() -> None:
     batch_size = config.run.score_batch_size
     test_records = split_records(load_records(config.data, seed=config.run.seed))["test"]
     start = time.perf_counter()
-    test = decode_records(test_records, detector.image_size, detector.channels, config.data.invert_masks, progress=False)
+    test = decode_records(test_records, detector.image_size, detector.channels, config.data.invert_masks, progress=False,
+                          bit_depth=detector.bit_depth)
     decode_ips = len(test.records) / (time.perf_counter() - start)
     labels = np.array([r.label for r in test.records])
     chosen = production_mix(labels, args.images, args.normal_share, seed=args.seed)

@@ -21,7 +21,7 @@ args = parser.parse_args()
 detector = TwoStageDetector.from_run(args.run_dir)
 result = detector.predict(args.images, all_stages=True, progress=False)  # stage-2 maps for every image
 size, channels = detector.image_size, detector.channels
-pixels = np.stack([read_image(p.image, size, channels) for p in result.images])
+pixels = np.stack([read_image(p.image, size, channels, detector.bit_depth) for p in result.images])
 cascade = detector.cascade  # contour where the stage-2 map exceeds validation normals' image scores by 3 std
 level = cascade.stage2.value if cascade.fusion == "stage2" else cascade.stage2_mean + 3 * cascade.stage2_std
 plot_map_pairs(

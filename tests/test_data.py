@@ -5,6 +5,7 @@ from PIL import Image
 from twostage_ad.config import DataConfig
 from twostage_ad.data.images import (
     decode_records,
+    infer_bit_depth,
     infer_channels,
     read_image,
     read_image_with_size,
@@ -298,6 +299,22 @@ def test_sixteen_bit_scaling_depends_on_the_mode_not_the_pixels(tmp_path):
     assert read_image(tmp_path / "dark.png", 32, 1).max() <= 1
     out = read_image(tmp_path / "ramp.png", 32, 1)
     assert out[:, 0].max() < 40 and out[:, -1].min() > 215
+
+
+def test_twelve_bit_values_in_sixteen_bit_files_use_the_whole_grey_range(tmp_path):
+    ramp = np.tile(np.linspace(0, 4095, 8).astype(np.uint16), (8, 1))  # a 12-bit camera's values
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    assert read_image(tmp_path / "ramp.png", 32, 1).max() <= 16  # read as 16 bits: nearly black
+    out = read_image(tmp_path / "ramp.png", 32, 1, bit_depth=12)
+    assert out[:, 0].max() < 40 and out[:, -1].min() > 215
+    records = [Record(name="r", label=0, split="train", image=tmp_path / "ramp.png")]
+    assert infer_bit_depth(records) == 12
+    Image.fromarray(np.full((8, 8), 4096, np.uint16)).save(tmp_path / "over.png")
+    assert infer_bit_depth([*records, Record(name="o", label=0, split="train", image=tmp_path / "over.png")]) == 14
+    Image.fromarray(np.full((8, 8), 200, np.uint8)).save(tmp_path / "eight.png")
+    assert infer_bit_depth([Record(name="e", label=0, split="train", image=tmp_path / "eight.png")]) == 16  # no 16-bit file
+    decoded = decode_records(records, 32, 1, progress=False, bit_depth=12)
+    np.testing.assert_array_equal(decoded.images[0], out)
 
 
 def test_thin_mask_lines_survive_downscaling(tmp_path):

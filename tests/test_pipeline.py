@@ -289,3 +289,27 @@ def test_a_run_on_large_images_warns_once_that_small_defects_may_vanish(tmp_path
         run_pipeline(config, tmp_path / "run", progress=False)
     warned = [r.getMessage() for r in caplog.records if "larger than stage 1's input" in r.getMessage()]
     assert len(warned) == 1 and "about 5× larger than stage 1's input of 32 px" in warned[0]  # 160 / 32; not per split
+
+
+@pytest.mark.filterwarnings("ignore:data.source 'folders' without a config file")  # tiny settings are given here
+def test_a_run_on_twelve_bit_images_reads_and_scores_them_at_their_bit_depth(tmp_path):
+    from twostage_ad.detector import TwoStageDetector
+
+    rng = np.random.default_rng(0)
+    for split, folder, count in (("train", "0.normal", 8), ("test", "0.normal", 2), ("test", "1.abnormal", 2)):
+        for index in range(count):
+            twelve_bit = (textured(rng).astype(np.uint16) * 16)  # 0-4080: 12-bit values in a 16-bit file
+            write_image(tmp_path / "d" / split / folder / f"{index}.png", twelve_bit)
+    config = load_config(None, ["data.source=seed", f"data.path={tmp_path / 'd'}", "data.image_size=32", "run.overlays=0",
+                                "stage1.epochs=1", "stage1.base_width=8", "stage1.max_width=16", "stage1.min_steps=0",
+                                "stage2.epochs=1", "stage2.width_divisor=16", "stage2.min_steps=0"])
+    result = run_pipeline(config, tmp_path / "run", progress=False)
+    assert load_config(result.run_dir / "config.yaml").data.bit_depth == 12  # resolved from the training images
+    maps = np.load(result.run_dir / "maps" / "test_maps.npz")["images"]
+    assert maps.max() > 150  # decoded at full contrast, not 16× too dark
+    detector = TwoStageDetector.from_run(result.run_dir, device="cpu")
+    files = sorted((tmp_path / "d" / "test").rglob("*.png"))
+    frame = detector.predict(files, progress=False, maps=False).to_frame()
+    saved = result.scores[result.scores["split"] == "test"].set_index("image")
+    names = [str(f.relative_to(tmp_path / "d")) for f in files]
+    np.testing.assert_allclose(frame["stage1_loss"], saved.loc[names, "stage1_loss"], rtol=1e-5, atol=1e-6)

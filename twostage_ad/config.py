@@ -90,6 +90,9 @@ class DataConfig:
     category: str | None = None
     image_size: int = 128
     channels: int = 0  # 0 = decide from the first training image (1 grey, 3 colour)
+    # 16-bit files: the bits their values use (a 12-bit camera saves 0-4095 in 16-bit files); 0 = from the
+    # training images' largest value (8, 10, 12, 14 or 16). 8-bit files are unaffected.
+    bit_depth: int = 0
     normal_digit: int = 0  # digits only: the digit that is "normal"
     val_fraction: float = 0.15  # share of train normals carved out for calibration if no val split
     invert_masks: bool = False  # True when defects are black in the mask files (PIPED)
@@ -106,6 +109,8 @@ class DataConfig:
             self.image_size,
         )
         _check(self.channels in (0, 1, 3), f"{prefix}.channels", "0 (auto), 1 or 3", self.channels)
+        _check(self.bit_depth == 0 or (isinstance(self.bit_depth, int) and 8 <= self.bit_depth <= 16), f"{prefix}.bit_depth",
+               "0 (from the training images) or 8-16", self.bit_depth)
         _check(0 <= self.normal_digit <= 9, f"{prefix}.normal_digit", "a digit 0-9", self.normal_digit)
         _check(0.0 < self.val_fraction < 1.0, f"{prefix}.val_fraction", "in (0, 1)", self.val_fraction)
 

@@ -169,7 +169,8 @@ def _load_reused(stage: TrainableStage, checkpoint: str | Path, run: RunConfig) 
 class TwoStageDetector:
     """Stage 1 (:class:`AttentionStage`), stage 2 (:class:`PatchScorerStage`) and their :class:`Cascade`."""
 
-    def __init__(self, stage1: AttentionStage, stage2: PatchScorerStage, cascade: Cascade | None = None, *, name: str = ""):
+    def __init__(self, stage1: AttentionStage, stage2: PatchScorerStage, cascade: Cascade | None = None, *, name: str = "",
+                 bit_depth: int = 16):
         if stage1.channels != stage2.channels:
             raise ValueError(
                 f"stage 1 ({stage1.channels} channel(s)) and stage 2 ({stage2.channels} channel(s)) were trained on different images"
@@ -178,6 +179,7 @@ class TwoStageDetector:
         self.stage2 = stage2
         self.cascade = cascade
         self.name = name
+        self.bit_depth = bit_depth  # the bits 16-bit files' values use (data.bit_depth), for reading files to score
 
     @property
     def image_size(self) -> int:
@@ -211,7 +213,7 @@ class TwoStageDetector:
                                   **shared)
         for stage in (stage1, stage2):
             apply_run_settings(stage, config.run)
-        detector = cls(stage1, stage2, name=config.run.name)
+        detector = cls(stage1, stage2, name=config.run.name, bit_depth=config.data.bit_depth or 16)
         detector.reused_ = {name: str(path) for name, path in (reuse or {}).items() if path is not None}
         if "stage1" in detector.reused_:
             detector.stage1 = _load_reused(stage1, detector.reused_["stage1"], config.run)
@@ -387,10 +389,11 @@ class TwoStageDetector:
         stage2 = PatchScorerStage.load(checkpoints / "stage2.pt", device=device)
         if not hasattr(stage2, "map_mean_"):
             raise ValueError(f"{str(checkpoints / 'stage2.pt')!r} has no map statistics: the run did not finish")
-        run = load_run_config(run_dir).run
+        config = load_run_config(run_dir)
         for stage in (stage1, stage2):
-            apply_run_settings(stage, run)
-        return cls(stage1, stage2, Cascade.from_dict(read_json(thresholds_path)), name=run_dir.name)
+            apply_run_settings(stage, config.run)
+        return cls(stage1, stage2, Cascade.from_dict(read_json(thresholds_path)), name=run_dir.name,
+                   bit_depth=config.data.bit_depth or 16)
 
     def _decode(self, images: Sequence[str | Path] | np.ndarray) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
         size, channels = self.image_size, self.channels
@@ -402,7 +405,7 @@ class TwoStageDetector:
                 )
             return [str(i) for i in range(len(images))], images, []
         records = [Record(name=str(p), label=0, split="predict", image=Path(p)) for p in images]
-        decoded = decode_records(records, size, channels, desc="decode", progress=False)
+        decoded = decode_records(records, size, channels, desc="decode", progress=False, bit_depth=self.bit_depth)
         return [r.name for r in decoded.records], decoded.images, decoded.failed
 
     def predict(

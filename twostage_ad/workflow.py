@@ -27,7 +27,7 @@ from twostage_ad.calibration import NORMAL_ONLY_METHODS, SYNTHETIC_METHODS, Cali
 from twostage_ad.cascade import Cascade, MapFusion, fit_cascade
 from twostage_ad.config import CalibrationConfig, Config, ConfigError
 from twostage_ad.config_io import config_to_dict, save_config
-from twostage_ad.data.images import DecodedImages, decode_records, infer_channels, warn_if_much_reduced
+from twostage_ad.data.images import DecodedImages, decode_records, infer_bit_depth, training_channels, warn_if_much_reduced
 from twostage_ad.data.records import DataError, Record, load_records, split_records
 from twostage_ad.detector import CascadeScores, TwoStageDetector, expand_image_paths
 from twostage_ad.device import resolve_device
@@ -115,19 +115,6 @@ def _check_calibration_feasible(val_labels: list[int], calibration: CalibrationC
                                "normals and needs at least 2 of them")
 
 
-def _infer_channels(records: list) -> int:
-    """Channels of the first readable training image (unreadable ones are reported later, when decoded)."""
-    for record in records:
-        try:
-            return infer_channels(record)
-        except DataError:
-            continue
-    raise DataError(
-        f"none of the {len(records)} training image(s) can be read (e.g. {records[0].name!r}); check the files "
-        "or the data.path" if records else "no training images"
-    )
-
-
 def _resume_reused(run_dir: Path, stage1: str | Path | None, stage2: str | Path | None) -> tuple[str | None, str | None]:
     """The checkpoints the interrupted run reused (``reused.json``); given ones must match them."""
     path = run_dir / RUN_FILES["reused"]
@@ -146,7 +133,8 @@ def _resume_config(run_dir: Path, config: Config | None, reused: dict[str, Any])
     whose model and training fields the run took from its checkpoint, in the scoring fields)."""
     saved = load_run_config(run_dir)
     if config is not None:
-        given = config_to_dict(replace(config, data=replace(config.data, channels=config.data.channels or saved.data.channels)))
+        given = config_to_dict(replace(config, data=replace(config.data, channels=config.data.channels or saved.data.channels,
+                                                            bit_depth=config.data.bit_depth or saved.data.bit_depth)))
         for section, values in config_to_dict(saved).items():
             for key, value in values.items():
                 if reused.get(section) is not None and key not in getattr(saved, section).scoring_fields:
@@ -167,8 +155,8 @@ def _decode_splits(config: Config, splits: dict[str, list[Record]], size: int, p
     """Every split decoded at ``size`` (the larger stage's scale); refuses too few readable training
     or validation normals."""
     channels = config.data.channels
-    decoded = {name: decode_records(recs, size, channels, config.data.invert_masks, desc=f"decode {name}",
-                                    progress=progress) for name, recs in splits.items()}
+    decoded = {name: decode_records(recs, size, channels, config.data.invert_masks, desc=f"decode {name}", progress=progress,
+                                    bit_depth=config.data.bit_depth) for name, recs in splits.items()}
     if len(decoded["train"]) < 2:
         raise DataError(
             f"only {len(decoded['train'])} readable normal training image(s) in {config.data.path or config.data.source!r}; "
@@ -260,7 +248,8 @@ def run_pipeline(
     log.info("run folder: %s (device %s%s)", run_dir, device, f", {context.world_size} processes" if context.enabled else "")
     apply_process_settings(config.run.threads, config.run.tune_malloc)
     started = time.perf_counter()
-    config = replace(config, data=replace(config.data, channels=config.data.channels or _infer_channels(splits["train"])))
+    config = replace(config, data=replace(config.data, channels=config.data.channels or training_channels(splits["train"]),
+                                          bit_depth=config.data.bit_depth or infer_bit_depth(splits["train"])))
     detector = TwoStageDetector.from_config(config, device=str(device), reuse=reuse)
     config = replace(config, stage1=detector.stage1.config, stage2=detector.stage2.config)  # a reused stage's own
     if not resume and context.is_main:

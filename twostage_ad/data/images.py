@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 
 from twostage_ad.data.records import DataError, Record
 
-__all__ = ["DecodedImages", "decode_native", "decode_records", "infer_channels", "read_image", "read_mask", "resize_images",
-           "resize_maps", "to_tensor", "warn_if_much_reduced"]
+__all__ = ["DecodedImages", "decode_native", "decode_records", "infer_bit_depth", "infer_channels", "read_image", "read_mask", "resize_images",
+           "resize_maps", "to_tensor", "training_channels", "warn_if_much_reduced"]
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +35,16 @@ WARN_REDUCTION = 4.0
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
-def _to_8bit(image: Image.Image) -> Image.Image:
-    """Single-channel 16-/32-bit integer and float images to 8-bit L by their *mode's* range.
+def _to_8bit(image: Image.Image, bit_depth: int = 16) -> Image.Image:
+    """Single-channel 16-/32-bit integer and float images to 8-bit L by a fixed range.
 
     Integer modes (``I;16*`` and ``I``, which Pillow uses for 16-bit PNG/TIFF) are read as
-    0–65535; float mode ``F`` as 0–1. The scale never depends on the pixel values, so two images
-    of one camera decode consistently.
+    0 – 2^``bit_depth`` − 1 (a 12-bit camera's 0–4095 in 16-bit files: ``bit_depth`` 12); float
+    mode ``F`` as 0–1. The scale never depends on one image's values, so two images of one camera
+    decode consistently (``data.bit_depth`` fixes it for a whole run).
     """
     if image.mode in _SIXTEEN_BIT_MODES:
-        array = np.asarray(image, dtype=np.float64) / 257.0
+        array = np.asarray(image, dtype=np.float64) / ((2**bit_depth - 1) / 255.0)  # 16 bits: / 257, exactly
     elif image.mode == "F":
         array = np.asarray(image, dtype=np.float64) * 255.0
     else:
@@ -68,9 +69,25 @@ def _open_upright(path: str | Path, what: str) -> Image.Image:
         raise DataError(f"cannot read {what} {str(path)!r}: {exc}") from exc
 
 
-def _open_converted(path: str | Path, mode: str, what: str) -> Image.Image:
+def _open_converted(path: str | Path, mode: str, what: str, bit_depth: int = 16) -> Image.Image:
     """Open and fully decode ``path`` as Pillow ``mode`` (``L`` or ``RGB``); ``DataError`` if unreadable."""
-    return _to_8bit(_open_upright(path, what)).convert(mode)
+    return _to_8bit(_open_upright(path, what), bit_depth).convert(mode)
+
+
+def infer_bit_depth(records: list[Record], sample: int = 16) -> int:
+    """The bits the training images' 16-bit values use: the smallest of 8, 10, 12, 14, 16 that holds
+    the largest value among up to ``sample`` evenly spaced 16-bit files (16 when there are none).
+    Unreadable files are skipped here; decoding reports them."""
+    files = [r for r in records if r.image is not None]
+    largest = -1.0
+    for record in files[:: max(1, len(files) // sample)][:sample]:
+        try:
+            image = _open_upright(record.image, "image")
+        except DataError:
+            continue
+        if image.mode in _SIXTEEN_BIT_MODES:
+            largest = max(largest, float(np.asarray(image).max()))
+    return 16 if largest < 0 else next(bits for bits in (8, 10, 12, 14, 16) if largest <= 2**bits - 1 or bits == 16)
 
 
 def decode_native(path: str | Path, *, mode: str | None = None, what: str = "image") -> Image.Image:
@@ -116,15 +133,16 @@ def resize_maps(maps: np.ndarray, size: int, batch_size: int = 64) -> np.ndarray
     return out
 
 
-def read_image_with_size(path: str | Path, size: int, channels: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode ``path`` to ``size × size × channels`` uint8, and return its original ``(W, H)``."""
-    image = _open_converted(path, "L" if channels == 1 else "RGB", "image")
+def read_image_with_size(path: str | Path, size: int, channels: int, bit_depth: int = 16) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode ``path`` to ``size × size × channels`` uint8, and return its original ``(W, H)``
+    (``bit_depth``: the bits a 16-bit file's values use, :func:`_to_8bit`)."""
+    image = _open_converted(path, "L" if channels == 1 else "RGB", "image", bit_depth)
     return _resized_array(image, size), image.size
 
 
-def read_image(path: str | Path, size: int, channels: int) -> np.ndarray:
+def read_image(path: str | Path, size: int, channels: int, bit_depth: int = 16) -> np.ndarray:
     """Decode ``path`` to a ``size × size × channels`` uint8 array. Raises ``DataError``."""
-    return read_image_with_size(path, size, channels)[0]
+    return read_image_with_size(path, size, channels, bit_depth)[0]
 
 
 def read_mask(path: str | Path, size: int, invert: bool = False, expect_shape: tuple[int, int] | None = None) -> np.ndarray:
@@ -181,6 +199,19 @@ def infer_channels(record: Record) -> int:
         raise DataError(f"cannot read image {str(record.image)!r}: {exc}") from exc
 
 
+def training_channels(records: list[Record]) -> int:
+    """Channels of the first readable training image (unreadable ones are reported later, when decoded)."""
+    for record in records:
+        try:
+            return infer_channels(record)
+        except DataError:
+            continue
+    raise DataError(
+        f"none of the {len(records)} training image(s) can be read (e.g. {records[0].name!r}); check the files "
+        "or the data.path" if records else "no training images"
+    )
+
+
 def _from_array(array: np.ndarray, size: int, channels: int) -> np.ndarray:
     image = Image.fromarray(np.ascontiguousarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array))
     return _resized_array(image.convert("L" if channels == 1 else "RGB"), size)
@@ -219,8 +250,10 @@ def decode_records(
     invert_masks: bool = False,
     desc: str = "decode",
     progress: bool = True,
+    bit_depth: int = 16,
 ) -> DecodedImages:
-    """Decode every record once (the in-memory cache). Unreadable images are skipped and listed."""
+    """Decode every record once (the in-memory cache). Unreadable images are skipped and listed;
+    ``bit_depth``: the bits 16-bit files' values use (``data.bit_depth``, resolved)."""
     kept, images, masks, has_mask, failed = [], [], [], [], []
     small: list[tuple[str, tuple[int, int]]] = []
     native: list[tuple[int, int]] = []  # (W, H) of each kept file, (0, 0) for in-memory pixels
@@ -231,7 +264,7 @@ def decode_records(
                 image = _from_array(record.array, size, channels)
                 original_size = None
             else:
-                image, original_size = read_image_with_size(record.image, size, channels)
+                image, original_size = read_image_with_size(record.image, size, channels, bit_depth)
                 if max(original_size) < size:  # upsampled in every direction (not merely a narrow side)
                     small.append((record.name, original_size))
         except DataError as exc:
