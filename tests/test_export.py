@@ -41,6 +41,7 @@ def test_torchscript_agrees_with_eager(exported):
     np.testing.assert_allclose(maps.numpy(), second.maps, rtol=1e-5, atol=1e-5)
     constants = json.loads((run_dir / "export" / "cascade.json").read_text())
     assert constants["thresholds"]["stage1"]["value"] == pytest.approx(TwoStageDetector.from_run(run_dir).cascade.stage1.value)
+    assert constants["bit_depth"] == 16  # digits: no 16-bit file; a deployment reads 16-bit files by it
 
 
 def test_onnx_agrees_with_eager(exported):

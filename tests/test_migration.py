@@ -168,3 +168,15 @@ def test_the_shipped_recipe_scores_in_bf16_only_where_it_is_native_and_never_war
     if not native:
         with pytest.warns(RuntimeWarning, match="no native bf16"):
             assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+
+
+def test_a_run_folder_written_before_a_field_reads_as_it_was_trained(tmp_path):
+    from twostage_ad.config_io import config_to_dict
+    from twostage_ad.runs import load_run_config
+
+    saved = config_to_dict(load_config(None, ["data.channels=1", "data.bit_depth=12"]))
+    del saved["data"]["bit_depth"], saved["stage1"]["max_seconds"]  # fields an older version did not write
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    config = load_run_config(tmp_path)
+    assert config.data.bit_depth == 16  # 16-bit files were read by their mode's full range then
+    assert config.stage1.max_seconds == 0.0  # no time budget then

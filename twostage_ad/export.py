@@ -142,6 +142,8 @@ def export_run(
         "stage2_batch": 1 if tiled else "any",
         "channels": detector.channels,
         "input_scaling": "pixel / 127.5 - 1, N×C×H×W float32",
+        # how a 16-bit grey file becomes an 8-bit pixel: rint(value · 255 / (2^bit_depth − 1)), clipped to 255
+        "bit_depth": detector.bit_depth,
         "stage2_guidance": detector.stage2.config.guidance,
     })
     return written

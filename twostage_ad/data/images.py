@@ -75,25 +75,32 @@ def _open_converted(path: str | Path, mode: str, what: str, bit_depth: int = 16)
 
 
 def infer_bit_depth(records: list[Record], sample: int = 16) -> int:
-    """The bits the training images' 16-bit values use: the smallest of 8, 10, 12, 14, 16 that holds
-    the largest value among up to ``sample`` evenly spaced 16-bit files (16 when there are none).
-    Unreadable files are skipped here; decoding reports them."""
+    """The bits the training images' single-channel 16-bit values use: the smallest of 8, 10, 12,
+    14, 16 that holds the largest value among up to ``sample`` evenly spaced files (16 when none is
+    16-bit grey). Unreadable files are skipped here; decoding reports them. (Pillow reads 48-bit
+    colour files at their high byte, so colour files never reach this scaling.)"""
     files = [r for r in records if r.image is not None]
     largest = -1.0
-    for record in files[:: max(1, len(files) // sample)][:sample]:
+    for index in sorted(set(np.linspace(0, len(files) - 1, min(sample, len(files))).round().astype(int))):
         try:
-            image = _open_upright(record.image, "image")
+            image = _open_upright(files[index].image, "image")
         except DataError:
             continue
         if image.mode in _SIXTEEN_BIT_MODES:
             largest = max(largest, float(np.asarray(image).max()))
-    return 16 if largest < 0 else next(bits for bits in (8, 10, 12, 14, 16) if largest <= 2**bits - 1 or bits == 16)
+    if largest < 0:
+        return 16
+    bits = next(bits for bits in (8, 10, 12, 14, 16) if largest <= 2**bits - 1 or bits == 16)
+    log.info("16-bit images: largest value %d in the sampled training images, read as %d-bit (data.bit_depth)",
+             largest, bits)
+    return bits
 
 
 def decode_native(path: str | Path, *, mode: str | None = None, what: str = "image") -> Image.Image:
     """An image file fully decoded at its native size as the package decodes it (16-bit and float
-    images by their mode's range): Pillow ``mode`` ``L`` or ``RGB``, default ``L`` for grey files
-    and ``RGB`` otherwise. ``DataError`` names the file when it cannot be read."""
+    images by their mode's full range, i.e. ``data.bit_depth: 16``): Pillow ``mode`` ``L`` or
+    ``RGB``, default ``L`` for grey files and ``RGB`` otherwise. ``DataError`` names the file when
+    it cannot be read."""
     if mode is None:
         try:
             with Image.open(path) as opened:
