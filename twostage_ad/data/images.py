@@ -28,11 +28,9 @@ __all__ = ["DecodedImages", "decode_native", "decode_records", "infer_bit_depth"
 log = logging.getLogger(__name__)
 
 _GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 # The median reduction (native longest side / stage 1's input) from which a run warns that small defects may vanish.
 WARN_REDUCTION = 4.0
-
-
-_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 def _to_8bit(image: Image.Image, bit_depth: int = 16) -> Image.Image:
