@@ -115,12 +115,12 @@ def map_metrics(
     maps = {"stage1": stage1_maps, "stage2": stage2_maps, "fused": fused}
     pixel = {k: pixel_auroc(labels, masks, has_mask, m) for k, m in maps.items()}
     pro = {k: pro_score(labels, masks, has_mask, m, max_fpr=PRO_MAX_FPR) for k, m in maps.items()}
-    anomalous = labels == 1
-    with_mask = int((usable_for_pixels(labels, masks, has_mask) & anomalous).sum())
+    anomalous = int((labels == 1).sum())
+    with_mask = int((usable_for_pixels(labels, masks, has_mask) & (labels == 1)).sum())
     notes = {**_notes("pixel_auroc", pixel), **_notes("pro", pro)}
-    if 0 < with_mask < anomalous.sum():
-        notes["pixel_auroc.masks"] = (f"{int(anomalous.sum()) - with_mask} of {int(anomalous.sum())} test anomalies have no "
-                                      "usable mask (none given, unreadable or empty): the pixel metrics leave them out")
+    if 0 < with_mask < anomalous:
+        notes["pixel_auroc.masks"] = (f"{anomalous - with_mask} of {anomalous} test anomalies have no usable mask (none "
+                                      "given, unreadable or empty): the pixel metrics leave them out")
     return {
         "test_anomalous_with_mask": with_mask,
         "pixel_auroc": {k: m.value for k, m in pixel.items()},

@@ -81,11 +81,11 @@ def infer_bit_depth(records: list[Record], sample: int = 16) -> int:
     largest = -1.0
     for index in sorted(set(np.linspace(0, len(files) - 1, min(sample, len(files))).round().astype(int))):
         try:
-            image = _open_upright(files[index].image, "image")
-        except DataError:
+            with Image.open(files[index].image) as opened:  # the header says the mode; only 16-bit files are decoded
+                if opened.mode in _SIXTEEN_BIT_MODES:
+                    largest = max(largest, float(np.asarray(opened).max()))
+        except _UNREADABLE:
             continue
-        if image.mode in _SIXTEEN_BIT_MODES:
-            largest = max(largest, float(np.asarray(image).max()))
     if largest < 0:
         return 16
     bits = next(bits for bits in (8, 10, 12, 14, 16) if largest <= 2**bits - 1 or bits == 16)
@@ -189,8 +189,8 @@ def _mask_values(mask: Image.Image) -> np.ndarray:
     """A mask's raw ``H×W`` values: single-channel modes as stored (16-bit and float included),
     colour and palette masks as their brightest channel."""
     if mask.mode in ("1", "L", "F", *_SIXTEEN_BIT_MODES):
-        return np.asarray(mask.convert("L") if mask.mode == "1" else mask, dtype=np.float64)
-    return np.asarray(mask.convert("RGB"), dtype=np.float64).max(axis=2)
+        return np.asarray(mask.convert("L") if mask.mode == "1" else mask)
+    return np.asarray(mask.convert("RGB")).max(axis=2)
 
 
 def infer_channels(record: Record) -> int:
