@@ -61,8 +61,10 @@ def test_folders_layout_reads_anomalies_sorted_into_subfolders(seed_layout, rng)
     write_image(seed_layout / "test" / "1.abnormal" / "scratch" / "s0.png", textured(rng))
     for skipped in ("masks", ".ipynb_checkpoints", "@eaDir", "scratch/deeper"):
         write_image(seed_layout / "test" / "1.abnormal" / skipped / "x.png", textured(rng))
+    write_image(seed_layout / "test" / "1.abnormal" / "p0.PGM", textured(rng))  # netpbm, as machine-vision tools write
     records = {r.name: r for r in read_seed_layout(seed_layout)}
     assert not any("x.png" in name for name in records)
+    assert read_image(records["test/1.abnormal/p0.PGM"].image, 16, 1).shape == (16, 16, 1)
     assert records["test/1.abnormal/scratch/s0.png"].label == 1
     assert records["test/1.abnormal/scratch/s0.png"].category == "scratch"
     assert records["test/1.abnormal/a0.png"].category == "1.abnormal"
