@@ -234,6 +234,25 @@ def test_trained_stages_can_be_reused(tiny_run, tmp_path):
         run_pipeline(config, tmp_path / "missing", progress=False, stage1_checkpoint=tmp_path / "nope.pt")
 
 
+def test_reusing_stage1_with_another_screening_refits_the_attention_spread(tiny_run, tmp_path):
+    """The feature banks hold the attention term's spread on the training normals as it was screened
+    when fitted; a reused stage 1 screened with another ``screen_topk`` gets it refitted, not stale."""
+    from twostage_ad.data.images import decode_records
+    from twostage_ad.data.records import load_records, split_records
+    from twostage_ad.stages.attention import AttentionStage
+
+    config = load_config(None, ["stage1.screen_topk=0.05", "run.overlays=0"])
+    result = run_pipeline(config, tmp_path / "share", progress=False,
+                          stage1_checkpoint=tiny_run.run_dir / "checkpoints" / "stage1.pt")
+    original = AttentionStage.load(tiny_run.run_dir / "checkpoints" / "stage1.pt")
+    reused = AttentionStage.load(result.run_dir / "checkpoints" / "stage1.pt")
+    assert (original.config.screen_topk, reused.config.screen_topk) == (0.01, 0.05)
+    assert reused.features_.attention_mean != pytest.approx(original.features_.attention_mean, rel=1e-3)
+    train = decode_records(split_records(load_records(config.data, seed=config.run.seed))["train"], 32, 1, progress=False)
+    refitted = reused.fit_feature_normality(train.images)
+    assert reused.features_.attention_mean == pytest.approx(refitted.attention_mean, rel=1e-5)
+
+
 def test_methods_needing_anomalies_fail_before_training(tmp_path):
     config = load_config(None, ["calibration.method=f1", "stage1.epochs=1"])
     with pytest.raises(ValueError, match="needs labelled anomalies in the validation split"):
