@@ -197,6 +197,11 @@ class Stage1Config:
     # own loss), scored with their averaged attention logits; ensemble_size x the stage-1 training and
     # scoring time; attention-only training (docs/experiments.md, ensembles)
     ensemble_size: int = 1
+    # tiles: the network is built for tile_size px, trains on random tiles of the data.image_size decode (defects
+    # drawn on the tile) and scores overlapping tiles whose maps are blended into one map of the whole image, so a
+    # large decode costs a tile per training step; 0 = the network sees the whole data.image_size image
+    tile_size: int = 0
+    tile_overlap: float = 0.5  # share of a tile its neighbour overlaps when scoring (stride rounded to feature cells)
     # training: epochs passes over the training set, at least min_steps and at most max_steps optimiser steps
     # (0: no bound); the floor gives a small set enough updates (32 images: 80 epochs instead of 40), the cap
     # keeps a large set's training time bounded (docs/experiments.md, training length)
@@ -274,6 +279,13 @@ class Stage1Config:
         _check(0.0 <= self.feature_map_weight <= 1.0, f"{prefix}.feature_map_weight", "in [0, 1]", self.feature_map_weight)
         _check(isinstance(self.feature_bank_size, int) and self.feature_bank_size >= 1, f"{prefix}.feature_bank_size",
                "an integer >= 1", self.feature_bank_size)
+        _check(isinstance(self.tile_size, int) and (self.tile_size == 0 or (32 <= self.tile_size <= 512 and _is_power_of_two(self.tile_size))),
+               f"{prefix}.tile_size", "0 (the whole image) or a power of two from 32 to 512", self.tile_size)
+        _check(0.0 <= self.tile_overlap < 1.0, f"{prefix}.tile_overlap", "in [0, 1)", self.tile_overlap)
+        if self.tile_size:  # a tile's reconstruction and latent errors do not add up to the image's
+            for name in ("screen_con", "screen_enc"):
+                _check(getattr(self, name) == 0, f"{prefix}.{name}", "0 with stage1.tile_size (tiles score the attention "
+                       "and feature terms only)", getattr(self, name))
         _check(self.position_normality in ("none", "mean", "standardise"), f"{prefix}.position_normality",
                "none, mean or standardise", self.position_normality)
         for name in ("repair", "repair_detach"):
@@ -466,11 +478,12 @@ class Config:
     def validate(self) -> Config:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate(f.name)
-        levels = self.data.image_size // self.stage1.bottleneck_size
+        network_size = min(self.stage1.tile_size or self.data.image_size, self.data.image_size)
         _check(
-            levels >= 4,
+            network_size // self.stage1.bottleneck_size >= 4,
             "stage1.bottleneck_size",
-            f"at most data.image_size / 4 = {self.data.image_size // 4} (the network needs two down-steps)",
+            f"at most {network_size // 4}, a quarter of stage 1's network size (data.image_size, or stage1.tile_size "
+            "when smaller; the network needs two down-steps)",
             self.stage1.bottleneck_size,
         )
         stage2_size = self.stage2.image_size or self.data.image_size

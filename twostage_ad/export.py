@@ -7,8 +7,8 @@ and :meth:`PatchScorerStage.score` compute, with the run's weights and constants
   anomaly map 1 − A B×S×S)``
 - ``stage2``: ``(x, stage-1 anomaly map)`` (``x`` ``B×C×S₂×S₂`` at stage 2's size, the map as stage 1
   returns it) -> ``(image score B, standardised map B×S₂×S₂)``; with ``stage2.guidance: none`` the
-  map input is unused (ONNX drops it from the graph). A tiled stage 2 is traced for one image per
-  call (``cascade.json`` says ``stage2_batch: 1``).
+  map input is unused (ONNX drops it from the graph). A tiled stage is traced for one image per
+  call (``cascade.json`` says ``stage1_batch: 1`` or ``stage2_batch: 1``).
 
 The cascade itself (τ₁, τ₂, the fusion statistics) is plain arithmetic on these outputs; its
 constants are written next to the models as ``cascade.json``. Inputs are images scaled as
@@ -95,10 +95,10 @@ def export_run(
     output_dir.mkdir(parents=True, exist_ok=True)
     detector = TwoStageDetector.from_run(run_dir, device="cpu")
     stage1, stage2 = Stage1Scorer(detector), Stage2Scorer(detector)
-    # each graph takes its own stage's scale; a tiled stage 2 is traced for one image at a time
+    # each graph takes its own stage's scale; a tiled stage is traced for one image at a time
     # (its tile loop unrolls for the traced batch)
-    tiled = detector.stage2.tiled
-    x = _example(detector.stage1.image_size, detector.channels)
+    tiled, tiled1 = detector.stage2.tiled, detector.stage1.tiled
+    x = _example(detector.stage1.image_size, detector.channels, batch=1 if tiled1 else 2)
     x2 = _example(detector.stage2.image_size, detector.channels, batch=1 if tiled else 2)
     with torch.inference_mode():
         _, anomaly = stage1(x)
@@ -126,7 +126,7 @@ def export_run(
                 ("stage2", stage2, (x2, anomaly), ["image", "stage1_anomaly_map"], ["score", "anomaly_map"]),
             ):
                 path = output_dir / f"{name}.onnx"
-                axes = {} if name == "stage2" and tiled else {n: {0: "batch"} for n in inputs + outputs}
+                axes = {} if (tiled if name == "stage2" else tiled1) else {n: {0: "batch"} for n in inputs + outputs}
                 with torch.no_grad(), warnings.catch_warnings():
                     # the TorchScript-based exporter (needs only `onnx`); its tracer warnings are about
                     # the models' shape checks, which hold for the fixed image size
@@ -137,6 +137,8 @@ def export_run(
     write_json(output_dir / "cascade.json", {
         "thresholds": read_json(run_dir / "thresholds.json"),
         "image_size": detector.stage1.image_size,
+        "stage1_tile_size": detector.stage1.config.tile_size if tiled1 else None,
+        "stage1_batch": 1 if tiled1 else "any",
         "stage2_image_size": detector.stage2.image_size,
         "stage2_tile_size": detector.stage2.config.tile_size if tiled else None,
         "stage2_batch": 1 if tiled else "any",

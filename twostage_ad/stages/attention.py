@@ -45,7 +45,9 @@ from twostage_ad.stages.screening import (
     screening_batch,
     screening_loss,
     screening_scores,
+    screening_share,
     screening_topk,
+    tiled_maps,
     uses_reconstruction,
 )
 from twostage_ad.stages.training import TrainableStage, inference_batches
@@ -122,10 +124,20 @@ class AttentionStage(TrainableStage):
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     precision: str = "float32"
 
+    @property
+    def tiled(self) -> bool:
+        """Whether the network works on tiles of the stage's images (``tile_size`` below ``image_size``)."""
+        return 0 < self.config.tile_size < self.image_size
+
+    @property
+    def network_size(self) -> int:
+        """The square input the network is built for: the tile when tiled, else the whole image."""
+        return self.config.tile_size if self.tiled else self.image_size
+
     def _networks(self) -> tuple[torch.nn.Module, torch.nn.Module | None]:
         c = self.config
-        model = build_attention_network(c, self.channels, self.image_size)
-        discriminator = (ImageMapDiscriminator(self.channels, self.image_size, base_width=c.base_width, max_width=c.max_width)
+        model = build_attention_network(c, self.channels, self.network_size)
+        discriminator = (ImageMapDiscriminator(self.channels, self.network_size, base_width=c.base_width, max_width=c.max_width)
                          if c.w_adv > 0 else None)
         return model, discriminator
 
@@ -133,7 +145,7 @@ class AttentionStage(TrainableStage):
         return {**super()._identity(), "augment": asdict(self.augment)}
 
     def _dataset(self, images: np.ndarray) -> tuple[Dataset, bool]:
-        return DefectDataset(images, self.augment, seed=self.seed), True
+        return DefectDataset(images, self.augment, seed=self.seed, tile=self.network_size if self.tiled else 0), True
 
     def _optimisers(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
         c = self.config
@@ -155,8 +167,37 @@ class AttentionStage(TrainableStage):
     def _feature_levels(self) -> tuple[int, int]:
         """Encoder levels of the screening's feature cells and of the map's."""
         c = self.config
-        level = feature_level(self.image_size, c.bottleneck_size, c.feature_stride)
-        return level, feature_level(self.image_size, c.bottleneck_size, c.feature_map_stride) if c.feature_map_stride else level
+        level = feature_level(self.network_size, c.bottleneck_size, c.feature_stride)
+        return level, feature_level(self.network_size, c.bottleneck_size, c.feature_map_stride) if c.feature_map_stride else level
+
+    def _pixel_bce(self, x: torch.Tensor) -> torch.Tensor:
+        """``B×1×S×S`` per-pixel BCE of images ``x`` (float32, blended over tiles when tiled)."""
+        if self.tiled:
+            return tiled_maps(self.model_, x, self.config, tile_batch=self.score_batch_size)[:, :1]
+        with torch.autocast(x.device.type, enabled=False):
+            return pixel_screening_bce(self.model_(x, reconstruct=False).attention_logits)
+
+    def _bce_and_features(self, x: torch.Tensor, levels: list[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """:meth:`_pixel_bce` and the encoder features ``B×C×h×w`` of images ``x`` at ``levels`` (float32);
+        when tiled, the features of the image's non-overlapping tiles put side by side, so ``h × w``
+        are the whole image's cells."""
+        if not self.tiled:
+            with torch.autocast(x.device.type, enabled=False):
+                out = self.model_(x, reconstruct=False)
+            return pixel_screening_bce(out.attention_logits), {lv: out.encoder_features[lv].float() for lv in levels}
+        tile, per_side = self.network_size, x.shape[-1] // self.network_size
+        assembled: dict[int, torch.Tensor] = {}
+        for row in range(per_side):
+            for col in range(per_side):
+                with torch.autocast(x.device.type, enabled=False):
+                    out = self.model_(x[:, :, row * tile:(row + 1) * tile, col * tile:(col + 1) * tile], reconstruct=False)
+                for lv in levels:
+                    part = out.encoder_features[lv].float()
+                    cells = part.shape[-1]
+                    if lv not in assembled:
+                        assembled[lv] = part.new_zeros(*part.shape[:2], per_side * cells, per_side * cells)
+                    assembled[lv][:, :, row * cells:(row + 1) * cells, col * cells:(col + 1) * cells] = part
+        return self._pixel_bce(x), assembled
 
     def fit_feature_normality(self, images: np.ndarray, *, progress: bool = False) -> FeatureNormality:
         """Fit ``features_`` (and ``map_features_``) on uint8 ``N×H×W×C`` normal images (the training
@@ -175,13 +216,11 @@ class AttentionStage(TrainableStage):
         self.model_.eval()
         with torch.inference_mode():
             for x, _ in inference_batches(images, self.score_batch_size, self.device_, progress=progress, desc="stage 1 features"):
-                with torch.autocast(x.device.type, enabled=False):
-                    out = self.model_(x, reconstruct=False)
-                bce = pixel_screening_bce(out.attention_logits)
+                bce, parts = self._bce_and_features(x, levels)
                 screened = bce if positions is None else positions.apply(bce, self.config.position_normality)
-                attention.append(screening_topk(screened, self.config.screen_topk).cpu())
-                for lv in levels:
-                    features[lv].append(out.encoder_features[lv].float().cpu())
+                attention.append(screening_topk(screened, screening_share(self.config, *x.shape[-2:])).cpu())
+                for lv, part in parts.items():
+                    features[lv].append(part.cpu())
         attention_terms = torch.cat(attention)
         banks = {lv: FeatureNormality.fit(torch.cat(features[lv]), attention_terms, level=lv, bank_size=self.config.feature_bank_size,
                                           seed=self.seed) for lv in levels}
@@ -243,9 +282,7 @@ class AttentionStage(TrainableStage):
         self.model_.eval()
         with torch.inference_mode():
             for x, _ in inference_batches(shard, self.score_batch_size, self.device_, progress=progress, desc="stage 1 normality"):
-                with torch.autocast(x.device.type, enabled=False):
-                    logits = self.model_(x, reconstruct=False).attention_logits
-                bce = pixel_screening_bce(logits)[:, 0].double()
+                bce = self._pixel_bce(x)[:, 0].double()
                 total += bce.sum(dim=0)
                 squares += bce.pow(2).sum(dim=0)
         self.position_ = PositionNormality.from_sums(context.sum(total), context.sum(squares), len(images))

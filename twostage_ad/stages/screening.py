@@ -23,6 +23,7 @@ from twostage_ad.models.attention_net import AttentionNet, AttentionNetEnsemble
 from twostage_ad.models.repair_net import RepairThenAttend
 from twostage_ad.stages.feature_normality import FeatureNormality
 from twostage_ad.stages.normality import PositionNormality
+from twostage_ad.stages.tiling import stitch_cell_maps, tile_stride
 from twostage_ad.stages.training import inference_batches
 
 __all__ = [
@@ -32,7 +33,10 @@ __all__ = [
     "screening_batch",
     "screening_loss",
     "screening_scores",
+    "screening_share",
     "screening_topk",
+    "tiled_maps",
+    "tiled_stride",
     "uses_reconstruction",
 ]
 
@@ -56,8 +60,75 @@ class ScreeningResult:
         return len(self.loss) / self.seconds if self.seconds > 0 else float("nan")
 
 
+Network = AttentionNet | AttentionNetEnsemble | RepairThenAttend
+
+
+def tiled_stride(config: Stage1Config) -> int:
+    """Step between stage 1's tile origins: ``tile_size·(1 − tile_overlap)`` in whole cells of the
+    network's deepest level, so that every tile's feature cells, at any level, coincide with the image's."""
+    return tile_stride(config.tile_size, config.tile_overlap, config.tile_size // config.bottleneck_size)
+
+
+def _tile_channels(model: Network, tiles: torch.Tensor, config: Stage1Config, *, bf16: bool,
+                   features: FeatureNormality | None, map_features: FeatureNormality | None) -> torch.Tensor:
+    """``N×K×t×t`` per-pixel maps of ``N`` tiles: the pixel BCE, ``1 − A`` and, with ``features``, each
+    cell's feature distance (nearest-upsampled, so its maximum is the cells') and, with a map weight,
+    the map's ``sigmoid(z)`` of the cells (bilinear, as the whole-image map)."""
+    with torch.autocast(tiles.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = model(tiles, reconstruct=False)
+    size = tuple(tiles.shape[-2:])
+    channels = [pixel_screening_bce(out.attention_logits), 1.0 - torch.sigmoid(out.attention_logits.float())]
+    if features is not None:
+        cells = features.cell_distances(out.encoder_features[features.level])[:, None]
+        channels.append(F.interpolate(cells, size=size, mode="nearest"))
+        if config.feature_map_weight > 0:
+            map_bank = map_features or features
+            if map_bank is not features:
+                cells = map_bank.cell_distances(out.encoder_features[map_bank.level])[:, None]
+            channels.append(F.interpolate(torch.sigmoid(map_bank.feature_z(cells)), size=size, mode="bilinear", align_corners=False))
+    return torch.cat(channels, dim=1)
+
+
+def tiled_maps(model: Network, x: torch.Tensor, config: Stage1Config, *, bf16: bool = False,
+               features: FeatureNormality | None = None, map_features: FeatureNormality | None = None,
+               tile_batch: int = 64) -> torch.Tensor:
+    """``B×K×H×W`` maps of images ``B×C×H×W`` larger than ``config.tile_size``, scored over overlapping
+    tiles and blended per pixel (:func:`~twostage_ad.stages.tiling.stitch_cell_maps`): the channels of
+    :func:`_tile_channels`, no map normalised per tile. At most ``max(tile_batch, B)`` tiles a forward pass."""
+    return stitch_cell_maps(
+        x, lambda tiles: _tile_channels(model, tiles, config, bf16=bf16, features=features, map_features=map_features),
+        tile=config.tile_size, stride=tiled_stride(config), cell=1, batch_size=tile_batch)
+
+
+def screening_share(config: Stage1Config, height: int, width: int) -> float:
+    """The share of an ``H×W`` map's pixels the attention term averages: ``screen_topk`` of the image,
+    or, over tiles, ``screen_topk`` of one tile's area, so that a small defect weighs in the score as
+    much at any decode size as it does in the tile the network saw."""
+    if 0 < config.tile_size < max(height, width):
+        return config.screen_topk * min(1.0, config.tile_size**2 / (height * width))
+    return config.screen_topk
+
+
+def _tiled_screening(
+    model: Network, x: torch.Tensor, config: Stage1Config, *, bf16: bool, positions: PositionNormality | None,
+    features: FeatureNormality | None, map_features: FeatureNormality | None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """:func:`screening_batch` over tiles: the same components and map, from the blended maps."""
+    maps = tiled_maps(model, x, config, bf16=bf16, features=features, map_features=map_features)
+    pixel_bce, anomaly = maps[:, :1], maps[:, 1]
+    screened = pixel_bce if positions is None else positions.apply(pixel_bce, config.position_normality)
+    nan = torch.full((x.shape[0],), float("nan"), device=x.device)
+    components = {"stage1_recon": nan, "stage1_latent": nan, "stage1_att_mean": pixel_bce.mean(dim=(1, 2, 3)),
+                  "stage1_att_topk": screening_topk(screened, screening_share(config, *x.shape[-2:])), "stage1_feature": nan}
+    if features is not None:
+        components["stage1_feature"] = maps[:, 2].flatten(1).max(dim=1).values
+        if config.feature_map_weight > 0:
+            anomaly = (1.0 - config.feature_map_weight) * anomaly + config.feature_map_weight * maps[:, 3]
+    return components, anomaly
+
+
 def screening_batch(
-    model: AttentionNet | AttentionNetEnsemble | RepairThenAttend, x: torch.Tensor, config: Stage1Config, *, bf16: bool = False,
+    model: Network, x: torch.Tensor, config: Stage1Config, *, bf16: bool = False,
     positions: PositionNormality | None = None, features: FeatureNormality | None = None,
     map_features: FeatureNormality | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -74,7 +145,12 @@ def screening_batch(
     ``(1 − w)·(1 − A) + w·sigmoid(z)`` with ``w = feature_map_weight`` and ``z`` each cell's distance
     in z units of the training normals, upsampled bilinearly; the cells are ``map_features``' (a bank
     at ``feature_map_stride``'s level) when given, else ``features``'.
+
+    Images larger than ``config.tile_size`` (when set) are scored over overlapping tiles whose maps
+    are blended into one map of the image; the components are then taken from the blended maps.
     """
+    if 0 < config.tile_size < x.shape[-1]:
+        return _tiled_screening(model, x, config, bf16=bf16, positions=positions, features=features, map_features=map_features)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         out = model(x, reconstruct=uses_reconstruction(config))
     nan = torch.full((x.shape[0],), float("nan"), device=x.device)
@@ -150,7 +226,7 @@ def screening_loss(components: dict[str, Any], config: Stage1Config, features: F
 
 
 def screening_scores(
-    model: AttentionNet | AttentionNetEnsemble | RepairThenAttend,
+    model: Network,
     images: np.ndarray,
     config: Stage1Config,
     device: torch.device,

@@ -76,9 +76,10 @@ def stitch_cell_maps(
     cell: int,
     batch_size: int = 64,
 ) -> torch.Tensor:
-    """Cell maps of images ``B×C×H×W`` scored tile by tile: ``B×1×⌈H/cell⌉×⌈W/cell⌉``.
+    """Cell maps of images ``B×C×H×W`` scored tile by tile: ``B×K×⌈H/cell⌉×⌈W/cell⌉``.
 
-    ``forward`` maps ``N×C×tile×tile`` tiles to their ``N×1×(tile/cell)×(tile/cell)`` cell maps;
+    ``forward`` maps ``N×C×tile×tile`` tiles to their ``N×K×(tile/cell)×(tile/cell)`` cell maps
+    (``K`` maps, each blended alike);
     tile origins are multiples of ``cell`` (``stride`` and ``tile`` are), so tiles share cells.
     The same origins are cut from every image of the batch; at most ``max(batch_size, B)`` tiles
     go through ``forward`` at once.
@@ -92,7 +93,7 @@ def stitch_cell_maps(
     grid_h, grid_w = padded.shape[-2] // cell, padded.shape[-1] // cell
     per_tile = tile // cell
     window = blend_window(per_tile).to(padded.device)
-    total = torch.zeros(batch, grid_h, grid_w, device=padded.device)
+    total: torch.Tensor | None = None  # B×K×grid_h×grid_w, once K is known
     weight = torch.zeros(grid_h, grid_w, device=padded.device)
     origins = [(top, left) for top in tile_origins(padded.shape[-2], tile, stride)
                for left in tile_origins(padded.shape[-1], tile, stride)]
@@ -104,10 +105,12 @@ def stitch_cell_maps(
         if maps.shape[-2:] != (per_tile, per_tile):
             raise ValueError(f"forward returned cell maps of shape {tuple(maps.shape)} for {tile}-px tiles; "
                              f"expected {per_tile}×{per_tile} cells ({cell} px each)")
+        if total is None:
+            total = torch.zeros(batch, maps.shape[1], grid_h, grid_w, device=padded.device)
         for k, (top, left) in enumerate(chunk):
             rows = slice(top // cell, top // cell + per_tile)
             cols = slice(left // cell, left // cell + per_tile)
-            total[:, rows, cols] += window * maps[k * batch : (k + 1) * batch, 0]
+            total[:, :, rows, cols] += window * maps[k * batch : (k + 1) * batch]
             weight[rows, cols] += window
     stitched = total / weight
-    return stitched[:, None, : math.ceil(height / cell), : math.ceil(width / cell)]
+    return stitched[:, :, : math.ceil(height / cell), : math.ceil(width / cell)]

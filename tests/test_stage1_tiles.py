@@ -1,0 +1,120 @@
+"""Stage 1 over tiles (``stage1.tile_size``): the network is built for the tile and trains on random
+tiles; whole images are scored through overlapping tiles blended into one map, batch-independent
+and local (a change in one corner moves no pixel that no tile shares with it); the statistics cover
+the whole image; a tiny run's ``predict`` and export reproduce its scores; bad settings are refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from twostage_ad.config import Config, ConfigError, Stage1Config
+from twostage_ad.stages.attention import AttentionStage
+
+from conftest import textured
+
+
+def _images(count: int, size: int = 64) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return np.stack([textured(rng, size=size)[..., None] for _ in range(count)])
+
+
+@pytest.fixture(scope="module")
+def tiled_stage() -> tuple[AttentionStage, np.ndarray]:
+    images = _images(12)
+    config = Stage1Config(epochs=1, min_steps=0, max_steps=4, base_width=8, max_width=32, batch_size=4, tile_size=32)
+    stage = AttentionStage(config, image_size=64, channels=1, device="cpu")
+    return stage.fit(images[:10], progress=False), images
+
+
+def test_the_network_is_built_for_the_tile_and_trains_on_tiles(tiled_stage) -> None:
+    stage, images = tiled_stage
+    assert stage.tiled and stage.network_size == 32 and stage.model_.image_size == 32
+    x_in, clean, mask, _ = stage._dataset(images[:10])[0][(0, 3)]
+    assert x_in.shape == clean.shape == (1, 32, 32) and mask.shape == (1, 32, 32)
+    untiled = AttentionStage(Stage1Config(tile_size=64), image_size=64, channels=1)  # a tile as large as the image
+    assert not untiled.tiled and untiled.network_size == 64
+
+
+def test_statistics_cover_the_whole_image(tiled_stage) -> None:
+    stage, _ = tiled_stage
+    assert tuple(stage.position_.mean.shape) == (64, 64)
+    # the screening cells (32 px asked, 8 px the deepest a 32-px tile has) of 10 images of 64 px: 8 × 8 each
+    assert stage.features_.level == 2 and stage.features_.bank.shape[0] == 10 * 8 * 8
+
+
+def test_tiled_scoring_is_whole_image_and_batch_independent(tiled_stage) -> None:
+    stage, images = tiled_stage
+    result = stage.score(images[10:], progress=False)
+    assert result.anomaly_maps.shape == (2, 64, 64)
+    assert np.isfinite(result.anomaly_maps).all() and np.isfinite(result.loss).all()
+    assert np.isfinite(result.components["stage1_feature"]).all() and np.isnan(result.components["stage1_recon"]).all()
+    alone = stage.score(images[11:], batch_size=1, progress=False)
+    np.testing.assert_allclose(alone.anomaly_maps[0], result.anomaly_maps[1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(alone.loss[0], result.loss[1], rtol=1e-5)
+
+
+def test_tiled_maps_are_local(tiled_stage) -> None:
+    """Tiles start every 16 px (32-px tiles, half overlapping); a change at rows and columns 48-63
+    lies only in the tiles that start at 32, so the blended map at 0-31 cannot move, while a whole
+    image network (instance norm, self-attention) would move everywhere."""
+    stage, images = tiled_stage
+    changed = images[10:11].copy()
+    changed[0, 48:64, 48:64] = 255 - changed[0, 48:64, 48:64]
+    before, after = (stage.score(x, progress=False).anomaly_maps[0] for x in (images[10:11], changed))
+    np.testing.assert_array_equal(before[:32, :32], after[:32, :32])
+    assert np.abs(before[48:, 48:] - after[48:, 48:]).max() > 1e-3
+
+
+def test_bad_tile_settings_are_refused_with_the_value() -> None:
+    with pytest.raises(ConfigError, match=r"stage1.tile_size must be 0 \(the whole image\) or a power of two from 32 to 512, got 48"):
+        Stage1Config(tile_size=48).validate()
+    with pytest.raises(ConfigError, match=r"stage1.tile_overlap must be in \[0, 1\), got 1.0"):
+        Stage1Config(tile_size=32, tile_overlap=1.0).validate()
+    with pytest.raises(ConfigError, match="stage1.screen_con must be 0 with stage1.tile_size"):
+        Stage1Config(tile_size=32, w_con=1.0, screen_con=1.0).validate()
+    config = Config()
+    config.data.image_size, config.stage1.tile_size, config.stage1.bottleneck_size = 128, 32, 16
+    with pytest.raises(ConfigError, match="stage1.bottleneck_size must be at most 8"):
+        config.validate()
+
+
+TINY = ["stage1.epochs=2", "stage1.base_width=8", "stage1.max_width=32", "stage1.screen_con=0", "stage1.screen_enc=0",
+        "stage2.epochs=2", "stage2.width_divisor=16", "run.overlays=0", "data.image_size=64", "stage1.tile_size=32",
+        "run.precision=float32"]  # the exported graph is float32; bf16 scoring would differ by its rounding
+
+
+@pytest.fixture(scope="module")
+def tiled_run(tmp_path_factory):
+    """The digits demo decoded at 64 px, stage 1 over 32-px tiles (stage 2 on the whole 64-px image)."""
+    from twostage_ad.config_io import load_config
+    from twostage_ad.workflow import run_pipeline
+
+    config = load_config(None, TINY)
+    return run_pipeline(config, tmp_path_factory.mktemp("runs") / "tiled1", progress=False), config
+
+
+def test_predict_and_export_reproduce_a_tiled_run(tiled_run, tmp_path) -> None:
+    import pandas as pd
+
+    from twostage_ad.data.images import to_tensor
+    from twostage_ad.detector import TwoStageDetector
+    from twostage_ad.export import export_run
+
+    result, _ = tiled_run
+    assert all(np.isfinite(result.metrics["image_auroc"][k]) for k in ("stage1", "stage2", "cascade"))
+    saved = np.load(result.run_dir / "maps" / "test_maps.npz")
+    assert saved["stage1"].shape[1:] == (64, 64)
+    detector = TwoStageDetector.from_run(result.run_dir, device="cpu")
+    assert detector.stage1.tiled and detector.stage1.model_.image_size == 32
+    frame = detector.predict(saved["images"], all_stages=True, progress=False, maps=False).to_frame()
+    scores = pd.read_csv(result.run_dir / "scores.csv")
+    scores = scores[scores["split"] == "test"].reset_index(drop=True)
+    for column in ("stage1_loss", "cascade_score"):
+        np.testing.assert_allclose(frame[column], scores[column], rtol=1e-5, atol=1e-6)
+    stage1_path = export_run(result.run_dir, tmp_path, formats=("torchscript",))["torchscript"][0]
+    with torch.inference_mode():
+        loss, anomaly = torch.jit.load(stage1_path)(to_tensor(saved["images"][:1]))
+    assert float(loss[0]) == pytest.approx(scores["stage1_loss"][0], rel=1e-4, abs=1e-5)
+    assert anomaly.shape == (1, 64, 64)
