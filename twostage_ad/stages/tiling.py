@@ -1,8 +1,9 @@
 """Overlapping tiles over an image and a seamless stitch of per-tile cell maps (docs/design.md §2).
 
-Stage 2 is fully convolutional: one latent cell per ``cell × cell`` pixels. On an image larger
-than its tile it scores overlapping tiles whose origins lie on the image's cell grid, so every
-tile's cells coincide with the image's cells, and blends them per cell with a separable window
+Stage 2 is fully convolutional: one latent cell per ``cell × cell`` pixels; a tiled stage 1 maps
+its tiles pixel by pixel (``cell`` 1). On an image larger than its tile a stage scores overlapping
+tiles whose origins lie on the image's cell grid, so every tile's cells coincide with the image's
+cells, and blends them per cell (each of its maps alike) with a separable window
 that is largest at a tile's centre and small at its border (where a convolution sees padding):
 
     stitched[c] = Σ_t w_t(c)·map_t(c) / Σ_t w_t(c)
