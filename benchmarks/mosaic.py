@@ -98,17 +98,17 @@ def write_mosaics(manifest: Path, out_dir: Path, grid: int, tile: int, n_train: 
                 cache[index] = _tile(source_root, table["image"].iloc[index], tile, mode)
         name = f"{plan['split']}_{number:05d}.png"
         Image.fromarray(_mosaic([cache[i] for i in plan["cells"]], grid)).save(out_dir / "images" / name)
-        mask = ""
+        mask, category = "", "normal"
         if plan["anomalous_cell"] >= 0:
             source = table.iloc[plan["cells"][plan["anomalous_cell"]]]
-            canvas = np.zeros((grid * tile, grid * tile), np.uint8)
-            if isinstance(source.get("mask"), str) and source["mask"]:
+            category = source.get("category", "anomalous")
+            if isinstance(source.get("mask"), str) and source["mask"]:  # an anomaly without a mask keeps none
+                canvas = np.zeros((grid * tile, grid * tile), np.uint8)
                 row, col = divmod(plan["anomalous_cell"], grid)
                 canvas[row * tile:(row + 1) * tile, col * tile:(col + 1) * tile] = (
                     read_mask(source_root / source["mask"], tile, invert=invert_masks) * 255)
-            mask = f"masks/{name}"
-            Image.fromarray(canvas).save(out_dir / mask)
-        category = table["category"].iloc[plan["cells"][plan["anomalous_cell"]]] if plan["anomalous_cell"] >= 0 else "normal"
+                mask = f"masks/{name}"
+                Image.fromarray(canvas).save(out_dir / mask)
         rows.append({"image": f"images/{name}", "label": plan["label"], "split": plan["split"], "mask": mask,
                      "category": category})
     out = pd.DataFrame(rows, columns=["image", "label", "split", "mask", "category"])

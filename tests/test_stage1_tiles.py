@@ -40,8 +40,8 @@ def test_the_network_is_built_for_the_tile_and_trains_on_tiles(tiled_stage) -> N
 def test_statistics_cover_the_whole_image(tiled_stage) -> None:
     stage, _ = tiled_stage
     assert tuple(stage.position_.mean.shape) == (64, 64)
-    # the screening cells (32 px asked, 8 px the deepest a 32-px tile has) of 10 images of 64 px: 8 × 8 each
-    assert stage.features_.level == 2 and stage.features_.bank.shape[0] == 10 * 8 * 8
+    # the screening cells (32 px asked, 8 px the deepest a 32-px tile has) of the 3 × 3 scoring tiles of 10 images
+    assert stage.features_.level == 2 and stage.features_.bank.shape[0] == 10 * 9 * 4 * 4
 
 
 def test_tiled_scoring_is_whole_image_and_batch_independent(tiled_stage) -> None:
@@ -53,6 +53,23 @@ def test_tiled_scoring_is_whole_image_and_batch_independent(tiled_stage) -> None
     alone = stage.score(images[11:], batch_size=1, progress=False)
     np.testing.assert_allclose(alone.anomaly_maps[0], result.anomaly_maps[1], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(alone.loss[0], result.loss[1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("overlap", [0.5, 0.2])  # tiles 16 px apart, and 24 px (not a divisor of the tile)
+def test_statistics_are_fitted_where_scoring_looks(overlap) -> None:
+    """The feature bank and both terms' spread come from the tiles scoring uses, so held-out normals
+    of the training images' kind score about 0 in z units (a bank fitted on other tile positions put
+    them 6 σ up)."""
+    images = _images(24)
+    config = Stage1Config(epochs=1, min_steps=0, max_steps=4, base_width=8, max_width=32, batch_size=4, tile_size=32,
+                          tile_overlap=overlap)
+    stage = AttentionStage(config, image_size=64, channels=1, device="cpu").fit(images[:16], progress=False)
+    components = stage.score(images[16:], progress=False).components
+    bank = stage.features_
+    assert bank.bank.shape[0] == 16 * 9 * 4 * 4  # 3 × 3 tiles of 4 × 4 cells each, every training image
+    feature_z = (components["stage1_feature"] - bank.feature_mean) / bank.feature_std
+    attention_z = (components["stage1_att_topk"] - bank.attention_mean) / bank.attention_std
+    assert abs(feature_z.mean()) < 1.5 and abs(attention_z.mean()) < 1.5
 
 
 def test_tiled_maps_are_local(tiled_stage) -> None:
@@ -72,8 +89,16 @@ def test_bad_tile_settings_are_refused_with_the_value() -> None:
         Stage1Config(tile_size=48).validate()
     with pytest.raises(ConfigError, match=r"stage1.tile_overlap must be in \[0, 1\), got 1.0"):
         Stage1Config(tile_size=32, tile_overlap=1.0).validate()
-    with pytest.raises(ConfigError, match="stage1.screen_con must be 0 with stage1.tile_size"):
-        Stage1Config(tile_size=32, w_con=1.0, screen_con=1.0).validate()
+    config = Config()
+    config.data.image_size, config.stage1.tile_size = 64, 32
+    config.stage1.w_con = config.stage1.screen_con = 1.0
+    with pytest.raises(ConfigError, match="stage1.screen_con must be 0 with stage1.tile_size below data.image_size"):
+        config.validate()
+    config.stage1.tile_size = 64  # as large as the image: nothing is tiled, the reconstruction may screen
+    config.validate()
+    config.stage1.tile_size = 128
+    with pytest.raises(ConfigError, match=r"stage1.tile_size must be at most data.image_size \(64\), or 0 for the whole image, got 128"):
+        config.validate()
     config = Config()
     config.data.image_size, config.stage1.tile_size, config.stage1.bottleneck_size = 128, 32, 16
     with pytest.raises(ConfigError, match="stage1.bottleneck_size must be at most 8"):

@@ -282,10 +282,6 @@ class Stage1Config:
         _check(isinstance(self.tile_size, int) and (self.tile_size == 0 or (32 <= self.tile_size <= 512 and _is_power_of_two(self.tile_size))),
                f"{prefix}.tile_size", "0 (the whole image) or a power of two from 32 to 512", self.tile_size)
         _check(0.0 <= self.tile_overlap < 1.0, f"{prefix}.tile_overlap", "in [0, 1)", self.tile_overlap)
-        if self.tile_size:  # a tile's reconstruction and latent errors do not add up to the image's
-            for name in ("screen_con", "screen_enc"):
-                _check(getattr(self, name) == 0, f"{prefix}.{name}", "0 with stage1.tile_size (tiles score the attention "
-                       "and feature terms only)", getattr(self, name))
         _check(self.position_normality in ("none", "mean", "standardise"), f"{prefix}.position_normality",
                "none, mean or standardise", self.position_normality)
         for name in ("repair", "repair_detach"):
@@ -486,6 +482,12 @@ class Config:
             "when smaller; the network needs two down-steps)",
             self.stage1.bottleneck_size,
         )
+        _check(self.stage1.tile_size <= self.data.image_size, "stage1.tile_size",
+               f"at most data.image_size ({self.data.image_size}), or 0 for the whole image", self.stage1.tile_size)
+        if 0 < self.stage1.tile_size < self.data.image_size:  # a tile's reconstruction and latent errors do not add up to the image's
+            for name in ("screen_con", "screen_enc"):
+                _check(getattr(self.stage1, name) == 0, f"stage1.{name}", "0 with stage1.tile_size below data.image_size "
+                       "(tiles score the attention and feature terms only)", getattr(self.stage1, name))
         stage2_size = self.stage2.image_size or self.data.image_size
         _check(stage2_size % 16 == 0 and stage2_size >= 32, "stage2.image_size",
                f"a multiple of 16 that is >= 32 (0 takes data.image_size, {self.data.image_size})", self.stage2.image_size)

@@ -102,7 +102,7 @@ def export_run(
     x2 = _example(detector.stage2.image_size, detector.channels, batch=1 if tiled else 2)
     with torch.inference_mode():
         _, anomaly = stage1(x)
-    anomaly = anomaly[: len(x2)]
+    anomaly = anomaly[: len(x2)].expand(len(x2), -1, -1)  # a tiled stage 1 traced one image: its map for each of x2's
     written: dict[str, list[str]] = {}
     if "torchscript" in formats:
         written["torchscript"] = []

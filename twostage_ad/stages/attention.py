@@ -173,31 +173,20 @@ class AttentionStage(TrainableStage):
     def _pixel_bce(self, x: torch.Tensor) -> torch.Tensor:
         """``B×1×S×S`` per-pixel BCE of images ``x`` (float32, blended over tiles when tiled)."""
         if self.tiled:
-            return tiled_maps(self.model_, x, self.config, tile_batch=self.score_batch_size)[:, :1]
+            return tiled_maps(self.model_, x, self.config, tile_batch=self.score_batch_size).maps[:, :1]
         with torch.autocast(x.device.type, enabled=False):
             return pixel_screening_bce(self.model_(x, reconstruct=False).attention_logits)
 
     def _bce_and_features(self, x: torch.Tensor, levels: list[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """:meth:`_pixel_bce` and the encoder features ``B×C×h×w`` of images ``x`` at ``levels`` (float32);
-        when tiled, the features of the image's non-overlapping tiles put side by side, so ``h × w``
-        are the whole image's cells."""
-        if not self.tiled:
-            with torch.autocast(x.device.type, enabled=False):
-                out = self.model_(x, reconstruct=False)
-            return pixel_screening_bce(out.attention_logits), {lv: out.encoder_features[lv].float() for lv in levels}
-        tile, per_side = self.network_size, x.shape[-1] // self.network_size
-        assembled: dict[int, torch.Tensor] = {}
-        for row in range(per_side):
-            for col in range(per_side):
-                with torch.autocast(x.device.type, enabled=False):
-                    out = self.model_(x[:, :, row * tile:(row + 1) * tile, col * tile:(col + 1) * tile], reconstruct=False)
-                for lv in levels:
-                    part = out.encoder_features[lv].float()
-                    cells = part.shape[-1]
-                    if lv not in assembled:
-                        assembled[lv] = part.new_zeros(*part.shape[:2], per_side * cells, per_side * cells)
-                    assembled[lv][:, :, row * cells:(row + 1) * cells, col * cells:(col + 1) * cells] = part
-        return self._pixel_bce(x), assembled
+        when tiled, the cells of every scoring tile side by side (``B×C×1×(tiles·cells)``), so the
+        bank and its statistics see the cells at the tile positions scoring compares."""
+        if self.tiled:
+            scored = tiled_maps(self.model_, x, self.config, levels=tuple(levels), tile_batch=self.score_batch_size)
+            return scored.maps[:, :1], scored.features
+        with torch.autocast(x.device.type, enabled=False):
+            out = self.model_(x, reconstruct=False)
+        return pixel_screening_bce(out.attention_logits), {lv: out.encoder_features[lv].float() for lv in levels}
 
     def fit_feature_normality(self, images: np.ndarray, *, progress: bool = False) -> FeatureNormality:
         """Fit ``features_`` (and ``map_features_``) on uint8 ``N×H×W×C`` normal images (the training

@@ -29,6 +29,7 @@ from twostage_ad.stages.training import inference_batches
 __all__ = [
     "SCREENING_COMPONENTS",
     "ScreeningResult",
+    "TiledPass",
     "pixel_screening_bce",
     "screening_batch",
     "screening_loss",
@@ -69,41 +70,65 @@ def tiled_stride(config: Stage1Config) -> int:
     return tile_stride(config.tile_size, config.tile_overlap, config.tile_size // config.bottleneck_size)
 
 
-def _tile_channels(model: Network, tiles: torch.Tensor, config: Stage1Config, *, bf16: bool,
-                   features: FeatureNormality | None, map_features: FeatureNormality | None) -> torch.Tensor:
-    """``N×K×t×t`` per-pixel maps of ``N`` tiles: the pixel BCE, ``1 − A`` and, with ``features``, each
-    cell's feature distance (nearest-upsampled, so its maximum is the cells') and, with a map weight,
-    the map's ``sigmoid(z)`` of the cells (bilinear, as the whole-image map)."""
-    with torch.autocast(tiles.device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = model(tiles, reconstruct=False)
-    size = tuple(tiles.shape[-2:])
-    channels = [pixel_screening_bce(out.attention_logits), 1.0 - torch.sigmoid(out.attention_logits.float())]
-    if features is not None:
-        cells = features.cell_distances(out.encoder_features[features.level])[:, None]
-        channels.append(F.interpolate(cells, size=size, mode="nearest"))
-        if config.feature_map_weight > 0:
-            map_bank = map_features or features
-            if map_bank is not features:
-                cells = map_bank.cell_distances(out.encoder_features[map_bank.level])[:, None]
-            channels.append(F.interpolate(torch.sigmoid(map_bank.feature_z(cells)), size=size, mode="bilinear", align_corners=False))
-    return torch.cat(channels, dim=1)
+@dataclass
+class TiledPass:
+    """What one pass over the tiles of images ``B×C×H×W`` gives (:func:`tiled_maps`).
+
+    ``maps``: ``B×K×H×W`` blended per pixel: the pixel BCE, ``1 − A`` and, with a feature bank and a
+    map weight, the map's ``sigmoid(z)`` of the cell distances (bilinear within each tile);
+    ``feature_term``: each image's largest cell distance over all its tiles (``B``, or None without a
+    bank), unblended, as the bank's statistics are fitted; ``features``: per asked level, every
+    tile's encoder cells side by side (``B×C×1×(tiles·cells)``), the cells the bank is fitted on.
+    """
+
+    maps: torch.Tensor
+    feature_term: torch.Tensor | None
+    features: dict[int, torch.Tensor]
 
 
 def tiled_maps(model: Network, x: torch.Tensor, config: Stage1Config, *, bf16: bool = False,
                features: FeatureNormality | None = None, map_features: FeatureNormality | None = None,
-               tile_batch: int = 64) -> torch.Tensor:
-    """``B×K×H×W`` maps of images ``B×C×H×W`` larger than ``config.tile_size``, scored over overlapping
-    tiles and blended per pixel (:func:`~twostage_ad.stages.tiling.stitch_cell_maps`): the channels of
-    :func:`_tile_channels`, no map normalised per tile. At most ``max(tile_batch, B)`` tiles a forward pass."""
-    return stitch_cell_maps(
-        x, lambda tiles: _tile_channels(model, tiles, config, bf16=bf16, features=features, map_features=map_features),
-        tile=config.tile_size, stride=tiled_stride(config), cell=1, batch_size=tile_batch)
+               levels: tuple[int, ...] = (), tile_batch: int = 64) -> TiledPass:
+    """Score images ``B×C×H×W`` larger than ``config.tile_size`` over overlapping tiles (origins
+    :func:`tiled_stride` apart), blending the per-pixel maps with
+    :func:`~twostage_ad.stages.tiling.stitch_cell_maps` (no map normalised per tile), at most
+    ``max(tile_batch, B)`` tiles a forward pass. Fitting and scoring both go through here, so the
+    feature bank holds cells from exactly the tile positions scoring compares."""
+    batch = len(x)
+    largest: list[torch.Tensor] = []  # per chunk: origins × B
+    cells_by_level: dict[int, list[torch.Tensor]] = {lv: [] for lv in levels}  # per chunk: origins × B × C × h × w
+
+    def forward(tiles: torch.Tensor) -> torch.Tensor:  # stitch_cell_maps orders a chunk's tiles origin by origin, image by image
+        with torch.autocast(tiles.device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(tiles, reconstruct=False)
+        channels = [pixel_screening_bce(out.attention_logits), 1.0 - torch.sigmoid(out.attention_logits.float())]
+        if features is not None:
+            distances = features.cell_distances(out.encoder_features[features.level])
+            largest.append(distances.flatten(1).max(dim=1).values.view(-1, batch))
+            if config.feature_map_weight > 0:
+                map_bank = map_features or features
+                if map_bank is not features:
+                    distances = map_bank.cell_distances(out.encoder_features[map_bank.level])
+                channels.append(F.interpolate(torch.sigmoid(map_bank.feature_z(distances))[:, None], size=tuple(tiles.shape[-2:]),
+                                              mode="bilinear", align_corners=False))
+        for lv in levels:
+            part = out.encoder_features[lv].float()
+            cells_by_level[lv].append(part.view(-1, batch, *part.shape[1:]))
+        return torch.cat(channels, dim=1)
+
+    maps = stitch_cell_maps(x, forward, tile=config.tile_size, stride=tiled_stride(config), cell=1, batch_size=tile_batch)
+    gathered = {}
+    for lv, parts in cells_by_level.items():
+        cells = torch.cat(parts)  # tiles × B × C × h × w
+        gathered[lv] = cells.permute(1, 2, 0, 3, 4).reshape(batch, cells.shape[2], 1, -1)
+    return TiledPass(maps=maps, feature_term=torch.cat(largest).amax(dim=0) if largest else None, features=gathered)
 
 
 def screening_share(config: Stage1Config, height: int, width: int) -> float:
     """The share of an ``H×W`` map's pixels the attention term averages: ``screen_topk`` of the image,
     or, over tiles, ``screen_topk`` of one tile's area, so that a small defect weighs in the score as
     much at any decode size as it does in the tile the network saw."""
+    height, width = int(height), int(width)  # ints also when traced
     if 0 < config.tile_size < max(height, width):
         return config.screen_topk * min(1.0, config.tile_size**2 / (height * width))
     return config.screen_topk
@@ -111,26 +136,28 @@ def screening_share(config: Stage1Config, height: int, width: int) -> float:
 
 def _tiled_screening(
     model: Network, x: torch.Tensor, config: Stage1Config, *, bf16: bool, positions: PositionNormality | None,
-    features: FeatureNormality | None, map_features: FeatureNormality | None,
+    features: FeatureNormality | None, map_features: FeatureNormality | None, tile_batch: int,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """:func:`screening_batch` over tiles: the same components and map, from the blended maps."""
-    maps = tiled_maps(model, x, config, bf16=bf16, features=features, map_features=map_features)
+    """:func:`screening_batch` over tiles: the same components and map, from the blended maps and
+    the largest cell distance of any tile."""
+    scored = tiled_maps(model, x, config, bf16=bf16, features=features, map_features=map_features, tile_batch=tile_batch)
+    maps = scored.maps
     pixel_bce, anomaly = maps[:, :1], maps[:, 1]
     screened = pixel_bce if positions is None else positions.apply(pixel_bce, config.position_normality)
     nan = torch.full((x.shape[0],), float("nan"), device=x.device)
     components = {"stage1_recon": nan, "stage1_latent": nan, "stage1_att_mean": pixel_bce.mean(dim=(1, 2, 3)),
                   "stage1_att_topk": screening_topk(screened, screening_share(config, *x.shape[-2:])), "stage1_feature": nan}
     if features is not None:
-        components["stage1_feature"] = maps[:, 2].flatten(1).max(dim=1).values
+        components["stage1_feature"] = scored.feature_term
         if config.feature_map_weight > 0:
-            anomaly = (1.0 - config.feature_map_weight) * anomaly + config.feature_map_weight * maps[:, 3]
+            anomaly = (1.0 - config.feature_map_weight) * anomaly + config.feature_map_weight * maps[:, 2]
     return components, anomaly
 
 
 def screening_batch(
     model: Network, x: torch.Tensor, config: Stage1Config, *, bf16: bool = False,
     positions: PositionNormality | None = None, features: FeatureNormality | None = None,
-    map_features: FeatureNormality | None = None,
+    map_features: FeatureNormality | None = None, tile_batch: int = 64,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Screening components (each ``B``) and the anomaly map ``1 − A`` (``B×H×W``) of a batch ``x``.
 
@@ -146,11 +173,13 @@ def screening_batch(
     in z units of the training normals, upsampled bilinearly; the cells are ``map_features``' (a bank
     at ``feature_map_stride``'s level) when given, else ``features``'.
 
-    Images larger than ``config.tile_size`` (when set) are scored over overlapping tiles whose maps
-    are blended into one map of the image; the components are then taken from the blended maps.
+    Images larger than ``config.tile_size`` (when set) are scored over overlapping tiles (at most
+    ``tile_batch`` a forward pass) whose maps are blended into one map of the image; the attention
+    terms are taken from the blended BCE, the feature term is the largest cell distance of any tile.
     """
     if 0 < config.tile_size < x.shape[-1]:
-        return _tiled_screening(model, x, config, bf16=bf16, positions=positions, features=features, map_features=map_features)
+        return _tiled_screening(model, x, config, bf16=bf16, positions=positions, features=features, map_features=map_features,
+                                tile_batch=tile_batch)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         out = model(x, reconstruct=uses_reconstruction(config))
     nan = torch.full((x.shape[0],), float("nan"), device=x.device)
@@ -247,7 +276,7 @@ def screening_scores(
     with torch.inference_mode():
         for x, _ in inference_batches(images, batch_size, device, progress=progress, desc=desc):
             components, anomaly = screening_batch(model, x, config, bf16=bf16, positions=positions, features=features,
-                                                  map_features=map_features)
+                                                  map_features=map_features, tile_batch=batch_size)
             for name, value in components.items():
                 parts[name].append(value.cpu().numpy())
             maps.append(anomaly.cpu().numpy())
