@@ -33,6 +33,14 @@ def decode_run_split(config: Any, split: str, size: int) -> DecodedImages:
                           bit_depth=config.data.bit_depth or 16)
 
 
+def refuse_overlap(parser: Any, out_dir: Path, source_root: Path) -> None:
+    """Stop with ``parser``'s usage error when ``out_dir`` (where a script writes derived data) is or
+    holds the repository or the source data set, or lies inside either: the data are not ours to copy in."""
+    for other, what in ((HERE.parent, "the repository"), (source_root, "the source data set")):
+        if out_dir == other or other in out_dir.parents or out_dir in other.parents:
+            parser.error(f"{str(out_dir)!r} overlaps {what}; write elsewhere")
+
+
 def run_image_size(config: Config) -> int:
     """The size ``run`` decoded a run's images at: the larger stage's (``TwoStageDetector.image_size``)."""
     return max(config.data.image_size, config.stage2.image_size or config.data.image_size)

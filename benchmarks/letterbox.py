@@ -25,7 +25,7 @@ from PIL import Image
 
 from twostage_ad.data.images import decode_native  # the package's own decoding
 
-REPO = Path(__file__).resolve().parent.parent
+from _results import refuse_overlap
 
 
 def fitted_size(width: int, height: int, size: int) -> tuple[int, int]:
@@ -84,9 +84,7 @@ def main() -> None:
     parser.add_argument("--invert-masks", action="store_true", help="source masks mark defects black (as data.invert_masks)")
     args = parser.parse_args()
     out_dir, source_root = args.out_dir.resolve(), args.manifest.resolve().parent
-    for other, what in ((REPO, "the repository"), (source_root, "the source data set")):
-        if out_dir == other or other in out_dir.parents or out_dir in other.parents:
-            parser.error(f"{str(out_dir)!r} overlaps {what}; write the copy elsewhere")
+    refuse_overlap(parser, out_dir, source_root)
     table = letterbox(args.manifest.resolve(), out_dir, args.size, args.invert_masks)
     print(f"{len(table)} images -> {out_dir / 'split.csv'}")
 

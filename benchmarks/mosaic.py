@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from twostage_ad.data.images import decode_native, read_mask  # the package's own decoding
 
-REPO = Path(__file__).resolve().parent.parent
+from _results import refuse_overlap
 
 
 def _tile(source_root: Path, relative: str, tile: int, mode: str) -> np.ndarray:
@@ -130,9 +130,7 @@ def main() -> None:
     if args.grid < 1 or args.tile < 8:
         parser.error(f"--grid must be >= 1 and --tile >= 8, got {args.grid!r} and {args.tile!r}")
     out_dir, source_root = args.out_dir.resolve(), args.manifest.resolve().parent
-    for other, what in ((REPO, "the repository"), (source_root, "the source data set")):
-        if out_dir == other or other in out_dir.parents or out_dir in other.parents:
-            parser.error(f"{str(out_dir)!r} overlaps {what}; write the mosaics elsewhere")
+    refuse_overlap(parser, out_dir, source_root)
     table = write_mosaics(args.manifest.resolve(), out_dir, args.grid, args.tile, args.train, args.val, args.seed,
                           args.invert_masks)
     counts = table.groupby(["split", "label"]).size().to_dict()

@@ -101,7 +101,7 @@ def test_bad_tile_settings_are_refused_with_the_value() -> None:
         config.validate()
     config = Config()
     config.data.image_size, config.stage1.tile_size, config.stage1.bottleneck_size = 128, 32, 16
-    with pytest.raises(ConfigError, match="stage1.bottleneck_size must be at most 8"):
+    with pytest.raises(ConfigError, match="stage1.bottleneck_size must be at most stage1.tile_size / 4 = 8"):
         config.validate()
 
 

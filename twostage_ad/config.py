@@ -197,9 +197,8 @@ class Stage1Config:
     # own loss), scored with their averaged attention logits; ensemble_size x the stage-1 training and
     # scoring time; attention-only training (docs/experiments.md, ensembles)
     ensemble_size: int = 1
-    # tiles: the network is built for tile_size px, trains on random tiles of the data.image_size decode (defects
-    # drawn on the tile) and scores overlapping tiles whose maps are blended into one map of the whole image, so a
-    # large decode costs a tile per training step; 0 = the network sees the whole data.image_size image
+    # tiles: the network is built for tile_size px, trains on random tiles of the data.image_size decode and scores
+    # overlapping tiles blended into one map, so a training step costs a tile at any decode size; 0 = the whole image
     tile_size: int = 0
     tile_overlap: float = 0.5  # share of a tile its neighbour overlaps when scoring (stride rounded to feature cells)
     # training: epochs passes over the training set, at least min_steps and at most max_steps optimiser steps
@@ -474,14 +473,10 @@ class Config:
     def validate(self) -> Config:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate(f.name)
-        network_size = min(self.stage1.tile_size or self.data.image_size, self.data.image_size)
-        _check(
-            network_size // self.stage1.bottleneck_size >= 4,
-            "stage1.bottleneck_size",
-            f"at most {network_size // 4}, a quarter of stage 1's network size (data.image_size, or stage1.tile_size "
-            "when smaller; the network needs two down-steps)",
-            self.stage1.bottleneck_size,
-        )
+        network_size, what = ((self.stage1.tile_size, "stage1.tile_size") if 0 < self.stage1.tile_size < self.data.image_size
+                              else (self.data.image_size, "data.image_size"))
+        _check(network_size // self.stage1.bottleneck_size >= 4, "stage1.bottleneck_size",
+               f"at most {what} / 4 = {network_size // 4} (the network needs two down-steps)", self.stage1.bottleneck_size)
         _check(self.stage1.tile_size <= self.data.image_size, "stage1.tile_size",
                f"at most data.image_size ({self.data.image_size}), or 0 for the whole image", self.stage1.tile_size)
         if 0 < self.stage1.tile_size < self.data.image_size:  # a tile's reconstruction and latent errors do not add up to the image's
