@@ -53,8 +53,12 @@ def apply_variant(detector: TwoStageDetector, variant: list[str]) -> None:
         stage = {"stage1": detector.stage1, "stage2": detector.stage2}.get(section)
         if stage is None or not set(fields) <= set(type(stage.config).scoring_fields):
             raise SystemExit(f"--variant changes scoring fields of stage1 / stage2 only, got {section}: {sorted(fields)}")
-        stage.config = replace(stage.config, **fields)
-        stage.config.validate()
+        config = replace(stage.config, **fields)
+        config.validate()
+        if section == "stage1":  # drops feature banks fitted under another screening; the caller refits them
+            stage.use_scoring_fields(config)
+        else:
+            stage.config = config
 
 
 def copy_order(n: int, copies: int, seed: int) -> np.ndarray:

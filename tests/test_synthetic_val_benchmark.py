@@ -75,3 +75,17 @@ def test_a_run_with_a_larger_stage2_is_reproduced_at_its_own_decode(tmp_path):
     assert row["synthetic_image_auroc_stage2"] == pytest.approx(written["image_auroc"]["stage2"], abs=1e-6)
     assert row["synthetic_pixel_auroc_stage2"] == pytest.approx(written["pixel_auroc"]["stage2"], abs=1e-6)
     assert synthetic_val.TwoStageDetector.from_run(run_dir).image_size == 64
+
+
+def test_a_stage1_screening_variant_drops_the_feature_bank_fitted_under_the_other(tiny_run):
+    """The bank keeps the attention term's spread as screened when fitted: a variant with another
+    ``screen_topk`` drops it (row_for then refits it on the training images); a map weight keeps it."""
+    from twostage_ad.detector import TwoStageDetector
+
+    detector = TwoStageDetector.from_run(tiny_run, device="cpu")
+    synthetic_val.apply_variant(detector, ["stage1.feature_map_weight=0.5"])
+    assert detector.stage1.features_ is not None and detector.stage1.config.feature_map_weight == 0.5
+    synthetic_val.apply_variant(detector, ["stage1.screen_topk=0.05"])
+    assert detector.stage1.features_ is None and detector.stage1.config.screen_topk == 0.05
+    row = synthetic_val.row_for(tiny_run, None, ["stage1.screen_topk=0.05"])  # refitted, so it scores
+    assert np.isfinite(row["synthetic_image_auroc_stage1"])

@@ -157,12 +157,10 @@ def _load_reused(stage: TrainableStage, checkpoint: str | Path, run: RunConfig) 
             f"{stage.image_size}px, {stage.channels} channel(s): set "
             f"{'stage2.image_size' if isinstance(stage, PatchScorerStage) else 'data.image_size'} / data.channels to match"
         )
-    trained_with = loaded.config
-    loaded.config = replace(loaded.config, **{f: getattr(stage.config, f) for f in type(stage.config).scoring_fields})
-    if isinstance(loaded, AttentionStage) and any(getattr(trained_with, f) != getattr(loaded.config, f)
-                                                  for f in ("screen_topk", "position_normality")):
-        # the feature banks hold the attention term's spread as it was screened then: refitted on the training images
-        loaded.features_ = loaded.map_features_ = None
+    if isinstance(loaded, AttentionStage):  # feature banks of another screening are dropped, refitted on the training images
+        loaded.use_scoring_fields(stage.config)
+    else:
+        loaded.config = replace(loaded.config, **{f: getattr(stage.config, f) for f in type(stage.config).scoring_fields})
     if isinstance(loaded, PatchScorerStage):  # explicit, so the run's config.yaml reads as the size it was trained at
         loaded.config = replace(loaded.config, image_size=loaded.image_size)
     apply_run_settings(loaded, run)

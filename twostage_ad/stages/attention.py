@@ -20,7 +20,7 @@ same numbers whatever batch it is in.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -242,6 +242,15 @@ class AttentionStage(TrainableStage):
         """The bank of the map's feature cells (``features_`` when both strides name one level)."""
         features = self._features()
         return None if features is None else (getattr(self, "map_features_", None) or features)
+
+    def use_scoring_fields(self, config: Stage1Config) -> None:
+        """Take ``config``'s scoring fields (the stage's own for the rest). The feature banks keep the
+        attention term's spread as it was screened when they were fitted; a change of ``screen_topk``
+        or ``position_normality`` drops them, so :meth:`fit_missing_statistics` refits them."""
+        screened_as = (self.config.screen_topk, self.config.position_normality)
+        self.config = replace(self.config, **{f: getattr(config, f) for f in type(config).scoring_fields})
+        if (self.config.screen_topk, self.config.position_normality) != screened_as:
+            self.features_ = self.map_features_ = None
 
     def fit_missing_statistics(self, images: np.ndarray, *, context: DistributedContext | None = None,
                                progress: bool = False) -> bool:
