@@ -55,10 +55,7 @@ def apply_variant(detector: TwoStageDetector, variant: list[str]) -> None:
             raise SystemExit(f"--variant changes scoring fields of stage1 / stage2 only, got {section}: {sorted(fields)}")
         config = replace(stage.config, **fields)
         config.validate()
-        if section == "stage1":  # drops feature banks fitted under another screening; the caller refits them
-            stage.use_scoring_fields(config)
-        else:
-            stage.config = config
+        stage.use_scoring_fields(config)  # stage 1 drops feature banks fitted under another screening; the caller refits them
 
 
 def copy_order(n: int, copies: int, seed: int) -> np.ndarray:

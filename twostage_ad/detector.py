@@ -157,10 +157,7 @@ def _load_reused(stage: TrainableStage, checkpoint: str | Path, run: RunConfig) 
             f"{stage.image_size}px, {stage.channels} channel(s): set "
             f"{'stage2.image_size' if isinstance(stage, PatchScorerStage) else 'data.image_size'} / data.channels to match"
         )
-    if isinstance(loaded, AttentionStage):  # feature banks of another screening are dropped, refitted on the training images
-        loaded.use_scoring_fields(stage.config)
-    else:
-        loaded.config = replace(loaded.config, **{f: getattr(stage.config, f) for f in type(stage.config).scoring_fields})
+    loaded.use_scoring_fields(stage.config)  # stage 1 drops feature banks of another screening (refitted on the training images)
     if isinstance(loaded, PatchScorerStage):  # explicit, so the run's config.yaml reads as the size it was trained at
         loaded.config = replace(loaded.config, image_size=loaded.image_size)
     apply_run_settings(loaded, run)

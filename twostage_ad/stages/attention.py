@@ -20,7 +20,7 @@ same numbers whatever batch it is in.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -248,7 +248,7 @@ class AttentionStage(TrainableStage):
         attention term's spread as it was screened when they were fitted; a change of ``screen_topk``
         or ``position_normality`` drops them, so :meth:`fit_missing_statistics` refits them."""
         screened_as = (self.config.screen_topk, self.config.position_normality)
-        self.config = replace(self.config, **{f: getattr(config, f) for f in type(config).scoring_fields})
+        super().use_scoring_fields(config)
         if (self.config.screen_topk, self.config.position_normality) != screened_as:
             self.features_ = self.map_features_ = None
 

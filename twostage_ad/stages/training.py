@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -264,6 +264,10 @@ class TrainableStage:
     def _check_images(self, images: np.ndarray) -> None:
         if images.ndim != 4 or images.shape[1:3] != (self.image_size, self.image_size) or images.shape[3] != self.channels:
             raise ValueError(f"expected N×{self.image_size}×{self.image_size}×{self.channels} images, got shape {images.shape}")
+
+    def use_scoring_fields(self, config: Any) -> None:
+        """Take ``config``'s scoring fields (``scoring_fields`` of its class; the stage's own config for the rest)."""
+        self.config = replace(self.config, **{f: getattr(config, f) for f in type(config).scoring_fields})
 
     def _require_fitted(self) -> None:
         if not hasattr(self, "model_"):
