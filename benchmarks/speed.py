@@ -107,8 +107,9 @@ def measure(size: int, n_images: int, config: Config, flag_rate: float, repeats:
     c1, c2 = config.stage1, config.stage2
     bottleneck = min(c1.bottleneck_size, size // 16)
     # one pass over the images, whatever the recipe's step floor: training images/s = images / seconds
-    c1 = type(c1)(**{**c1.__dict__, "epochs": 1, "min_steps": 0, "bottleneck_size": bottleneck})
-    c2 = type(c2)(**{**c2.__dict__, "epochs": 1, "min_steps": 0})
+    # each network at the whole size (tile_size 0): what one image of that size costs without tiles
+    c1 = type(c1)(**{**c1.__dict__, "epochs": 1, "min_steps": 0, "bottleneck_size": bottleneck, "tile_size": 0})
+    c2 = type(c2)(**{**c2.__dict__, "epochs": 1, "min_steps": 0, "tile_size": 0})
     x = torch.zeros(1, channels, size, size)
     net1 = build_attention_network(c1, channels, size)
     flops1 = forward_flops(net1, x, lambda net, batch: screening_batch(net, batch, c1))  # what scoring runs

@@ -176,7 +176,9 @@ def test_a_run_folder_written_before_a_field_reads_as_it_was_trained(tmp_path):
 
     saved = config_to_dict(load_config(None, ["data.channels=1", "data.bit_depth=12"]))
     del saved["data"]["bit_depth"], saved["stage1"]["max_seconds"]  # fields an older version did not write
+    del saved["stage1"]["tile_size"], saved["stage2"]["tile_size"]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
     config = load_run_config(tmp_path)
     assert config.data.bit_depth == 16  # 16-bit files were read by their mode's full range then
     assert config.stage1.max_seconds == 0.0  # no time budget then
+    assert config.stage1.tile_size == config.stage2.tile_size == 0  # whole images at any size then (today: 128-px tiles)

@@ -33,8 +33,34 @@ def test_the_network_is_built_for_the_tile_and_trains_on_tiles(tiled_stage) -> N
     assert stage.tiled and stage.network_size == 32 and stage.model_.image_size == 32
     x_in, clean, mask, _ = stage._dataset(images[:10])[0][(0, 3)]
     assert x_in.shape == clean.shape == (1, 32, 32) and mask.shape == (1, 32, 32)
-    untiled = AttentionStage(Stage1Config(tile_size=64), image_size=64, channels=1)  # a tile as large as the image
-    assert not untiled.tiled and untiled.network_size == 64
+    for whole in (64, 128):  # a tile as large as the image, or larger: the whole image
+        untiled = AttentionStage(Stage1Config(tile_size=whole), image_size=64, channels=1)
+        assert not untiled.tiled and untiled.network_size == 64
+
+
+def test_by_default_both_stages_tile_only_a_decode_larger_than_128_px() -> None:
+    from twostage_ad.stages.patch_scorer import PatchScorerStage
+
+    defaults = Config()
+    for size, tiled in ((64, False), (128, False), (256, True), (512, True)):
+        stage1 = AttentionStage(defaults.stage1, image_size=size, channels=1)
+        stage2 = PatchScorerStage(defaults.stage2, image_size=size, channels=1)
+        assert stage1.tiled == stage2.tiled == tiled
+        assert stage1.network_size == min(size, 128)
+
+
+def test_a_tile_at_least_the_image_scores_exactly_as_the_whole_image() -> None:
+    """The default ``tile_size`` (128) changes nothing at or below its size: same network, same
+    training, same scores as ``tile_size: 0``."""
+    images = _images(12, size=32)
+    results = []
+    for tile in (0, 32, 128):
+        config = Stage1Config(epochs=1, min_steps=0, max_steps=3, base_width=8, max_width=32, batch_size=4, tile_size=tile)
+        stage = AttentionStage(config, image_size=32, channels=1, device="cpu").fit(images[:10], progress=False)
+        results.append(stage.score(images[10:], progress=False))
+    for result in results[1:]:
+        np.testing.assert_array_equal(result.loss, results[0].loss)
+        np.testing.assert_array_equal(result.anomaly_maps, results[0].anomaly_maps)
 
 
 def test_statistics_cover_the_whole_image(tiled_stage) -> None:
@@ -94,10 +120,8 @@ def test_bad_tile_settings_are_refused_with_the_value() -> None:
     config.stage1.w_con = config.stage1.screen_con = 1.0
     with pytest.raises(ConfigError, match="stage1.screen_con must be 0 with stage1.tile_size below data.image_size"):
         config.validate()
-    config.stage1.tile_size = 64  # as large as the image: nothing is tiled, the reconstruction may screen
-    config.validate()
-    config.stage1.tile_size = 128
-    with pytest.raises(ConfigError, match=r"stage1.tile_size must be at most data.image_size \(64\), or 0 for the whole image, got 128"):
+    for whole in (64, 128):  # as large as the image or larger: nothing is tiled, the reconstruction may screen
+        config.stage1.tile_size = whole
         config.validate()
     config = Config()
     config.data.image_size, config.stage1.tile_size, config.stage1.bottleneck_size = 128, 32, 16

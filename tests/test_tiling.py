@@ -109,11 +109,11 @@ def test_tiled_stage_trains_on_tiles_and_scores_whole_images() -> None:
     np.testing.assert_allclose(alone.maps[0], result.maps[1], rtol=1e-5, atol=1e-4)
 
 
-def test_tile_larger_than_stage_two_is_refused() -> None:
+def test_a_tile_at_least_stage_two_size_is_the_whole_image_and_bad_tiles_are_refused() -> None:
     config = Config()
     config.stage2.image_size, config.stage2.tile_size = 64, 128
-    with pytest.raises(ConfigError, match=r"stage2.tile_size must be at most stage 2's image size \(64\)"):
-        config.validate()
+    config.validate()
+    assert not PatchScorerStage(config.stage2, image_size=64, channels=1).tiled
     config.stage2.tile_size = 40
     with pytest.raises(ConfigError, match="stage2.tile_size must be 0 .* multiple of 16"):
         config.validate()

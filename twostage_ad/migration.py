@@ -38,8 +38,9 @@ FORMER_DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {"bit_depth": 16},  # 16-bit files were read by their mode's full range
     "stage1": {"attention_kv_max_tokens": None, "final_up": "upsample_conv", "epochs": 10, "w_con": 1.0, "w_enc": 1.0,
                "w_adv": 0.1, "w_rep": 1.0, "screen_con": 1.0, "screen_enc": 1.0,
-               "position_normality": "none", "screen_feature": 0.0, "min_steps": 0, "max_steps": 0, "max_seconds": 0.0},
-    "stage2": {"score": "latent", "min_steps": 0, "max_steps": 0, "max_seconds": 0.0},
+               "position_normality": "none", "screen_feature": 0.0, "min_steps": 0, "max_steps": 0, "max_seconds": 0.0,
+               "tile_size": 0},
+    "stage2": {"score": "latent", "min_steps": 0, "max_steps": 0, "max_seconds": 0.0, "tile_size": 0},
 }
 
 

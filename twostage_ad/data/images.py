@@ -348,8 +348,9 @@ def warn_if_much_reduced(decoded: DecodedImages, screen_size: int) -> bool:
     log.warning(
         "the images are about %.0f× larger than stage 1's input of %d px (median longest side %d px; largest %s: %d×%d): "
         "a defect narrower than about %.0f px spans less than one pixel of the screen and may never reach stage 2. For "
-        "small defects in large images raise data.image_size (a power of two, at most 512) with stage1.tile_size: 128 "
-        "and stage2.tile_size: 128 (training then costs what it does at 128 px, scoring a pass per tile), and check the result on a few "
+        "small defects in large images raise data.image_size (a power of two, at most 512): both stages then train on and score "
+        "128-px tiles of the larger decode (stage1.tile_size, stage2.tile_size; training costs what it does at 128 px, "
+        "scoring a pass per tile), and check the result on a few "
         "labelled defects: the synthetic defects are sized relative to the image and score small real ones too kindly "
         "(README: Large images, small defects)",
         reduction, screen_size, int(np.median(longest)), decoded.records[largest].name, width, height, reduction,
