@@ -344,3 +344,15 @@ def test_a_run_is_warned_when_images_are_much_larger_than_the_screen(tmp_path, c
     else:  # MTD's spread of sizes (median 359 px, 2.8×) stays quiet
         assert messages == []
     assert warn_if_much_reduced(decode_records(records[:1], 128, 1, progress=False), 160) is False  # 3.75×
+
+
+def test_at_the_largest_decode_the_warning_says_to_cut_the_images(tmp_path, caplog):
+    path = write_image(tmp_path / "huge.png", np.full((1000, 2100), 128, np.uint8))
+    decoded = decode_records([Record(name=path.name, label=0, split="train", image=path)], 64, 1, progress=False)
+    with caplog.at_level("WARNING", logger="twostage_ad.data.images"):
+        assert warn_if_much_reduced(decoded, 512) is True
+        assert warn_if_much_reduced(decoded, 128) is True
+    first, second = (r.getMessage() for r in caplog.records if "larger than stage 1's input" in r.getMessage())
+    assert "cut them into parts smaller than 2048 px (512 px is the largest decode)" in first
+    assert "larger data.image_size" not in first
+    assert "try a run with a larger data.image_size" in second and "synthetic_val" in second

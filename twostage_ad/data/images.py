@@ -31,6 +31,7 @@ _GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 # The median reduction (native longest side / stage 1's input) from which a run warns that small defects may vanish.
 WARN_REDUCTION = 4.0
+MAX_DECODE = 512  # the largest data.image_size (config.DataConfig)
 
 
 def _to_8bit(image: Image.Image, bit_depth: int = 16) -> Image.Image:
@@ -345,15 +346,18 @@ def warn_if_much_reduced(decoded: DecodedImages, screen_size: int) -> bool:
     largest = int(np.argmax(decoded.native_sizes.max(axis=1)))
     width, height = decoded.native_sizes[largest]
     reduction = float(np.median(longest)) / screen_size
+    remedy = ("try a run with a larger data.image_size (a power of two, at most 512): both stages then train on and score "
+              "128-px tiles of it (stage1.tile_size, stage2.tile_size; training costs what it does at 128 px, scoring a pass "
+              "per tile), which helps defects that are small in the image but loses those that need more of the part in "
+              "view; keep the run whose synthetic_val stage-1 AUROC (metrics.json) is higher" if screen_size < MAX_DECODE else
+              f"crop the images to the inspected region or cut them into parts smaller than {int(WARN_REDUCTION) * MAX_DECODE} px "
+              f"({MAX_DECODE} px is the largest decode)")
     log.warning(
         "the images are about %.0f× larger than stage 1's input of %d px (median longest side %d px; largest %s: %d×%d): "
         "a defect narrower than about %.0f px spans less than one pixel of the screen and may never reach stage 2. For "
-        "small defects in large images raise data.image_size (a power of two, at most 512): both stages then train on and score "
-        "128-px tiles of the larger decode (stage1.tile_size, stage2.tile_size; training costs what it does at 128 px, "
-        "scoring a pass per tile), and check the result on a few "
-        "labelled defects: the synthetic defects are sized relative to the image and score small real ones too kindly "
-        "(README: Large images, small defects)",
-        reduction, screen_size, int(np.median(longest)), decoded.records[largest].name, width, height, reduction,
+        "small defects in large images %s, and check the result on a few labelled defects: the synthetic defects are "
+        "sized relative to the image and score small real ones too kindly (README: Large images, small defects)",
+        reduction, screen_size, int(np.median(longest)), decoded.records[largest].name, width, height, reduction, remedy,
     )
     return True
 
