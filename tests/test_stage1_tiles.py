@@ -167,3 +167,5 @@ def test_predict_and_export_reproduce_a_tiled_run(tiled_run, tmp_path) -> None:
         loss, anomaly = torch.jit.load(stage1_path)(to_tensor(saved["images"][:1]))
     assert float(loss[0]) == pytest.approx(scores["stage1_loss"][0], rel=1e-4, abs=1e-5)
     assert anomaly.shape == (1, 64, 64)
+    with pytest.raises(torch.jit.Error, match="scores one image per call"):  # its tile loop was unrolled for one image
+        torch.jit.load(stage1_path)(to_tensor(saved["images"][:2]))

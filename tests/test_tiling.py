@@ -170,6 +170,8 @@ def test_export_of_a_tiled_stage_two_matches_the_run(tiled_run, tmp_path) -> Non
     assert float(loss[0]) == pytest.approx(saved["stage1_loss"], rel=1e-4, abs=1e-6)
     assert float(score[0]) == pytest.approx(saved["stage2_score"], rel=1e-4, abs=1e-5)  # guided as the run guides
     assert full.shape == (1, 64, 64)
+    with pytest.raises(torch.jit.Error, match="scores one image per call"):
+        stage2(to_tensor(np.concatenate([images, images])), anomaly.expand(2, -1, -1))
 
 
 def _resize(images: np.ndarray, size: int) -> np.ndarray:

@@ -8,7 +8,8 @@ and :meth:`PatchScorerStage.score` compute, with the run's weights and constants
 - ``stage2``: ``(x, stage-1 anomaly map)`` (``x`` ``B×C×S₂×S₂`` at stage 2's size, the map as stage 1
   returns it) -> ``(image score B, standardised map B×S₂×S₂)``; with ``stage2.guidance: none`` the
   map input is unused (ONNX drops it from the graph). A tiled stage is traced for one image per
-  call (``cascade.json`` says ``stage1_batch: 1`` or ``stage2_batch: 1``).
+  call (``cascade.json`` says ``stage1_batch: 1`` or ``stage2_batch: 1``); its TorchScript graph
+  refuses a larger batch with an error, its ONNX graph has a fixed batch of 1.
 
 The cascade itself (τ₁, τ₂, the fusion statistics) is plain arithmetic on these outputs; its
 constants are written next to the models as ``cascade.json``. Inputs are images scaled as
@@ -31,7 +32,7 @@ from twostage_ad.runs import read_json, write_atomic, write_json
 from twostage_ad.stages.patch_scorer import image_scores, standardised_map
 from twostage_ad.stages.screening import screening_batch, screening_loss
 
-__all__ = ["Stage1Scorer", "Stage2Scorer", "export_run", "EXPORT_FORMATS"]
+__all__ = ["Stage1Scorer", "Stage2Scorer", "OneImageStage1", "OneImageStage2", "export_run", "EXPORT_FORMATS"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,33 @@ class Stage2Scorer(nn.Module):
                                                        align_corners=False)[:, 0]
         full = standardised_map(self.model, x, stage1_anomaly, self.config, self.statistics)
         return image_scores(full, self.config), full
+
+
+class OneImageStage1(nn.Module):
+    """A traced tiled stage 1 behind a batch check: its tile loop was unrolled for one image, so a
+    larger batch would be scored wrongly without an error (scripted, so the check stays in the graph)."""
+
+    def __init__(self, traced: torch.jit.ScriptModule):
+        super().__init__()
+        self.traced = traced
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.shape[0] != 1:
+            raise RuntimeError("this tiled stage-1 graph scores one image per call (cascade.json: stage1_batch 1)")
+        return self.traced(x)
+
+
+class OneImageStage2(nn.Module):
+    """A traced tiled stage 2 behind the same batch check as :class:`OneImageStage1`."""
+
+    def __init__(self, traced: torch.jit.ScriptModule):
+        super().__init__()
+        self.traced = traced
+
+    def forward(self, x: torch.Tensor, stage1_anomaly: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.shape[0] != 1:
+            raise RuntimeError("this tiled stage-2 graph scores one image per call (cascade.json: stage2_batch 1)")
+        return self.traced(x, stage1_anomaly)
 
 
 def _example(size: int, channels: int, batch: int = 2) -> torch.Tensor:
@@ -114,6 +142,8 @@ def export_run(
                 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
                 warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
                 traced = torch.jit.trace(module, args, check_trace=False)
+                if tiled if name == "stage2" else tiled1:  # one image per call: refuse more, not mis-score them
+                    traced = torch.jit.script((OneImageStage2 if name == "stage2" else OneImageStage1)(traced))
                 write_atomic(path, lambda tmp, traced=traced: torch.jit.save(traced, tmp))
             written["torchscript"].append(str(path))
     if "onnx" in formats:
