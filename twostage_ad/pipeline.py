@@ -1,4 +1,4 @@
-"""Command line: ``python -m twostage_ad.pipeline {run,calibrate,report,predict,export} ...`` — thin over :mod:`twostage_ad.workflow`."""
+"""Command line: ``python -m twostage_ad.pipeline {run,calibrate,report,compare,predict,export} ...`` — thin over :mod:`twostage_ad.workflow`."""
 
 from __future__ import annotations
 
@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--output", type=Path, help="folder (default RUN_DIR/export)")
     exp.add_argument("--format", dest="formats", action="append", choices=("torchscript", "onnx"),
                      help="repeatable; default both")
+
+    cmp = sub.add_parser("compare", help="finished runs of one data set side by side; marks the label-free choice")
+    cmp.add_argument("run_dirs", type=Path, nargs="+")
+    cmp.add_argument("--output", type=Path, help="also write the table to this CSV")
 
     pred = sub.add_parser("predict", help="score new images with a finished run")
     pred.add_argument("run_dir", type=Path)
@@ -140,6 +144,16 @@ def main(argv: list[str] | None = None) -> int:
 
             written = export_run(args.run_dir, args.output, tuple(args.formats or ("torchscript", "onnx")))
             print(json.dumps(written, indent=2))
+        elif args.command == "compare":
+            from twostage_ad.compare import CHOICE_COLUMN, compare_runs
+
+            table = compare_runs(args.run_dirs)
+            if args.output is not None:
+                table.to_csv(args.output, index=False)
+            print(table.drop(columns="data").to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+            chosen = table.loc[table["choice"], "run"]
+            print(f"choice without test labels (highest {CHOICE_COLUMN}): {chosen.iloc[0]}" if len(chosen) else
+                  f"no choice: a run has no {CHOICE_COLUMN} (synthetic validation needs validation normals)")
         elif args.command == "predict":
             if args.batch_size is not None and args.batch_size < 1:
                 raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")

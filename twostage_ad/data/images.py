@@ -349,7 +349,7 @@ def warn_if_much_reduced(decoded: DecodedImages, screen_size: int) -> bool:
     remedy = ("try a run with a larger data.image_size (a power of two, at most 512): both stages then train on and score "
               "128-px tiles of it (stage1.tile_size, stage2.tile_size; training costs what it does at 128 px, scoring a pass "
               "per tile), which helps defects that are small in the image but loses those that need more of the part in "
-              "view; keep the run whose synthetic_val stage-1 AUROC (metrics.json) is higher" if screen_size < MAX_DECODE else
+              "view; keep the run whose synthetic_val stage-1 AUROC is higher (compare RUN RUN)" if screen_size < MAX_DECODE else
               f"crop the images to the inspected region or cut them into parts smaller than {int(WARN_REDUCTION) * MAX_DECODE} px "
               f"({MAX_DECODE} px is the largest decode)")
     log.warning(
