@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -45,12 +46,34 @@ def test_the_choice_is_the_highest_synthetic_score_not_the_test(two_runs) -> Non
     assert row["train_s"] == pytest.approx(metrics["seconds"]["train_stage1"] + metrics["seconds"]["train_stage2"])
     assert (row["decode"], row["stage1_tile"], row["stage2_size"]) == (32, 0, 32)  # the digits demo: whole 32-px images
     assert table["choice"].tolist() == [True, False]  # the copy: 0.01 lower on synthetic defects, perfect on the test
+    assert compare_runs([second, first])["choice"].tolist() == [False, True]  # the run, not the position
+
+
+def test_a_run_without_a_synthetic_score_is_left_out_of_the_choice(two_runs, tmp_path) -> None:
+    first, second = two_runs
+    bare = tmp_path / "bare"
+    shutil.copytree(first, bare)
+    metrics = json.loads((bare / "metrics.json").read_text())
+    metrics["synthetic_val"] = None  # fewer than 2 validation normals
+    (bare / "metrics.json").write_text(json.dumps(metrics))
+    table = compare_runs([bare, second])
+    assert np.isnan(table["synthetic_stage1"][0]) and table["choice"].tolist() == [False, True]
+    assert not compare_runs([bare])["choice"].any()
+
+
+def test_a_relative_data_path_names_the_same_data_as_its_absolute_form(tmp_path, monkeypatch) -> None:
+    from twostage_ad.config_io import load_config
+
+    monkeypatch.chdir(tmp_path)
+    config = load_config(None, ["data.source=folders", "data.path=sets/parts"])
+    assert config.data.path == str(tmp_path / "sets" / "parts")  # recorded absolute in the run folder
 
 
 def test_the_command_prints_and_writes_the_table(two_runs, tmp_path, capsys) -> None:
     first, second = two_runs
     assert main(["-q", "compare", str(first), str(second), "--output", str(tmp_path / "runs.csv")]) == 0
     printed = capsys.readouterr().out
+    assert main(["-q", "compare", str(first), "--output", str(tmp_path / "runs.csv")]) == 2  # not without --overwrite
     assert f"choice without test labels (highest synthetic_stage1): {first}" in printed
     assert pd.read_csv(tmp_path / "runs.csv")["run"].tolist() == [str(first), str(second)]
 

@@ -12,6 +12,7 @@ for reading, never for the choice.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ import numpy as np
 import pandas as pd
 
 from twostage_ad.runs import RUN_FILES, load_run_config, read_json
+
+log = logging.getLogger(__name__)
 
 __all__ = ["compare_runs", "run_summary", "CHOICE_COLUMN"]
 
@@ -46,13 +49,18 @@ def run_summary(run_dir: str | Path) -> dict[str, Any]:
     metrics = read_json(path)
     synthetic = metrics.get("synthetic_val")
     seconds = metrics.get("seconds") or {}
+    reused = read_json(run_dir / RUN_FILES["reused"]) if (run_dir / RUN_FILES["reused"]).is_file() else {}
+    data = config.data
+    stage2_size = config.stage2.image_size or data.image_size
     return {
         "run": str(run_dir),
-        "data": f"{config.data.source}:{config.data.path or ''}:{config.data.category or ''}",
+        # the validation images: the same only for the same source, files, category and held-out share
+        "data": f"{data.source}:{Path(data.path).resolve() if data.path else ''}:{data.category or ''}:{data.val_fraction}",
         "seed": config.run.seed,
-        "decode": config.data.image_size,
-        "stage1_tile": config.stage1.tile_size if 0 < config.stage1.tile_size < config.data.image_size else 0,
-        "stage2_size": config.stage2.image_size or config.data.image_size,
+        "decode": data.image_size,
+        "stage1_tile": config.stage1.tile_size if 0 < config.stage1.tile_size < data.image_size else 0,
+        "stage2_size": stage2_size,
+        "stage2_tile": config.stage2.tile_size if 0 < config.stage2.tile_size < stage2_size else 0,
         CHOICE_COLUMN: _get(synthetic, "image_auroc", "stage1"),
         "synthetic_held_out": _get(synthetic, "image_auroc_stage1_held_out_kinds"),
         "synthetic_pixel_fused": _get(synthetic, "pixel_auroc", "fused"),
@@ -60,7 +68,8 @@ def run_summary(run_dir: str | Path) -> dict[str, Any]:
         "test_cascade": _get(metrics, "image_auroc", "cascade"),
         "test_pixel_fused": _get(metrics, "pixel_auroc", "fused"),
         "test_pro_fused": _get(metrics, "pro", "fused"),
-        "train_s": _get(seconds, "train_stage1") + _get(seconds, "train_stage2"),
+        # a reused stage trained in another run: its seconds are not this run's
+        "train_s": float("nan") if any(reused.values()) else _get(seconds, "train_stage1") + _get(seconds, "train_stage2"),
         "stage1_images_per_s": _get(metrics, "images_per_s", "stage1"),
         "cascade_images_per_s": _get(metrics, "images_per_s", "cascade"),
     }
@@ -68,10 +77,13 @@ def run_summary(run_dir: str | Path) -> dict[str, Any]:
 
 def compare_runs(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
     """One row per run (:func:`run_summary`), and ``choice`` True on the run with the highest
-    synthetic stage-1 image AUROC (all False when a run has none, e.g. too few validation normals).
+    synthetic stage-1 image AUROC among those that have one (none without any, e.g. with fewer
+    than 2 validation normals; the first of a tie).
 
-    The runs must share their data (source, path and category): the synthetic defects are drawn on
-    each run's validation normals, so only runs on the same images compare. ``ValueError`` otherwise.
+    The runs must share their data (source, files, category, ``val_fraction``): the synthetic
+    defects are drawn on each run's validation normals, so only runs on the same images compare;
+    ``ValueError`` otherwise. Runs of different seeds draw other defects (and, without a fixed
+    validation split, hold out other normals): a warning says their difference is partly the draw.
     """
     if not run_dirs:
         raise ValueError("compare needs at least one run folder")
@@ -79,8 +91,11 @@ def compare_runs(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
     if table["data"].nunique() > 1:
         listed = "; ".join(f"{run}: {data}" for run, data in zip(table["run"], table["data"]))
         raise ValueError(f"the runs were trained on different data, so their synthetic scores do not compare ({listed})")
+    if table["seed"].nunique() > 1:
+        log.warning("the runs have different seeds %s: their synthetic defects differ, so part of a difference in %s "
+                    "is the draw", sorted(table["seed"].unique().tolist()), CHOICE_COLUMN)
     scores = table[CHOICE_COLUMN].to_numpy()
     table["choice"] = False
-    if np.isfinite(scores).all():
-        table.loc[int(np.argmax(scores)), "choice"] = True
+    if np.isfinite(scores).any():
+        table.loc[int(np.nanargmax(scores)), "choice"] = True
     return table

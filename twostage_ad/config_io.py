@@ -69,7 +69,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     A config file overrides the package defaults (the real-data recipe) field by field.
 
     Relative ``data.path`` values are resolved against the YAML file's folder, so configs work
-    from any working directory.
+    from any working directory (given as an override: against the working directory), and run
+    folders record where their data was.
     """
     values: dict[str, Any] = {}
     if path is None:
@@ -90,6 +91,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             data["path"] = str((path.parent / data["path"]).resolve())
             values["data"] = data
     apply_overrides(values, list(overrides or []))
+    data = values.get("data")
+    if any(item.strip().startswith("data.path=") for item in overrides or []) and isinstance(data, dict) \
+            and isinstance(data.get("path"), str) and not Path(data["path"]).is_absolute():
+        data["path"] = str(Path(data["path"]).resolve())  # --set data.path: against the working directory
     config = config_from_dict(values)
     if path is None and config.data.source != "digits":
         warnings.warn(f"data.source {config.data.source!r} without a config file: the digits demo's stage settings apply "

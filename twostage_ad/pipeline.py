@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser("compare", help="finished runs of one data set side by side; marks the label-free choice")
     cmp.add_argument("run_dirs", type=Path, nargs="+")
     cmp.add_argument("--output", type=Path, help="also write the table to this CSV")
+    cmp.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
 
     pred = sub.add_parser("predict", help="score new images with a finished run")
     pred.add_argument("run_dir", type=Path)
@@ -149,7 +150,11 @@ def main(argv: list[str] | None = None) -> int:
 
             table = compare_runs(args.run_dirs)
             if args.output is not None:
-                table.to_csv(args.output, index=False)
+                if args.output.exists() and not args.overwrite:
+                    raise FileExistsError(f"{str(args.output)!r} exists; pass --overwrite to replace it")
+                from twostage_ad.runs import write_atomic
+
+                write_atomic(args.output, lambda tmp: table.to_csv(tmp, index=False))
             print(table.drop(columns="data").to_string(index=False, float_format=lambda v: f"{v:.4f}"))
             chosen = table.loc[table["choice"], "run"]
             print(f"choice without test labels (highest {CHOICE_COLUMN}): {chosen.iloc[0]}" if len(chosen) else
