@@ -1,17 +1,17 @@
 """Old configs and checkpoints keep loading, or fail with a message saying what to change."""
 
 import warnings
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
 import torch
 import yaml
 
-from twostage_ad.config import ConfigError
+from twostage_ad.config import ConfigError, Stage1Config, Stage2Config
 from twostage_ad.config_io import config_from_dict, load_config
 from twostage_ad.device import resolve_precision
-from twostage_ad.migration import migrate_section
+from twostage_ad.migration import migrate_section, stored_section
 from twostage_ad.models.ganomaly2d import GANomaly2D
 from twostage_ad.runs import load_checkpoint, save_checkpoint
 from twostage_ad.stages.attention import AttentionStage
@@ -182,3 +182,10 @@ def test_a_run_folder_written_before_a_field_reads_as_it_was_trained(tmp_path):
     assert config.data.bit_depth == 16  # 16-bit files were read by their mode's full range then
     assert config.stage1.max_seconds == 0.0  # no time budget then
     assert config.stage1.tile_size == config.stage2.tile_size == 0  # whole images at any size then (today: 128-px tiles)
+
+
+def test_a_checkpoint_from_before_the_tile_default_keeps_the_whole_image():
+    for section, cls in (("stage1", Stage1Config), ("stage2", Stage2Config)):
+        stored = asdict(cls())
+        del stored["tile_size"]  # a checkpoint written before the field: trained on whole images at any size
+        assert stored_section(section, stored)["tile_size"] == 0

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from twostage_ad.config_io import load_config
 from twostage_ad.pipeline import main
@@ -168,3 +169,21 @@ def test_stage2_resume_is_bit_exact_and_refuses_other_images(tmp_path, monkeypat
     for name, tensor in full.model_.state_dict().items():
         assert torch.equal(tensor, resumed.model_.state_dict()[name]), name
     assert [h["total"] for h in resumed.history_] == [h["total"] for h in full.history_]
+
+
+def test_a_run_from_before_the_tile_default_resumes_with_todays_config(tmp_path):
+    """A folder that stores ``tile_size: 0`` (written before tiles became the default) resumes under
+    a config that leaves ``tile_size`` at 128: at a 64-px decode both mean the whole image."""
+    settings = SETTINGS[:1] + ["stage1.epochs=1", "stage2.epochs=1", "run.overlays=0", "data.image_size=64"]
+    finished = run_pipeline(load_config(None, settings), tmp_path / "run", progress=False)
+    stored = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    stored["stage1"]["tile_size"] = stored["stage2"]["tile_size"] = 0
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(stored))
+    for name in ("stage1", "stage2"):  # its checkpoints stored 0 too
+        payload = load_checkpoint(tmp_path / "run" / "checkpoints" / f"{name}.pt")
+        payload["config"]["tile_size"] = 0
+        save_checkpoint(tmp_path / "run" / "checkpoints" / f"{name}.pt", payload)
+    resumed = run_pipeline(load_config(None, settings), tmp_path / "run", progress=False, resume=True)
+    pd.testing.assert_series_equal(resumed.scores["stage1_loss"], finished.scores["stage1_loss"])
+    with pytest.raises(ValueError, match="stage2.tile_size is 32 here but 0"):  # a tile below the image is another run
+        run_pipeline(load_config(None, [*settings, "stage2.tile_size=32"]), tmp_path / "run", progress=False, resume=True)

@@ -109,6 +109,19 @@ def test_tiled_stage_trains_on_tiles_and_scores_whole_images() -> None:
     np.testing.assert_allclose(alone.maps[0], result.maps[1], rtol=1e-5, atol=1e-4)
 
 
+def test_a_tile_at_least_the_image_scores_stage_two_exactly_as_the_whole_image(rng) -> None:
+    """The default ``tile_size`` (128) changes nothing for stage 2 at or below its size."""
+    images = np.stack([textured(rng, size=32)[..., None] for _ in range(10)])
+    results = []
+    for tile in (0, 32, 128):
+        config = Stage2Config(epochs=1, min_steps=0, max_steps=2, width_divisor=16, batch_size=4, guidance="none", tile_size=tile)
+        stage = PatchScorerStage(config, image_size=32, channels=1, device="cpu").fit(images[:8], progress=False)
+        results.append(stage.fit_normalisation(images[:8]).score(images[8:], progress=False))
+    for result in results[1:]:
+        np.testing.assert_array_equal(result.scores, results[0].scores)
+        np.testing.assert_array_equal(result.maps, results[0].maps)
+
+
 def test_a_tile_at_least_stage_two_size_is_the_whole_image_and_bad_tiles_are_refused() -> None:
     config = Config()
     config.stage2.image_size, config.stage2.tile_size = 64, 128
@@ -170,7 +183,7 @@ def test_export_of_a_tiled_stage_two_matches_the_run(tiled_run, tmp_path) -> Non
     assert float(loss[0]) == pytest.approx(saved["stage1_loss"], rel=1e-4, abs=1e-6)
     assert float(score[0]) == pytest.approx(saved["stage2_score"], rel=1e-4, abs=1e-5)  # guided as the run guides
     assert full.shape == (1, 64, 64)
-    with pytest.raises(torch.jit.Error, match="scores one image per call"):
+    with pytest.raises(torch.jit.Error, match="scores one image of its size per call"):
         stage2(to_tensor(np.concatenate([images, images])), anomaly.expand(2, -1, -1))
 
 

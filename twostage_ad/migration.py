@@ -32,8 +32,9 @@ MOVED_FIELDS: dict[str, dict[str, str]] = {
 }
 
 
-# section -> {field: its default before the real-data recipe became the package default}: what a
-# checkpoint that does not store the field was trained with
+# section -> {field: its default before it changed (most with the real-data recipe becoming the package
+# default; tile_size when tiles became the default above 128 px)}: what a run folder or checkpoint that does
+# not store the field was trained with
 FORMER_DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {"bit_depth": 16},  # 16-bit files were read by their mode's full range
     "stage1": {"attention_kv_max_tokens": None, "final_up": "upsample_conv", "epochs": 10, "w_con": 1.0, "w_enc": 1.0,

@@ -135,16 +135,26 @@ def _resume_config(run_dir: Path, config: Config | None, reused: dict[str, Any])
     if config is not None:
         given = config_to_dict(replace(config, data=replace(config.data, channels=config.data.channels or saved.data.channels,
                                                             bit_depth=config.data.bit_depth or saved.data.bit_depth)))
-        for section, values in config_to_dict(saved).items():
+        stored = config_to_dict(saved)
+        for section, values in stored.items():
             for key, value in values.items():
                 if reused.get(section) is not None and key not in getattr(saved, section).scoring_fields:
                     continue
+                if key == "tile_size" and _whole_or_tile(given, section) == _whole_or_tile(stored, section):
+                    continue  # e.g. 0 stored, 128 given at a 128-px decode: both the whole image
                 if given[section][key] != value:
                     raise ConfigError(
                         f"cannot resume {str(run_dir)!r}: {section}.{key} is {given[section][key]!r} here but "
                         f"{value!r} in the run's config.yaml; resume without --config / --set, or start a new run"
                     )
     return saved
+
+
+def _whole_or_tile(values: dict[str, Any], section: str) -> int:
+    """A stage's effective tile in a config dict: its ``tile_size``, or 0 when that is not below its image size."""
+    size = values["data"]["image_size"] if section == "stage1" else values["stage2"]["image_size"] or values["data"]["image_size"]
+    tile = values[section]["tile_size"]
+    return tile if 0 < tile < size else 0
 
 
 # --------------------------------------------------------------------------------------------
