@@ -147,7 +147,7 @@ def tiled_run(tmp_path_factory):
 def test_predict_and_export_reproduce_a_tiled_run(tiled_run, tmp_path) -> None:
     import pandas as pd
 
-    from twostage_ad.data.images import to_tensor
+    from twostage_ad.data.images import resize_images, to_tensor
     from twostage_ad.detector import TwoStageDetector
     from twostage_ad.export import export_run
 
@@ -167,5 +167,6 @@ def test_predict_and_export_reproduce_a_tiled_run(tiled_run, tmp_path) -> None:
         loss, anomaly = torch.jit.load(stage1_path)(to_tensor(saved["images"][:1]))
     assert float(loss[0]) == pytest.approx(scores["stage1_loss"][0], rel=1e-4, abs=1e-5)
     assert anomaly.shape == (1, 64, 64)
-    with pytest.raises(torch.jit.Error, match="scores one image per call"):  # its tile loop was unrolled for one image
-        torch.jit.load(stage1_path)(to_tensor(saved["images"][:2]))
+    for other in (saved["images"][:2], resize_images(saved["images"][:1], 32)):  # its tile loop was unrolled for one 64-px image
+        with pytest.raises(torch.jit.Error, match="scores one image of its size per call"):
+            torch.jit.load(stage1_path)(to_tensor(other))

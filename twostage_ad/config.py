@@ -43,6 +43,7 @@ CALIBRATION_METHODS = ("conformal", "quantile", "meanstd", "fpr", "youden", "f1"
 SCORE_REDUCTIONS = ("max", "topk")
 GUIDANCE_MODES = ("none", "attention")
 PATCH_SCORES = ("latent", "head")
+MAX_IMAGE_SIZE = 512  # the largest data.image_size
 FUSION_MODES = ("stage2", "sum", "max")
 
 
@@ -103,7 +104,7 @@ class DataConfig:
         if self.source != "digits":
             _check(bool(self.path), f"{prefix}.path", f"a folder or CSV path for source {self.source!r}", self.path)
         _check(
-            isinstance(self.image_size, int) and _is_power_of_two(self.image_size) and 32 <= self.image_size <= 512,
+            isinstance(self.image_size, int) and _is_power_of_two(self.image_size) and 32 <= self.image_size <= MAX_IMAGE_SIZE,
             f"{prefix}.image_size",
             "a power of two from 32 to 512",
             self.image_size,
@@ -199,7 +200,7 @@ class Stage1Config:
     ensemble_size: int = 1
     # tiles: above tile_size px the network is built for the tile, trains on random tiles of the data.image_size decode
     # and scores overlapping tiles blended into one map, so a step costs a tile at any decode size; at or below it, and
-    # with 0, the whole image (the default changes nothing at 128 px; at 512 px tiles beat the whole image on MTD mosaics)
+    # with 0, the whole image (nothing changes at 128 px; on MTD mosaics tiles won at 512 px, on MTD itself they lost)
     tile_size: int = 128
     tile_overlap: float = 0.5  # share of a tile its neighbour overlaps when scoring (stride rounded to feature cells)
     # training: epochs passes over the training set, at least min_steps and at most max_steps optimiser steps

@@ -9,7 +9,7 @@ and :meth:`PatchScorerStage.score` compute, with the run's weights and constants
   returns it) -> ``(image score B, standardised map B×S₂×S₂)``; with ``stage2.guidance: none`` the
   map input is unused (ONNX drops it from the graph). A tiled stage is traced for one image per
   call (``cascade.json`` says ``stage1_batch: 1`` or ``stage2_batch: 1``); its TorchScript graph
-  refuses a larger batch with an error, its ONNX graph has a fixed batch of 1.
+  refuses another batch or image size with an error, its ONNX graph has fixed input shapes.
 
 The cascade itself (τ₁, τ₂, the fusion statistics) is plain arithmetic on these outputs; its
 constants are written next to the models as ``cascade.json``. Inputs are images scaled as
@@ -75,29 +75,33 @@ class Stage2Scorer(nn.Module):
 
 
 class OneImageStage1(nn.Module):
-    """A traced tiled stage 1 behind a batch check: its tile loop was unrolled for one image, so a
-    larger batch would be scored wrongly without an error (scripted, so the check stays in the graph)."""
+    """A traced tiled stage 1 behind an input check: its tile loop was unrolled for one image of its
+    size, so another batch or size would be scored wrongly without an error (scripted, so the check
+    stays in the graph)."""
 
-    def __init__(self, traced: torch.jit.ScriptModule):
+    def __init__(self, traced: torch.jit.ScriptModule, size: int):
         super().__init__()
         self.traced = traced
+        self.size = size
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if x.shape[0] != 1:
-            raise RuntimeError("this tiled stage-1 graph scores one image per call (cascade.json: stage1_batch 1)")
+        if x.shape[0] != 1 or x.shape[-2] != self.size or x.shape[-1] != self.size:
+            raise RuntimeError("this tiled stage-1 graph scores one image of its size per call (cascade.json: stage1_batch 1, image_size)")
         return self.traced(x)
 
 
 class OneImageStage2(nn.Module):
-    """A traced tiled stage 2 behind the same batch check as :class:`OneImageStage1`."""
+    """A traced tiled stage 2 behind the same check as :class:`OneImageStage1` (and one stage-1 map)."""
 
-    def __init__(self, traced: torch.jit.ScriptModule):
+    def __init__(self, traced: torch.jit.ScriptModule, size: int):
         super().__init__()
         self.traced = traced
+        self.size = size
 
     def forward(self, x: torch.Tensor, stage1_anomaly: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if x.shape[0] != 1:
-            raise RuntimeError("this tiled stage-2 graph scores one image per call (cascade.json: stage2_batch 1)")
+        if x.shape[0] != 1 or stage1_anomaly.shape[0] != 1 or x.shape[-2] != self.size or x.shape[-1] != self.size:
+            raise RuntimeError("this tiled stage-2 graph scores one image of its size per call (cascade.json: stage2_batch 1, "
+                               "stage2_image_size)")
         return self.traced(x, stage1_anomaly)
 
 
@@ -143,7 +147,8 @@ def export_run(
                 warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
                 traced = torch.jit.trace(module, args, check_trace=False)
                 if tiled if name == "stage2" else tiled1:  # one image per call: refuse more, not mis-score them
-                    traced = torch.jit.script((OneImageStage2 if name == "stage2" else OneImageStage1)(traced))
+                    traced = torch.jit.script(OneImageStage2(traced, detector.stage2.image_size) if name == "stage2"
+                                              else OneImageStage1(traced, detector.stage1.image_size))
                 write_atomic(path, lambda tmp, traced=traced: torch.jit.save(traced, tmp))
             written["torchscript"].append(str(path))
     if "onnx" in formats:

@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from twostage_ad.config import MAX_IMAGE_SIZE
 from twostage_ad.data.records import DataError, Record
 
 __all__ = ["DecodedImages", "decode_native", "decode_records", "infer_bit_depth", "infer_channels", "read_image", "read_mask", "resize_images",
@@ -31,7 +32,6 @@ _GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 # The median reduction (native longest side / stage 1's input) from which a run warns that small defects may vanish.
 WARN_REDUCTION = 4.0
-MAX_DECODE = 512  # the largest data.image_size (config.DataConfig)
 
 
 def _to_8bit(image: Image.Image, bit_depth: int = 16) -> Image.Image:
@@ -347,11 +347,11 @@ def warn_if_much_reduced(decoded: DecodedImages, screen_size: int) -> bool:
     width, height = decoded.native_sizes[largest]
     reduction = float(np.median(longest)) / screen_size
     remedy = ("try a run with a larger data.image_size (a power of two, at most 512): both stages then train on and score "
-              "128-px tiles of it (stage1.tile_size, stage2.tile_size; training costs what it does at 128 px, scoring a pass "
-              "per tile), which helps defects that are small in the image but loses those that need more of the part in "
-              "view; keep the run whose synthetic_val stage-1 AUROC is higher (compare RUN RUN)" if screen_size < MAX_DECODE else
-              f"crop the images to the inspected region or cut them into parts smaller than {int(WARN_REDUCTION) * MAX_DECODE} px "
-              f"({MAX_DECODE} px is the largest decode)")
+              "tiles of it (stage1.tile_size, stage2.tile_size, 128 px by default; training costs what it does at the tile's "
+              "size, scoring a pass per tile), which helps defects that are small in the image but loses those that need more of the part in "
+              "view; keep the run whose synthetic_val stage-1 AUROC is higher (compare RUN RUN)" if screen_size < MAX_IMAGE_SIZE else
+              f"crop the images to the inspected region or cut them into parts smaller than {int(WARN_REDUCTION) * MAX_IMAGE_SIZE} px "
+              f"({MAX_IMAGE_SIZE} px is the largest decode)")
     log.warning(
         "the images are about %.0f× larger than stage 1's input of %d px (median longest side %d px; largest %s: %d×%d): "
         "a defect narrower than about %.0f px spans less than one pixel of the screen and may never reach stage 2. For "
