@@ -212,6 +212,16 @@ def test_jpeg_mask_noise_is_not_a_defect(tmp_path):
     assert read_mask(tmp_path / "n.png", 64).sum() == (noise > 0).sum()
 
 
+def test_float_images_are_read_as_0_to_1_and_refused_outside_it(tmp_path):
+    ramp = np.tile(np.linspace(0.0, 1.0, 40, dtype=np.float32), (40, 1))
+    Image.fromarray(ramp).save(tmp_path / "unit.tif")
+    grey = read_image(tmp_path / "unit.tif", 40, 1)[..., 0]
+    assert grey[0, 0] == 0 and grey[0, -1] == 255 and np.all(np.diff(grey[0].astype(int)) >= 0)
+    Image.fromarray(ramp * 255).save(tmp_path / "bytes.tif")  # 0-255 as floats: would be white nearly everywhere
+    with pytest.raises(DataError, match=r"bytes.tif' holds float values from 0 to 255, but float images are read as 0–1"):
+        read_image(tmp_path / "bytes.tif", 40, 1)
+
+
 def test_soft_float_masks_cut_at_half_their_peak(tmp_path):
     soft = np.zeros((40, 40), np.float32)
     soft[10:20, 10:30], soft[20:25, 10:30] = 1.0, 0.3  # a defect and a faint halo

@@ -32,6 +32,7 @@ _GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 # The median reduction (native longest side / stage 1's input) from which a run warns that small defects may vanish.
 WARN_REDUCTION = 4.0
+FLOAT_SLACK = 0.01  # how far outside 0–1 a float image may stray (rounding in its processing) before it is refused
 
 
 def _to_8bit(image: Image.Image, bit_depth: int = 16) -> Image.Image:
@@ -69,8 +70,15 @@ def _open_upright(path: str | Path, what: str) -> Image.Image:
 
 
 def _open_converted(path: str | Path, mode: str, what: str, bit_depth: int = 16) -> Image.Image:
-    """Open and fully decode ``path`` as Pillow ``mode`` (``L`` or ``RGB``); ``DataError`` if unreadable."""
-    return _to_8bit(_open_upright(path, what), bit_depth).convert(mode)
+    """Open and fully decode ``path`` as Pillow ``mode`` (``L`` or ``RGB``); ``DataError`` if unreadable,
+    or if it is a float image whose values lie outside 0–1 (read as 0–1, they would clip unseen)."""
+    image = _open_upright(path, what)
+    if image.mode == "F":
+        low, high = image.getextrema()
+        if low < -FLOAT_SLACK or high > 1 + FLOAT_SLACK:
+            raise DataError(f"{what} {str(path)!r} holds float values from {low:.4g} to {high:.4g}, but float images are "
+                            "read as 0–1 (0 black, 1 white): scale them to 0–1, or save them as 8- or 16-bit images")
+    return _to_8bit(image, bit_depth).convert(mode)
 
 
 def infer_bit_depth(records: list[Record], sample: int = 16) -> int:
