@@ -220,6 +220,10 @@ def test_float_images_are_read_as_0_to_1_and_refused_outside_it(tmp_path):
     Image.fromarray(ramp * 255).save(tmp_path / "bytes.tif")  # 0-255 as floats: would be white nearly everywhere
     with pytest.raises(DataError, match=r"bytes.tif' holds float values from 0 to 255, but float images are read as 0–1"):
         read_image(tmp_path / "bytes.tif", 40, 1)
+    ramp[0, 0] = np.nan  # where Pillow's extrema would read NaN and let the range through
+    Image.fromarray(ramp).save(tmp_path / "nan.tif")
+    with pytest.raises(DataError, match="nan.tif' holds NaN or infinite float values"):
+        read_image(tmp_path / "nan.tif", 40, 1)
 
 
 def test_soft_float_masks_cut_at_half_their_peak(tmp_path):

@@ -187,3 +187,17 @@ def test_a_run_from_before_the_tile_default_resumes_with_todays_config(tmp_path)
     pd.testing.assert_series_equal(resumed.scores["stage1_loss"], finished.scores["stage1_loss"])
     with pytest.raises(ValueError, match="stage2.tile_size is 32 here but 0"):  # a tile below the image is another run
         run_pipeline(load_config(None, [*settings, "stage2.tile_size=32"]), tmp_path / "run", progress=False, resume=True)
+
+
+def test_settings_that_mean_the_same_are_the_same_run(tmp_path, monkeypatch):
+    from twostage_ad.config_io import config_to_dict
+    from twostage_ad.runs import same_setting
+
+    monkeypatch.chdir(tmp_path)
+    stored = config_to_dict(load_config(None, ["data.image_size=64"]))
+    stored["data"]["path"], stored["stage1"]["tile_size"] = "sets/parts", 0  # as an older run recorded them
+    given = config_to_dict(load_config(None, ["data.image_size=64"]))
+    given["data"]["path"] = str(tmp_path / "sets" / "parts")
+    assert same_setting(given, stored, "data", "path") and same_setting(given, stored, "stage1", "tile_size")  # 128 >= 64
+    given["data"]["path"], given["stage1"]["tile_size"] = str(tmp_path / "other"), 32
+    assert not same_setting(given, stored, "data", "path") and not same_setting(given, stored, "stage1", "tile_size")

@@ -54,8 +54,10 @@ def run_summary(run_dir: str | Path) -> dict[str, Any]:
     stage2_size = config.stage2.image_size or data.image_size
     return {
         "run": str(run_dir),
-        # the validation images: the same only for the same source, files, category and held-out share
-        "data": f"{data.source}:{Path(data.path).resolve() if data.path else ''}:{data.category or ''}:{data.val_fraction}",
+        # the validation images: the same only for the same source, files, category, held-out share (and digit)
+        # (a relative path, recorded by older runs, is kept as written: its working directory is unknown)
+        "data": f"{data.source}:{Path(data.path).expanduser().resolve() if data.path and Path(data.path).is_absolute() else data.path or ''}"
+                f":{data.category or ''}:{data.val_fraction}:{data.normal_digit if data.source == 'digits' else ''}",
         "seed": config.run.seed,
         "decode": data.image_size,
         "stage1_tile": config.stage1.tile_size if 0 < config.stage1.tile_size < data.image_size else 0,

@@ -92,9 +92,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             values["data"] = data
     apply_overrides(values, list(overrides or []))
     data = values.get("data")
-    if any(item.strip().startswith("data.path=") for item in overrides or []) and isinstance(data, dict) \
+    if any(item.split("=", 1)[0].strip() == "data.path" for item in overrides or []) and isinstance(data, dict) \
             and isinstance(data.get("path"), str) and not Path(data["path"]).is_absolute():
-        data["path"] = str(Path(data["path"]).resolve())  # --set data.path: against the working directory
+        data["path"] = str(Path(data["path"]).expanduser().resolve())  # --set data.path: against the working directory
     config = config_from_dict(values)
     if path is None and config.data.source != "digits":
         warnings.warn(f"data.source {config.data.source!r} without a config file: the digits demo's stage settings apply "

@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             print(table.drop(columns="data").to_string(index=False, float_format=lambda v: f"{v:.4f}"))
             chosen = table.loc[table["choice"], "run"]
             print(f"choice without test labels (highest {CHOICE_COLUMN}): {chosen.iloc[0]}" if len(chosen) else
-                  f"no choice: a run has no {CHOICE_COLUMN} (synthetic validation needs validation normals)")
+                  f"no choice: no run has a {CHOICE_COLUMN} (synthetic validation needs validation normals)")
         elif args.command == "predict":
             if args.batch_size is not None and args.batch_size < 1:
                 raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")

@@ -40,6 +40,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "load_run_config",
+    "same_setting",
     "write_scores",
     "read_scores",
     "write_synthetic_scores",
@@ -200,6 +201,24 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 # --------------------------------------------------------------------------------------------
 # the files of a run
+
+
+def _whole_or_tile(values: dict[str, Any], section: str) -> int:
+    """A stage's effective tile in a config dict: its ``tile_size``, or 0 when that is not below its image size."""
+    size = values["data"]["image_size"] if section == "stage1" else values["stage2"]["image_size"] or values["data"]["image_size"]
+    tile = values[section]["tile_size"]
+    return tile if 0 < tile < size else 0
+
+
+def same_setting(given: dict[str, Any], stored: dict[str, Any], section: str, key: str) -> bool:
+    """Whether two config dicts (``config_to_dict``) mean the same ``section.key``: a tile at least its
+    stage's image size means what 0 does (the whole image), and a data path what its resolved form does
+    (a run stored before ``--set data.path`` was recorded absolute resumes under the same command)."""
+    if key == "tile_size":
+        return _whole_or_tile(given, section) == _whole_or_tile(stored, section)
+    if (section, key) == ("data", "path") and given["data"]["path"] and stored["data"]["path"]:
+        return Path(given["data"]["path"]).expanduser().resolve() == Path(stored["data"]["path"]).expanduser().resolve()
+    return given[section][key] == stored[section][key]
 
 
 def load_run_config(run_dir: str | Path) -> Config:

@@ -50,6 +50,7 @@ from twostage_ad.runs import (
     read_json,
     read_scores,
     read_synthetic_scores,
+    same_setting,
     write_atomic,
     write_json,
     write_prediction_maps,
@@ -140,21 +141,12 @@ def _resume_config(run_dir: Path, config: Config | None, reused: dict[str, Any])
             for key, value in values.items():
                 if reused.get(section) is not None and key not in getattr(saved, section).scoring_fields:
                     continue
-                if key == "tile_size" and _whole_or_tile(given, section) == _whole_or_tile(stored, section):
-                    continue  # e.g. 0 stored, 128 given at a 128-px decode: both the whole image
-                if given[section][key] != value:
+                if not same_setting(given, stored, section, key):
                     raise ConfigError(
                         f"cannot resume {str(run_dir)!r}: {section}.{key} is {given[section][key]!r} here but "
                         f"{value!r} in the run's config.yaml; resume without --config / --set, or start a new run"
                     )
     return saved
-
-
-def _whole_or_tile(values: dict[str, Any], section: str) -> int:
-    """A stage's effective tile in a config dict: its ``tile_size``, or 0 when that is not below its image size."""
-    size = values["data"]["image_size"] if section == "stage1" else values["stage2"]["image_size"] or values["data"]["image_size"]
-    tile = values[section]["tile_size"]
-    return tile if 0 < tile < size else 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -73,8 +73,11 @@ def _open_converted(path: str | Path, mode: str, what: str, bit_depth: int = 16)
     """Open and fully decode ``path`` as Pillow ``mode`` (``L`` or ``RGB``); ``DataError`` if unreadable,
     or if it is a float image whose values lie outside 0–1 (read as 0–1, they would clip unseen)."""
     image = _open_upright(path, what)
-    if image.mode == "F":
-        low, high = image.getextrema()
+    if image.mode == "F" and what != "mask":  # a mask is binarised on its own values
+        values = np.asarray(image)
+        if not np.isfinite(values).all():
+            raise DataError(f"{what} {str(path)!r} holds NaN or infinite float values: replace them before training")
+        low, high = float(values.min()), float(values.max())
         if low < -FLOAT_SLACK or high > 1 + FLOAT_SLACK:
             raise DataError(f"{what} {str(path)!r} holds float values from {low:.4g} to {high:.4g}, but float images are "
                             "read as 0–1 (0 black, 1 white): scale them to 0–1, or save them as 8- or 16-bit images")
