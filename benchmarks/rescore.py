@@ -6,6 +6,7 @@ per-position normality.
     python benchmarks/rescore.py maps RUN_DIR [RUN_DIR ...]        # from maps/test_maps.npz
     python benchmarks/rescore.py flips RUN_DIR [RUN_DIR ...]       # loads checkpoints/stage1.pt
     python benchmarks/rescore.py positions RUN_DIR [RUN_DIR ...]   # loads checkpoints/stage1.pt and the data
+    python benchmarks/rescore.py scales WHOLE_RUN TILED_RUN        # two screens of one data set, fused
 
 ``fusion`` and ``ensemble`` work on each run's ``scores.csv`` and ``config.yaml`` only (validation
 and test scores of both stages), ``maps`` on its saved test maps; ``flips`` and ``positions`` load
@@ -28,6 +29,12 @@ the mean, min and max test AUROC over the subsets of each size.
 category and pooled, pooled after a Gaussian blur (σ = 8 px), the image AUROC of the top-k mean
 of the blurred per-pixel BCE for several top-k shares and with a 4 or 8 px border left out, and
 the mean map of normal test images in the last 4 columns and in the middle column.
+
+``scales``: two runs of one data set (e.g. the whole image at 128 px and 128-px tiles of a 512-px
+decode), each screening loss in z units of its own validation normals: test AUROC of each, of their
+sum and of their maximum, and the same on the validation normals beside their synthetic-defect
+copies when both runs drew the same copies (one seed): would a screen that sees both scales keep
+what each sees?
 
 ``flips``: stage 1 scores the test images as saved, flipped left-right, upside down and both; the
 image AUROC of each view, of the mean of the first two and of all four screening losses.
@@ -134,6 +141,44 @@ def ensemble_rows(run_dirs: list[Path]) -> list[dict]:
                      "auroc_mean": float(np.mean(aurocs)), "auroc_min": float(np.min(aurocs)),
                      "auroc_max": float(np.max(aurocs)), "runs": " ".join(str(r) for r in run_dirs)})
     return rows
+
+
+def _standardised(run_dir: Path) -> dict:
+    """A run's test rows and, in z units of its validation normals, the screening losses of its
+    test images, of those normals and of their synthetic-defect copies (None without
+    synthetic_scores.csv), with the copies' kinds."""
+    val, test = _splits(run_dir)
+    normal = val.loc[val["label"] == 0, "stage1_loss"]
+    copies = read_synthetic_scores(run_dir)
+
+    def z(losses: pd.Series) -> np.ndarray:
+        return ((losses - normal.mean()) / normal.std()).to_numpy()
+
+    return {"test": test, "z_test": z(test["stage1_loss"]), "z_normal": z(normal),
+            "z_copies": None if copies is None else z(copies["stage1_loss"]),
+            "kinds": None if copies is None else copies["kind"].tolist(), "seed": load_run_config(run_dir).run.seed}
+
+
+def scales_row(whole: Path, tiled: Path) -> dict:
+    """Two screens of one data set (e.g. the whole image at 128 px and tiles of a larger decode)
+    and their fusions, each screen's loss in z units of its validation normals: test AUROC of each,
+    of ``z_a + z_b`` and of ``max(z_a, z_b)``; the same on the validation normals beside their
+    synthetic-defect copies when both runs drew the same copies (same seed and kinds), else NaN."""
+    a, b = _standardised(whole), _standardised(tiled)
+    if not np.array_equal(a["test"]["image"].to_numpy(), b["test"]["image"].to_numpy()):
+        raise SystemExit(f"{whole} and {tiled} scored other test images: scales needs two runs of one split")
+    same_copies = a["kinds"] is not None and a["kinds"] == b["kinds"] and a["seed"] == b["seed"]
+    config_b = load_run_config(tiled)
+    row: dict = {"data": config_b.run.name, "decode_a": load_run_config(whole).data.image_size,
+                 "decode_b": config_b.data.image_size,
+                 "tile_b": config_b.stage1.tile_size if 0 < config_b.stage1.tile_size < config_b.data.image_size else 0}
+    labels = a["test"]["label"].to_numpy()
+    synthetic_labels = None if not same_copies else np.r_[np.zeros(len(a["z_normal"]), int), np.ones(len(a["z_copies"]), int)]
+    for name, combine in (("a", lambda x, y: x), ("b", lambda x, y: y), ("sum", np.add), ("max", np.maximum)):
+        row[f"test_{name}"] = image_auroc(labels, combine(a["z_test"], b["z_test"])).value
+        row[f"synthetic_{name}"] = float("nan") if not same_copies else image_auroc(
+            synthetic_labels, np.r_[combine(a["z_normal"], b["z_normal"]), combine(a["z_copies"], b["z_copies"])]).value
+    return {**row, "runs": f"{whole} {tiled}"}
 
 
 def _test_maps(run_dir: Path) -> tuple[dict, pd.DataFrame]:
@@ -243,7 +288,7 @@ def positions_row(run_dir: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=("fusion", "ensemble", "maps", "flips", "positions"))
+    parser.add_argument("mode", choices=("fusion", "ensemble", "maps", "flips", "positions", "scales"))
     parser.add_argument("runs", type=Path, nargs="+", help="finished run folders (scores.csv, config.yaml; maps/, checkpoints/ for some modes)")
     parser.add_argument("--note", default="")
     parser.add_argument("--synthetic", action="store_true",
@@ -267,6 +312,12 @@ def main() -> None:
             row = {**stamp, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in make(run_dir).items()}, "note": args.note}
             append_row(f"rescore_{args.mode}", row, f"{title} (benchmarks/rescore.py; do not edit)")
             print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    elif args.mode == "scales":
+        if len(args.runs) != 2:
+            raise SystemExit("scales takes two runs of one data set: the whole-image one, then the tiled one")
+        row = {**stamp, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in scales_row(*args.runs).items()}, "note": args.note}
+        append_row("rescore_scales", row, "Two screens of one data set fused in z units (benchmarks/rescore.py; do not edit)")
+        print(", ".join(f"{k}={v}" for k, v in row.items() if k != "runs"), flush=True)
     else:
         for row in ensemble_rows(args.runs):
             row = {**stamp, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, "note": args.note}
