@@ -76,3 +76,13 @@ def test_positions_rescoring_reproduces_the_attention_term(two_scale_run, tmp_pa
                  stage2_checkpoint=run_dir / "checkpoints" / "stage2.pt", progress=False)
     row = rescore.positions_row(plain)  # exits when its recomputed score differs from the run's by > 1e-3
     assert 0.0 <= row["image_plain"] <= 1.0
+
+
+def test_scales_of_a_run_with_itself_give_its_own_aurocs(two_scale_run):
+    """z-standardising is monotone and a screen fused with itself ranks as it does alone: every
+    column equals the run's own stage-1 AUROC, on the test and on its synthetic copies."""
+    run_dir, metrics = two_scale_run
+    row = rescore.scales_row(run_dir, run_dir)
+    for name in ("a", "b", "sum", "max"):
+        assert row[f"test_{name}"] == pytest.approx(metrics["image_auroc"]["stage1"], abs=1e-9)
+        assert row[f"synthetic_{name}"] == pytest.approx(metrics["synthetic_val"]["image_auroc"]["stage1"], abs=1e-9)
