@@ -174,7 +174,7 @@ def test_stage2_resume_is_bit_exact_and_refuses_other_images(tmp_path, monkeypat
 def test_a_run_from_before_the_tile_default_resumes_with_todays_config(tmp_path):
     """A folder that stores ``tile_size: 0`` (written before tiles became the default) resumes under
     a config that leaves ``tile_size`` at 128: at a 64-px decode both mean the whole image."""
-    settings = SETTINGS[:1] + ["stage1.epochs=1", "stage2.epochs=1", "run.overlays=0", "data.image_size=64"]
+    settings = [*SETTINGS, "stage1.epochs=1", "stage2.epochs=1", "data.image_size=64"]
     finished = run_pipeline(load_config(None, settings), tmp_path / "run", progress=False)
     stored = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     stored["stage1"]["tile_size"] = stored["stage2"]["tile_size"] = 0
