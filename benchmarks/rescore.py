@@ -66,6 +66,7 @@ import numpy as np
 import pandas as pd
 
 from twostage_ad.cascade import fit_cascade
+from twostage_ad.config import effective_tile
 from twostage_ad.metrics import image_auroc, pixel_auroc, pixel_auroc_by_category
 from twostage_ad.runs import read_synthetic_scores
 from twostage_ad.workflow import load_run_config
@@ -146,7 +147,7 @@ def ensemble_rows(run_dirs: list[Path]) -> list[dict]:
 def _standardised(run_dir: Path) -> dict:
     """A run's test rows and, in z units of its validation normals, the screening losses of its
     test images, of those normals and of their synthetic-defect copies (None without
-    synthetic_scores.csv), with the copies' kinds."""
+    synthetic_scores.csv), with the copies' kinds and the run's config."""
     val, test = _splits(run_dir)
     normal = val.loc[val["label"] == 0, "stage1_loss"]
     copies = read_synthetic_scores(run_dir)
@@ -156,7 +157,7 @@ def _standardised(run_dir: Path) -> dict:
 
     return {"test": test, "z_test": z(test["stage1_loss"]), "z_normal": z(normal),
             "z_copies": None if copies is None else z(copies["stage1_loss"]),
-            "kinds": None if copies is None else copies["kind"].tolist(), "seed": load_run_config(run_dir).run.seed}
+            "kinds": None if copies is None else copies["kind"].tolist(), "config": load_run_config(run_dir)}
 
 
 def scales_row(whole: Path, tiled: Path) -> dict:
@@ -167,11 +168,11 @@ def scales_row(whole: Path, tiled: Path) -> dict:
     a, b = _standardised(whole), _standardised(tiled)
     if not np.array_equal(a["test"]["image"].to_numpy(), b["test"]["image"].to_numpy()):
         raise SystemExit(f"{whole} and {tiled} scored other test images: scales needs two runs of one split")
-    same_copies = a["kinds"] is not None and a["kinds"] == b["kinds"] and a["seed"] == b["seed"]
-    config_b = load_run_config(tiled)
-    row: dict = {"data": config_b.run.name, "decode_a": load_run_config(whole).data.image_size,
+    same_copies = a["kinds"] is not None and a["kinds"] == b["kinds"] and a["config"].run.seed == b["config"].run.seed
+    config_b = b["config"]
+    row: dict = {"data": config_b.run.name, "decode_a": a["config"].data.image_size,
                  "decode_b": config_b.data.image_size,
-                 "tile_b": config_b.stage1.tile_size if 0 < config_b.stage1.tile_size < config_b.data.image_size else 0}
+                 "tile_b": effective_tile(config_b.stage1.tile_size, config_b.data.image_size)}
     labels = a["test"]["label"].to_numpy()
     synthetic_labels = None if not same_copies else np.r_[np.zeros(len(a["z_normal"]), int), np.ones(len(a["z_copies"]), int)]
     for name, combine in (("a", lambda x, y: x), ("b", lambda x, y: y), ("sum", np.add), ("max", np.maximum)):

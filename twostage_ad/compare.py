@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from twostage_ad.config import effective_tile
 from twostage_ad.runs import RUN_FILES, load_run_config, read_json
 
 log = logging.getLogger(__name__)
@@ -60,9 +61,9 @@ def run_summary(run_dir: str | Path) -> dict[str, Any]:
                 f":{data.category or ''}:{data.val_fraction}:{data.normal_digit if data.source == 'digits' else ''}",
         "seed": config.run.seed,
         "decode": data.image_size,
-        "stage1_tile": config.stage1.tile_size if 0 < config.stage1.tile_size < data.image_size else 0,
+        "stage1_tile": effective_tile(config.stage1.tile_size, data.image_size),
         "stage2_size": stage2_size,
-        "stage2_tile": config.stage2.tile_size if 0 < config.stage2.tile_size < stage2_size else 0,
+        "stage2_tile": effective_tile(config.stage2.tile_size, stage2_size),
         CHOICE_COLUMN: _get(synthetic, "image_auroc", "stage1"),
         "synthetic_held_out": _get(synthetic, "image_auroc_stage1_held_out_kinds"),
         "synthetic_pixel_fused": _get(synthetic, "pixel_auroc", "fused"),

@@ -60,6 +60,11 @@ def _is_power_of_two(n: int) -> bool:
     return n > 0 and (n & (n - 1)) == 0
 
 
+def effective_tile(tile_size: int, image_size: int) -> int:
+    """The tile a stage works on: ``tile_size`` when below its ``image_size``, else 0 (the whole image)."""
+    return tile_size if 0 < tile_size < image_size else 0
+
+
 def _check_step_bounds(min_steps: Any, max_steps: Any, prefix: str) -> None:
     """A stage's ``min_steps`` / ``max_steps``: integers >= 0 (0: no bound), the cap not below the floor."""
     for name, value in (("min_steps", min_steps), ("max_steps", max_steps)):
@@ -475,11 +480,11 @@ class Config:
     def validate(self) -> Config:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate(f.name)
-        network_size, what = ((self.stage1.tile_size, "stage1.tile_size") if 0 < self.stage1.tile_size < self.data.image_size
-                              else (self.data.image_size, "data.image_size"))
+        tile = effective_tile(self.stage1.tile_size, self.data.image_size)
+        network_size, what = (tile, "stage1.tile_size") if tile else (self.data.image_size, "data.image_size")
         _check(network_size // self.stage1.bottleneck_size >= 4, "stage1.bottleneck_size",
                f"at most {what} / 4 = {network_size // 4} (the network needs two down-steps)", self.stage1.bottleneck_size)
-        if 0 < self.stage1.tile_size < self.data.image_size:  # a tile's reconstruction and latent errors do not add up to the image's
+        if tile:  # a tile's reconstruction and latent errors do not add up to the image's
             for name in ("screen_con", "screen_enc"):
                 _check(getattr(self.stage1, name) == 0, f"stage1.{name}", "0 with stage1.tile_size below data.image_size "
                        "(tiles score the attention and feature terms only; stage1.tile_size: 0 scores the whole image)",

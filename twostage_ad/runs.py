@@ -204,10 +204,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def _whole_or_tile(values: dict[str, Any], section: str) -> int:
-    """A stage's effective tile in a config dict: its ``tile_size``, or 0 when that is not below its image size."""
+    """A stage's :func:`~twostage_ad.config.effective_tile` in a config dict."""
+    from twostage_ad.config import effective_tile
+
     size = values["data"]["image_size"] if section == "stage1" else values["stage2"]["image_size"] or values["data"]["image_size"]
-    tile = values[section]["tile_size"]
-    return tile if 0 < tile < size else 0
+    return effective_tile(values[section]["tile_size"], size)
 
 
 def same_setting(given: dict[str, Any], stored: dict[str, Any], section: str, key: str) -> bool:

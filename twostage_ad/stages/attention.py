@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from twostage_ad.config import AugmentConfig, Stage1Config
+from twostage_ad.config import AugmentConfig, Stage1Config, effective_tile
 from twostage_ad.data.training_rows import DefectDataset
 from twostage_ad.device import resolve_device, resolve_precision
 from twostage_ad.distributed import DistributedContext
@@ -127,7 +127,7 @@ class AttentionStage(TrainableStage):
     @property
     def tiled(self) -> bool:
         """Whether the network works on tiles of the stage's images (``tile_size`` below ``image_size``)."""
-        return 0 < self.config.tile_size < self.image_size
+        return bool(effective_tile(self.config.tile_size, self.image_size))
 
     @property
     def network_size(self) -> int:

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
-from twostage_ad.config import AugmentConfig, Stage2Config
+from twostage_ad.config import AugmentConfig, Stage2Config, effective_tile
 from twostage_ad.data.images import to_tensor
 from twostage_ad.data.training_rows import DefectDataset, RandomTiles
 from twostage_ad.distributed import DistributedContext, convert_batchnorm, restore_batchnorm
@@ -134,7 +134,7 @@ def cell_maps(model: torch.nn.Module, x: torch.Tensor, config: Stage2Config, nam
     ``config.tile_size`` tiles stitched when the images are larger (at most ``max(tile_batch, B)``
     tiles per forward pass; tile origins on the latent cells' grid, which every map's cell divides)."""
     tile = config.tile_size
-    if not tile or max(x.shape[-2:]) <= tile:
+    if not effective_tile(tile, max(x.shape[-2:])):
         out = model(x)
         return [getattr(out, name).float() for name in names]
     stride = tile_stride(tile, config.tile_overlap, model.latent_cell_size)
@@ -242,7 +242,7 @@ class PatchScorerStage(TrainableStage):
     @property
     def tiled(self) -> bool:
         """Whether the stage trains on tiles and stitches tiles when scoring."""
-        return 0 < self.config.tile_size < self.image_size
+        return bool(effective_tile(self.config.tile_size, self.image_size))
 
     def _dataset(self, images: np.ndarray) -> tuple[Dataset, bool]:
         if self.headed:

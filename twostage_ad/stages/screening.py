@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from twostage_ad.config import Stage1Config
+from twostage_ad.config import Stage1Config, effective_tile
 from twostage_ad.models.attention_net import AttentionNet, AttentionNetEnsemble
 from twostage_ad.models.repair_net import RepairThenAttend
 from twostage_ad.stages.feature_normality import FeatureNormality
@@ -129,7 +129,7 @@ def screening_share(config: Stage1Config, height: int, width: int) -> float:
     or, over tiles, ``screen_topk`` of one tile's area, so that a small defect weighs in the score as
     much at any decode size as it does in the tile the network saw."""
     height, width = int(height), int(width)  # ints also when traced
-    if 0 < config.tile_size < max(height, width):
+    if effective_tile(config.tile_size, max(height, width)):
         return config.screen_topk * min(1.0, config.tile_size**2 / (height * width))
     return config.screen_topk
 
@@ -177,7 +177,7 @@ def screening_batch(
     ``tile_batch`` a forward pass) whose maps are blended into one map of the image; the attention
     terms are taken from the blended BCE, the feature term is the largest cell distance of any tile.
     """
-    if 0 < config.tile_size < x.shape[-1]:
+    if effective_tile(config.tile_size, x.shape[-1]):
         return _tiled_screening(model, x, config, bf16=bf16, positions=positions, features=features, map_features=map_features,
                                 tile_batch=tile_batch)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
